@@ -1,1 +1,3 @@
 pub mod patch;
+pub mod cache;
+pub mod cli;
