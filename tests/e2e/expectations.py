@@ -1,0 +1,76 @@
+"""What ../shared/docs/breakages.md predicts for the fixture, per transformers release.
+
+Two unpatched modes are predicted:
+
+* `plain`: the remote code exactly as shipped (plus the harness's `.cuda()` no-op on CPU).
+  Imports fail first, so this shows the first import-time break.
+* `shims`: the same, with the removed names put back into transformers (A, B, I, R, T) by the
+  child process, so the first *run-time* break shows.
+
+A prediction is a list of allowed outcomes: None means "runs through generate", a tuple
+(stage, exception type, message fragment, breakage id) means "fails there like this".
+Releases between two tested ones that the breakage table does not pin get every outcome
+the neighbours allow.
+"""
+from e2e_support import version_tuple
+
+OK = None
+
+A_IMPORT = ("load", "ImportError", "LlamaFlashAttention2", "A")
+T_MODULE = ("load", "ModuleNotFoundError", "transformers.modeling_attn_mask_utils", "T")
+C_ROPE = ("forward", "TypeError", "position_embeddings", "C")
+L_POSITION_IDS = ("forward", "IndexError", "index out of range", "L")
+Q_CONFIG = ("load", "AttributeError", "pad_token_id", "Q")
+
+
+def predict(version, mode):
+    """Allowed outcomes of an unpatched run of `version` in `mode` ('plain' or 'shims')."""
+    v = version_tuple(version)
+    if v < (4, 48, 0):
+        return [OK]  # 4.46.3 is the reference; 4.47.x runs the original unchanged
+    if mode == "plain":
+        if v < (5, 5, 0):
+            return [A_IMPORT]
+        if v < (5, 24, 0):
+            return [A_IMPORT, T_MODULE]  # T was first seen at 5.24.0; 5.5 still had the module
+        return [T_MODULE]
+    if mode == "shims":
+        if v < (5, 0, 0):
+            return [C_ROPE]
+        if v < (5, 4, 0):
+            return [L_POSITION_IDS]  # the vision tower runs before the decoder's J and C
+        return [Q_CONFIG]
+    raise ValueError(f"unknown mode {mode}")
+
+
+def matches(outcome, failure):
+    """Whether a child's first failure (dict or None) is the predicted outcome."""
+    if outcome is OK:
+        return failure is None
+    stage, exc_type, fragment, _ = outcome
+    return (
+        failure is not None
+        and failure["stage"] == stage
+        and failure["type"] == exc_type
+        and fragment in failure["message"]
+    )
+
+
+def describe(outcomes):
+    """Human-readable list of predictions, for assertion messages and the report."""
+    parts = []
+    for outcome in outcomes:
+        if outcome is OK:
+            parts.append("runs")
+        else:
+            stage, exc_type, fragment, breakage = outcome
+            parts.append(f"{breakage}: {stage} {exc_type} '{fragment}'")
+    return " or ".join(parts)
+
+
+def breakage_of(failure, version, mode):
+    """The breakage id a failure corresponds to, or '?' when it was not predicted."""
+    for outcome in predict(version, mode):
+        if outcome is not OK and matches(outcome, failure):
+            return outcome[3]
+    return "?"
