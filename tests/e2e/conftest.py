@@ -66,7 +66,7 @@ def hub_files(weights):
 
 def apply_patch(hf_home):
     """Runs `ocr-patch apply` on a hub cache; fails the test with its output if it fails."""
-    cmd = [str(support.ocr_patch_bin()), "apply", "--cache-dir", str(hf_home / "hub"), "--lock", str(support.LOCK)]
+    cmd = support.apply_command(hf_home / "hub")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=support.REPO_ROOT)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")

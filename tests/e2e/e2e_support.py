@@ -87,16 +87,25 @@ def ocr_patch_bin():
 
 
 def patcher_missing_reason():
-    """Why patched runs cannot happen yet, or None when the binary and the lock are there."""
+    """Why patched runs cannot happen yet, or None when `ocr-patch apply` is there."""
     binary = ocr_patch_bin()
     if not binary.exists():
-        return f"{binary} does not exist yet (build it, or set OCR_PATCH_BIN)"
-    if not LOCK.exists():
-        return f"{LOCK.relative_to(REPO_ROOT)} does not exist yet (the lock format is being written)"
+        return f"{binary} does not exist yet (cargo build, or set OCR_PATCH_BIN)"
     probe = subprocess.run([str(binary), "apply", "--help"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"`{binary.name} apply` is not implemented yet: {probe.stderr.strip()[:200]}"
     return None
+
+
+def apply_command(hub_dir):
+    """`ocr-patch apply` on a hub cache: pinned by tests/fixtures/lock.toml once it exists.
+
+    TODO(lock): until the fixture's lock is written, the fixture is patched unpinned.
+    """
+    cmd = [str(ocr_patch_bin()), "apply", "--cache-dir", str(hub_dir)]
+    if LOCK.exists():
+        return cmd + ["--lock", str(LOCK)]
+    return cmd + ["--allow-unpinned"]
 
 
 # ----------------------------------------------------------------------------- hub layout
@@ -109,13 +118,34 @@ def git_blob_sha1(data):
 
 def blob_name(filename, data):
     """Hub blob names: sha256 for LFS files (weights), git blob sha1 for the rest."""
+    if isinstance(data, BigFile):
+        return data.sha256
     if filename.endswith(".safetensors"):
         return hashlib.sha256(data).hexdigest()
     return git_blob_sha1(data)
 
 
+def write_blob(path, data):
+    """Writes bytes, or hard-links a big file given as a BigFile (copies across devices)."""
+    if isinstance(data, BigFile):
+        try:
+            os.link(data.path, path)
+        except OSError:
+            shutil.copyfile(data.path, path)
+    else:
+        path.write_bytes(data)
+
+
+@dataclasses.dataclass(frozen=True)
+class BigFile:
+    """A large file (weights) linked into each hub cache instead of read into memory."""
+
+    path: Path
+    sha256: str
+
+
 def build_hub_cache(hub_dir, files, repo=HUB_REPO):
-    """Writes `files` (name -> bytes) as the Hub would cache them; returns the snapshot path.
+    """Writes `files` (name -> bytes or BigFile) as the Hub caches them; returns the snapshot.
 
     hub_dir/models--org--name/{blobs/<etag>, snapshots/<commit>/<file> -> ../../blobs/<etag>,
     refs/main}. The commit is a 40-hex digest of the file list, so it is stable per content.
@@ -131,7 +161,7 @@ def build_hub_cache(hub_dir, files, repo=HUB_REPO):
     (root / "refs" / "main").write_text(commit)
     for filename, data in sorted(files.items()):
         etag = blob_name(filename, data)
-        (root / "blobs" / etag).write_bytes(data)
+        write_blob(root / "blobs" / etag, data)
         link = snapshot / filename
         if link.is_symlink() or link.exists():
             link.unlink()
@@ -140,11 +170,20 @@ def build_hub_cache(hub_dir, files, repo=HUB_REPO):
 
 
 def model_files(folder, weights):
-    """name -> bytes of a model folder's config.json and .py files, plus the weights."""
+    """name -> content of a model folder's config.json and .py files, plus the weights."""
     folder = Path(folder)
     files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".py", ".json")}
-    files["model.safetensors"] = Path(weights).read_bytes()
+    files["model.safetensors"] = BigFile(Path(weights), sha256_file(weights))
     return files
+
+
+def sha256_file(path):
+    """sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- child runs
@@ -214,12 +253,12 @@ class RunResult:
         return f"{failure['stage']}: {failure['type']}: {failure['message']}"
 
 
-def run_child(env, version, work_dir, hub_files, mode, child_args=(), before=None):
+def run_child(env, version, work_dir, hub_files, mode, child_args=(), before=None, repo=HUB_REPO):
     """Builds a fresh HF_HOME in work_dir, runs `before(hf_home)` if given, then the child."""
     work_dir = Path(work_dir)
     hf_home = work_dir / "hf_home"
     out_dir = work_dir / "out"
-    build_hub_cache(hf_home / "hub", hub_files)
+    build_hub_cache(hf_home / "hub", hub_files, repo=repo)
     if before is not None:
         before(hf_home)
     proc = run_python(
