@@ -27,6 +27,10 @@ pub struct Lock {
     /// The ruleset the `patched` hashes were computed with.
     #[serde(default)]
     pub ruleset: String,
+    /// sha256 of the rules and prelude text the `patched` hashes were computed with, so a stale
+    /// lock is caught without the upstream files (see [`super::rules_sha256`]).
+    #[serde(default)]
+    pub rules_sha256: String,
     #[serde(default, rename = "file")]
     pub files: Vec<LockEntry>,
 }
@@ -102,6 +106,7 @@ mod tests {
         let lock = Lock {
             format: 1,
             ruleset: "r1".into(),
+            rules_sha256: H1.into(),
             files: vec![LockEntry {
                 name: "a.py".into(),
                 source: "x".into(),

@@ -27,6 +27,11 @@ pub const LOCK_TOML: &str = include_str!("../../patches/lock.toml");
 /// First line of every file we patched.
 pub const MARKER: &str = "# ocr-patch: patched";
 
+/// The fingerprint of the compiled-in rules and prelude; a lock records the one it was made with.
+pub fn rules_sha256() -> String {
+    sha256_hex(format!("{RULES_TOML}\0{PRELUDE_PY}").as_bytes())
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -245,7 +250,12 @@ impl Engine {
 
     /// A lock for the given upstream files under the current ruleset (for `ocr-patch lock`).
     pub fn lock_for(&self, source: &str, files: &[(String, Vec<u8>)]) -> Result<Lock, PatchError> {
-        let mut lock = Lock { format: lock::LOCK_FORMAT, ruleset: self.rules.name.clone(), files: Vec::new() };
+        let mut lock = Lock {
+            format: lock::LOCK_FORMAT,
+            ruleset: self.rules.name.clone(),
+            rules_sha256: sha256_hex(format!("{}\0{}", self.rules.source, self.rules.prelude).as_bytes()),
+            files: Vec::new(),
+        };
         for (name, bytes) in files {
             let patched = if self.targets(name) {
                 let rewrite = self.rewrite(name, bytes)?;

@@ -66,6 +66,20 @@ fn line_indent(src: &[u8], byte: usize) -> String {
     src[line_start..].iter().take_while(|&&b| b == b' ' || b == b'\t').map(|&b| b as char).collect()
 }
 
+/// Where to insert after `node` so that its trailing comment stays with it: the end of its line
+/// when only whitespace or a comment follows it there, else right after the node.
+fn after_line_of(src: &[u8], node: Node) -> usize {
+    let end = node.end_byte();
+    let line_end = src[end..].iter().position(|&b| b == b'\n').map_or(src.len(), |i| end + i);
+    let rest = String::from_utf8_lossy(&src[end..line_end]);
+    let rest = rest.trim_start();
+    if rest.is_empty() || rest.starts_with('#') {
+        end + src[end..line_end].iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1)
+    } else {
+        end
+    }
+}
+
 /// Prefixes every line but the first with `indent` (blank lines stay blank).
 fn reindent(text: &str, indent: &str) -> String {
     let mut out = String::with_capacity(text.len() + 16);
@@ -182,7 +196,8 @@ fn action_edit(
         Action::Replace => edit(target.start_byte(), target.end_byte(), reindent(&rendered()?, &indent)),
         Action::InsertAfter => {
             let body = reindent(&rendered()?, &indent);
-            edit(target.end_byte(), target.end_byte(), format!("\n{indent}{body}"))
+            let at = after_line_of(src, target);
+            edit(at, at, format!("\n{indent}{body}"))
         }
         Action::PrependBody | Action::AppendBody => {
             let block = body_block(target).ok_or("the target has no indented body")?;
@@ -197,7 +212,8 @@ fn action_edit(
                 edit(first.start_byte(), first.start_byte(), format!("{body}\n{inner}"))
             } else {
                 let last = *stmts.last().ok_or("the body is empty")?;
-                edit(last.end_byte(), last.end_byte(), format!("\n{inner}{body}"))
+                let at = after_line_of(src, last);
+                edit(at, at, format!("\n{inner}{body}"))
             }
         }
         Action::AddBase => {

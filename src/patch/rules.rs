@@ -79,6 +79,8 @@ pub struct Rule {
 #[derive(Debug)]
 pub struct RuleSet {
     pub name: String,
+    /// The rules text as given (fingerprinted into locks).
+    pub source: String,
     pub rules: Vec<Rule>,
     pub prelude: String,
 }
@@ -134,7 +136,7 @@ impl RuleSet {
                 Ok(Rule { spec, query, affects, target_capture })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(RuleSet { name: file.ruleset, rules, prelude: prelude.to_string() })
+        Ok(RuleSet { name: file.ruleset, source: rules_toml.to_string(), rules, prelude: prelude.to_string() })
     }
 
     pub fn for_file<'a>(&'a self, file_name: &str) -> impl Iterator<Item = &'a Rule> + 'a {
