@@ -1,0 +1,68 @@
+# ocr-patch tasks. `just --list` shows them; README.md explains each.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Build the CLI (debug build in target/debug/ocr-patch).
+build:
+    cargo build
+
+# Install the `ocr-patch` CLI into ~/.cargo/bin. Idempotent.
+install:
+    cargo install --path . --locked --quiet
+    @echo "installed: $(command -v ocr-patch || echo ~/.cargo/bin/ocr-patch)"
+
+# Remove what `just install` installed.
+uninstall:
+    cargo uninstall ocr-patch || true
+
+# The main job, offline, on an embedded default: a throw-away Hugging Face cache holding our
+# fixture model is diagnosed, patched, checked, reverted.
+demo: build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    bin="$PWD/target/debug/ocr-patch"; hub="$(mktemp -d)/hub"; trap 'rm -rf "$(dirname "$hub")"' EXIT
+    repo="$hub/models--deepseek-ai--DeepSeek-OCR"; commit=9f30c71f441d010e5429c532364a86705536c53a
+    mkdir -p "$repo/blobs" "$repo/snapshots/$commit" "$repo/refs"
+    printf '%s' "$commit" > "$repo/refs/main"
+    for f in tests/fixtures/tinyocr/*; do
+      sha=$(sha256sum "$f" | cut -d' ' -f1); cp "$f" "$repo/blobs/$sha"
+      ln -s "../../blobs/$sha" "$repo/snapshots/$commit/$(basename "$f")"
+    done
+    lock=(--cache-dir "$hub" --lock tests/fixtures/lock.toml)
+    echo "== doctor (as if transformers 5.0.0 were installed)"; "$bin" doctor "${lock[@]}" --transformers-version 5.0.0
+    echo "== check (exit 1: patches pending)"; "$bin" check "${lock[@]}" || echo "exit code $?"
+    echo "== apply"; "$bin" apply "${lock[@]}"
+    echo "== apply again (nothing to do)"; "$bin" apply "${lock[@]}"
+    echo "== check"; "$bin" check "${lock[@]}" && echo "exit code 0"
+    echo "== revert"; "$bin" revert "${lock[@]}"
+
+# Every test CI runs: the Rust suite, then the Python end-to-end matrix.
+test: test-rust test-e2e
+
+# Rust unit and integration tests (no network, no GPU).
+test-rust:
+    cargo test --all-targets
+
+# The fixture model under real transformers + torch (CPU), one release at a time.
+# Needs the venvs that tests/e2e/setup_matrix.sh builds (downloads torch and transformers once).
+test-e2e: build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    eval "$(tests/e2e/setup_matrix.sh)"
+    export OCR_PATCH_BIN="$PWD/target/debug/ocr-patch"
+    "$OCR_PATCH_E2E_PYTHON" -m pytest tests/e2e -q -p no:cacheprovider
+
+# Tests against the real remote code (fetched into .upstream/hub, never committed).
+test-upstream:
+    OCR_PATCH_UPSTREAM="$PWD/.upstream/hub" cargo test --test patch_engine
+    OCR_PATCH_UPSTREAM="$PWD/.upstream/hub" just test-e2e
+
+# Regenerate the locks after changing patches/: the Hub files' (needs .upstream/hub) and the fixture's.
+lock: build
+    target/debug/ocr-patch lock --upstream .upstream/hub --source deepseek-ai/DeepSeek-OCR --out patches/lock.toml
+    target/debug/ocr-patch lock --upstream tests/fixtures/tinyocr --source tests/fixtures/tinyocr --out tests/fixtures/lock.toml
+    cargo build
+
+# Speed of `apply` on a cold and on an already patched cache (see docs/benchmarks.md).
+bench: 
+    cargo build --release
+    tests/bench/apply.sh target/release/ocr-patch
