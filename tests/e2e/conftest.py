@@ -111,7 +111,12 @@ def pytest_sessionfinish(session, exitstatus):
     ]
     for (version, mode, env_name), run in sorted(_RUNS.items(), key=lambda kv: (support.version_tuple(kv[0][0]), kv[0][1])):
         failure = run.first_failure
-        breakage = "" if failure is None else breakage_of(failure, version, mode if mode != "reference" else "plain")
+        if failure is None:
+            breakage = ""
+        elif mode in ("plain", "shims"):
+            breakage = breakage_of(failure, version, mode)
+        else:
+            breakage = {"no-cuda-noop": "hard-coded .cuda()"}.get(mode, "?")
         outcome = run.summary().replace("|", "\\|")[:160]
         torch_version = run.data.get("torch", "?")
         lines.append(f"| {version} | {env_name} | {torch_version} | {mode} | {outcome} | {breakage} | {run.data.get('tokens')} |")

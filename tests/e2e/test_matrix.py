@@ -63,7 +63,7 @@ def test_unpatched_breaks_as_predicted(run_model, version, mode):
     )
 
 
-@pytest.mark.parametrize("version", [v for v in VERSIONS if support.version_tuple(v) < (4, 48, 0)])
+@pytest.mark.parametrize("version", [v for v in VERSIONS if v != support.REFERENCE and support.version_tuple(v) < (4, 48, 0)])
 def test_unpatched_old_releases_match_reference(run_model, version):
     """Releases that run the original unchanged give the reference's logits and tokens."""
     run, ref = run_model(version, "plain"), reference(run_model, version)
