@@ -154,11 +154,11 @@ def table(rows):
 
 
 def main(argv=None):
+    args = parse_args(argv)
     upstream = os.environ.get("OCR_PATCH_UPSTREAM")
     if not upstream:
         print("real_matrix.py: OCR_PATCH_UPSTREAM is not set; nothing to do")
         return 0
-    args = parse_args(argv)
     upstream = Path(upstream)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ocrp-real-"))
     try:
