@@ -28,8 +28,9 @@ make_venv() {
   if [ ! -x "$dir/bin/python" ]; then
     "$PYTHON" -m venv "$dir" >&2
     "$dir/bin/pip" install -q --upgrade pip >&2
-    "$dir/bin/pip" install -q --index-url https://download.pytorch.org/whl/cpu \
-      "torch==$torch" "torchvision==$vision" >&2
+    # From PyPI, the only package index CI reaches (its Linux wheels carry CUDA libraries,
+    # unused here: the suite runs on CPU).
+    "$dir/bin/pip" install -q "torch==$torch" "torchvision==$vision" >&2
     # shellcheck disable=SC2086
     "$dir/bin/pip" install -q $PACKAGES >&2
   fi
