@@ -7,6 +7,8 @@
 //! - [`fsx`]: per-folder locks, atomic writes and symlink swaps, fsync;
 //! - [`manifest`]: the `.ocr-patch/` backup folder that makes `revert` byte-exact;
 //! - [`fork`]: the pinned external source of patched files (`apply --fork`);
+//! - [`hub`]: the Hub client of `fetch` (downloads into the exact huggingface_hub layout);
+//! - [`mirror`]: a Hub stand-in on loopback serving one model folder (`ocr-patch mirror`);
 //! - [`ops`]: plan-then-write for apply / check / revert / doctor.
 //!
 //! Must not touch: rule logic. Whether a file is original, patched or unknown, and what its
@@ -19,6 +21,8 @@
 pub mod error;
 pub mod fork;
 pub mod fsx;
+pub mod hub;
 pub mod layout;
 pub mod manifest;
+pub mod mirror;
 pub mod ops;

@@ -19,6 +19,8 @@ pub mod apply;
 pub mod check;
 pub mod diff;
 pub mod doctor;
+pub mod fetch;
+pub mod mirror;
 pub mod revert;
 
 pub const EXIT_CODES: &str = "\
@@ -44,6 +46,8 @@ pub enum Command {
     Diff(diff::DiffArgs),
     Revert(revert::RevertArgs),
     Doctor(doctor::DoctorArgs),
+    Fetch(fetch::FetchArgs),
+    Mirror(mirror::MirrorArgs),
 }
 
 /// What a command ends with; `main` turns it into the process exit code.
@@ -61,6 +65,8 @@ impl Cli {
             Command::Diff(a) => a.out.json,
             Command::Revert(a) => a.out.json,
             Command::Doctor(a) => a.out.json,
+            Command::Fetch(a) => a.out.json,
+            Command::Mirror(a) => a.out.json,
         }
     }
 
@@ -71,6 +77,8 @@ impl Cli {
             Command::Diff(a) => diff::run(a),
             Command::Revert(a) => revert::run(a),
             Command::Doctor(a) => doctor::run(a),
+            Command::Fetch(a) => fetch::run(a),
+            Command::Mirror(a) => mirror::run(a),
         }
     }
 }
