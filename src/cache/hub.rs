@@ -350,10 +350,16 @@ impl Hub {
     fn send(&self, url: &str, make: &dyn Fn() -> RequestBuilder) -> Result<Response> {
         let mut pause = self.cfg.backoff;
         let mut tries = 0;
+        let mut refused = 0;
         loop {
             tries += 1;
             let last = tries > self.cfg.retries;
             match self.authed(make()).send() {
+                // A refused connection is retried once only: no network should fail fast.
+                Err(e) if e.is_connect() && !e.is_timeout() && refused >= 1 => {
+                    return Err(HubError::Network { endpoint: self.cfg.endpoint.clone(), msg: chain(&e) })
+                }
+                Err(e) if e.is_connect() && !e.is_timeout() => refused += 1,
                 Ok(r) if (r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS) && !last => {}
                 Ok(r) if r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS => {
                     return Err(HubError::Server { url: url.into(), status: r.status().as_u16(), tries })
@@ -374,6 +380,8 @@ impl Hub {
         match (status, code.as_str()) {
             (_, "RevisionNotFound") => HubError::RevisionNotFound { repo: repo.into(), revision: revision.into() },
             (_, "EntryNotFound") => HubError::EntryNotFound { repo: repo.into(), revision: revision.into(), file: file.unwrap_or("?").into() },
+            (401, _) if self.cfg.token.is_some() => HubError::Auth { url: url.into(), status, hint: "HF_TOKEN is wrong or expired (or the repo does not exist): set HF_TOKEN to a valid read token" },
+            (401, _) => HubError::Auth { url: url.into(), status, hint: "the repo is private or does not exist: set HF_TOKEN to a token with read access" },
             (_, "RepoNotFound") | (404, _) if file.is_none() => HubError::RepoNotFound { repo: repo.into(), endpoint: self.cfg.endpoint.clone() },
             (404, _) => HubError::EntryNotFound { repo: repo.into(), revision: revision.into(), file: file.unwrap_or("?").into() },
             (_, "GatedRepo") => HubError::Auth {
@@ -381,8 +389,6 @@ impl Hub {
                 status,
                 hint: "the repo is gated: accept its terms on the Hub, then set HF_TOKEN to a token of that account",
             },
-            (401, _) if self.cfg.token.is_some() => HubError::Auth { url: url.into(), status, hint: "HF_TOKEN is wrong or expired (or the repo does not exist): set HF_TOKEN to a valid read token" },
-            (401, _) => HubError::Auth { url: url.into(), status, hint: "the repo is private or does not exist: set HF_TOKEN to a token with read access" },
             (403, _) => HubError::Auth { url: url.into(), status, hint: "HF_TOKEN has no read access to this repo: use a token with read access" },
             _ => HubError::Protocol { url: url.into(), msg: format!("status {status}") },
         }

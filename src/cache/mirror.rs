@@ -244,7 +244,7 @@ impl Mirror {
         if let Some(t) = &self.token {
             let given = req.headers().iter().find(|h| h.field.equiv("authorization")).map(|h| h.value.as_str().to_string());
             if given.as_deref() != Some(&format!("Bearer {t}")) {
-                return text(401, "Invalid credentials in Authorization header", Some("RepoNotFound")).with_status_code(StatusCode(401));
+                return text(401, "Invalid credentials in Authorization header", None);
             }
         }
         let url = req.url().split('?').next().unwrap_or("").to_string();
