@@ -44,7 +44,9 @@ pub struct RuleSpec {
     /// Releases of transformers on which the unpatched code hits this breakage.
     #[serde(default)]
     pub affects: String,
-    pub file: String,
+    /// The remote-code file(s) it edits (a name or a list of names).
+    #[serde(deserialize_with = "one_or_many")]
+    pub file: Vec<String>,
     pub query: String,
     pub action: Action,
     #[serde(default)]
@@ -141,12 +143,33 @@ impl RuleSet {
 
     pub fn for_file<'a>(&'a self, file_name: &str) -> impl Iterator<Item = &'a Rule> + 'a {
         let file_name = file_name.to_string();
-        self.rules.iter().filter(move |r| r.spec.file == file_name)
+        self.rules.iter().filter(move |r| r.spec.file.iter().any(|f| *f == file_name))
+    }
+
+    /// Every file name some rule targets, sorted, without repeats.
+    pub fn file_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.rules.iter().flat_map(|r| r.spec.file.iter().cloned()).collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     pub fn targets(&self, file_name: &str) -> bool {
         self.for_file(file_name).next().is_some()
     }
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(name) => vec![name],
+        OneOrMany::Many(names) => names,
+    })
 }
 
 /// The capture names a template refers to: `{{name}}` or `{{name|filter}}`.
