@@ -1,3 +1,5 @@
 pub mod patch;
 pub mod cache;
 pub mod cli;
+#[cfg(feature = "python")]
+pub mod hook;

@@ -102,11 +102,25 @@ fn write_err(path: &Path, e: io::Error) -> HubError {
     }
 }
 
-fn from_cache_err(e: super::error::CacheError) -> HubError {
-    match e {
-        super::error::CacheError::Write { path, source } => write_err(&path, source),
-        other => HubError::Write { path: PathBuf::new(), source: io::Error::other(other.to_string()) },
-    }
+/// Atomically puts `bytes` at `dest` (temp file in the same folder, fsync, rename), mode 0644.
+fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let werr = |e: io::Error| write_err(dest, e);
+    let mut tmp = tempfile::Builder::new().prefix(fsx::TEMP_PREFIX).tempfile_in(dir).map_err(werr)?;
+    tmp.write_all(bytes).map_err(werr)?;
+    tmp.as_file().set_permissions(fs::Permissions::from_mode(0o644)).map_err(werr)?;
+    tmp.as_file().sync_all().map_err(werr)?;
+    tmp.persist(dest).map_err(|e| werr(e.error))?;
+    Ok(())
+}
+
+/// Atomically puts a symlink with text `target` at `dest`.
+fn symlink_atomic(dest: &Path, target: &Path) -> Result<()> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let werr = |e: io::Error| write_err(dest, e);
+    let tmp = tempfile::Builder::new().prefix(fsx::TEMP_PREFIX).make_in(dir, |p| std::os::unix::fs::symlink(target, p)).map_err(werr)?;
+    tmp.persist(dest).map_err(|e| werr(e.error))?;
+    Ok(())
 }
 
 /// Where and how to talk to the Hub.
@@ -572,7 +586,7 @@ impl Hub {
             if let Some(bytes) = small.get(&m.file) {
                 if !blob.is_file() {
                     fs::create_dir_all(&blobs).map_err(|e| write_err(&blobs, e))?;
-                    fsx::replace_with_bytes(&blob, bytes, Some(fs::Permissions::from_mode(0o644))).map_err(from_cache_err)?;
+                    write_atomic(&blob, bytes)?;
                 }
             }
             let link = snapshot.join(&m.file);
@@ -587,13 +601,13 @@ impl Hub {
                 target.push("..");
             }
             let target = target.join("blobs").join(&m.etag);
-            fsx::replace_with_symlink(&link, &target).map_err(from_cache_err)?;
+            symlink_atomic(&link, &target)?;
         }
         if req.revision != commit {
             let r = repo_dir.join("refs").join(&req.revision);
             let d = r.parent().unwrap_or(&repo_dir).to_path_buf();
             fs::create_dir_all(&d).map_err(|e| write_err(&d, e))?;
-            fsx::replace_with_bytes(&r, commit.as_bytes(), Some(fs::Permissions::from_mode(0o644))).map_err(from_cache_err)?;
+            write_atomic(&r, commit.as_bytes())?;
         }
         let files = metas
             .iter()

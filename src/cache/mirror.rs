@@ -7,7 +7,8 @@
 //! - `GET/HEAD /{repo}/resolve/{rev}/{file}`: the bytes, with `X-Repo-Commit`, `ETag` (git sha1
 //!   of the bytes), `Content-Length`, `Accept-Ranges`; `Range: bytes=a-b` gives 206. A large
 //!   file (weights, or bigger than `large_from`) is answered as the Hub answers LFS files: a 302
-//!   to `/lfs/{sha256}` carrying `X-Linked-Etag` (sha256) and `X-Linked-Size`.
+//!   to `/lfs/{sha256}` on the other loopback name (`localhost` <-> `127.0.0.1`, as the Hub's
+//!   CDN is another host) carrying `X-Linked-Etag` (sha256) and `X-Linked-Size`.
 //! - `GET /api/models/{repo}[/revision/{rev}]`: `{"id", "sha", "siblings": [{"rfilename"}]}`.
 //! - `GET /api/models/{repo}/tree/{rev}`: the file list with sizes.
 //! - Errors as the Hub gives them: 404 with `X-Error-Code` `RepoNotFound` / `RevisionNotFound` /
@@ -285,7 +286,14 @@ impl Mirror {
         }
         let commit = header("X-Repo-Commit", &self.commit);
         if f.lfs {
-            let loc = format!("http://{host}/lfs/{}", f.sha256);
+            // The Hub redirects LFS files to another host (its CDN), and huggingface_hub >= 1.0
+            // follows same-host redirects on HEAD: name the other loopback host.
+            let other = match host.rsplit_once(':') {
+                Some((h, p)) if h == "localhost" => format!("127.0.0.1:{p}"),
+                Some((_, p)) => format!("localhost:{p}"),
+                None => format!("localhost:{port}"),
+            };
+            let loc = format!("http://{other}/lfs/{}", f.sha256);
             let r = text(302, "", None)
                 .with_header(header("Location", &loc))
                 .with_header(header("X-Linked-Etag", &format!("\"{}\"", f.sha256)))

@@ -8,6 +8,7 @@
 //! - [`manifest`]: the `.ocr-patch/` backup folder that makes `revert` byte-exact;
 //! - [`fork`]: the pinned external source of patched files (`apply --fork`);
 //! - [`hub`]: the Hub client of `fetch` (downloads into the exact huggingface_hub layout);
+//! - [`guard`]: patch one file at its first read (the import hook's cache side);
 //! - [`mirror`]: a Hub stand-in on loopback serving one model folder (`ocr-patch mirror`);
 //! - [`ops`]: plan-then-write for apply / check / revert / doctor.
 //!
@@ -21,6 +22,7 @@
 pub mod error;
 pub mod fork;
 pub mod fsx;
+pub mod guard;
 pub mod hub;
 pub mod layout;
 pub mod manifest;

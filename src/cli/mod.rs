@@ -20,6 +20,7 @@ pub mod check;
 pub mod diff;
 pub mod doctor;
 pub mod fetch;
+pub mod hook;
 pub mod mirror;
 pub mod revert;
 
@@ -48,6 +49,7 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     Fetch(fetch::FetchArgs),
     Mirror(mirror::MirrorArgs),
+    Hook(hook::HookArgs),
 }
 
 /// What a command ends with; `main` turns it into the process exit code.
@@ -67,6 +69,7 @@ impl Cli {
             Command::Doctor(a) => a.out.json,
             Command::Fetch(a) => a.out.json,
             Command::Mirror(a) => a.out.json,
+            Command::Hook(a) => a.json(),
         }
     }
 
@@ -79,6 +82,7 @@ impl Cli {
             Command::Doctor(a) => doctor::run(a),
             Command::Fetch(a) => fetch::run(a),
             Command::Mirror(a) => mirror::run(a),
+            Command::Hook(a) => hook::run(a),
         }
     }
 }
