@@ -5,14 +5,27 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 build:
     cargo build
 
-# Install the `ocr-patch` CLI into ~/.cargo/bin. Idempotent.
-install:
+# The Python that `install` / `uninstall` manage (the active one by default).
+python := env_var_or_default("PYTHON", "python3")
+
+# Install the `ocr-patch` CLI into ~/.cargo/bin, the `ocr_patch` Python package (the import hook,
+# built with maturin) into the active Python, and start the hook there. Idempotent.
+install: (wheel "--release")
     cargo install --path . --locked --quiet
     @echo "installed: $(command -v ocr-patch || echo ~/.cargo/bin/ocr-patch)"
+    {{python}} -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$(ls -t target/wheels/ocr_patch-*.whl | head -1)"
+    "$(command -v ocr-patch || echo ~/.cargo/bin/ocr-patch)" hook install --python "$(command -v {{python}})"
 
-# Remove what `just install` installed.
+# Remove what `just install` installed: the hook, the Python package, the CLI.
 uninstall:
+    -"$(command -v ocr-patch || echo ~/.cargo/bin/ocr-patch)" hook uninstall --python "$(command -v {{python}})"
+    -{{python}} -m pip uninstall -y -q ocr-patch
     cargo uninstall ocr-patch || true
+
+# Build the `ocr_patch` wheel (PyO3 extension + hook) into target/wheels; `just wheel --release`.
+wheel *flags:
+    {{python}} -m pip show -q maturin >/dev/null 2>&1 || {{python}} -m pip install -q --disable-pip-version-check maturin
+    {{python}} -m maturin build {{flags}} -o target/wheels
 
 # The main job, offline, on an embedded default: a throw-away Hugging Face cache holding our
 # fixture model is diagnosed, patched, checked, reverted.
@@ -44,7 +57,7 @@ test-rust:
 
 # The fixture model under real transformers + torch (CPU), one release at a time.
 # Needs the venvs that tests/e2e/setup_matrix.sh builds (downloads torch and transformers once).
-test-e2e: build
+test-e2e: build wheel
     #!/usr/bin/env bash
     set -euo pipefail
     eval "$(tests/e2e/setup_matrix.sh)"

@@ -25,6 +25,14 @@ pub struct ApplyArgs {
     #[arg(long)]
     pub dry_run: bool,
 
+    /// First download the model's remote code into the hub cache (as `ocr-patch fetch`; needs
+    /// --model), so that a cold cache is filled and patched before anything imports it
+    #[arg(long, requires = "model")]
+    pub fetch: bool,
+
+    #[command(flatten)]
+    pub hub: super::fetch::HubArgs,
+
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -78,6 +86,13 @@ pub(super) fn scan_and_apply(
 }
 
 pub fn run(args: ApplyArgs) -> anyhow::Result<Exit> {
+    if args.fetch {
+        let repo = args.scan.model.clone().unwrap_or_default();
+        let fetched = super::fetch::prefetch(&args.scan, &args.hub, &repo, args.patch.allow_unpinned, args.out.json)?;
+        if !args.out.json {
+            super::fetch::print_fetched(&fetched);
+        }
+    }
     let (report, roots) = scan_and_apply(&args.scan, &args.patch, args.out.json, args.dry_run, true)?;
     print_report("apply", &report, &roots, args.dry_run, args.out.json)?;
     Ok(Exit::Done)
