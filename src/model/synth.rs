@@ -59,13 +59,17 @@ pub const ALGORITHM: &str = "ocrp-synth-v1";
 pub const ALGORITHM_DOC: &str = "per tensor key = splitmix64_mix(seed + 0x9E3779B97F4A7C15) ^ \
 u64_le(sha256(name)[:8]); element i = splitmix64_mix(key + (i+1)*0x9E3779B97F4A7C15); \
 u = (2*(bits>>40)+1)/2^24 - 1; value = f32(u*sqrt(3)*std); norm weights = 1; \
-linear/conv std 1/sqrt(fan_in); biases 0.02; embed_tokens 0.02; lm_head, gate 1/sqrt(hidden); \
+linear/conv std 1/sqrt(fan_in); biases 0.02; embed_tokens 0.5; lm_head, gate 1/sqrt(hidden); \
 pos/rel_pos/class embeddings 0.02; image_newline, view_seperator 1/sqrt(1280)";
 
 /// Standard deviation of every bias (linear, conv and LayerNorm biases).
 pub const BIAS_STD: f64 = 0.02;
-/// Standard deviation of `model.embed_tokens.weight`.
-pub const EMBED_STD: f64 = 0.02;
+/// Standard deviation of `model.embed_tokens.weight`. Chosen by running greedy decoding on the
+/// `cpu` config: at 0.02 (a trained-model-like size) the image features (rms ~4) swamp the new
+/// token's embedding and greedy decoding repeats one token forever; at 0.5 the next token
+/// depends on both the token and the context (16 distinct tokens in 32 steps); at 1.0 it
+/// depends on the token alone (a 6-token cycle), which would hide KV-cache bugs.
+pub const EMBED_STD: f64 = 0.5;
 /// Standard deviation of learnt position tables and class tokens in the vision tower.
 pub const POS_STD: f64 = 0.02;
 
@@ -714,9 +718,8 @@ pub struct WriteSummary {
     pub bytes: u64,
 }
 
-/// Writes the synthetic checkpoint for `config` to `path`, one tensor at a time (each tensor
-/// generated in parallel), tensors sorted by name. Atomic: a temp file in the same folder is
-/// fsynced and renamed over `path`.
+/// Writes the synthetic checkpoint for `config` to `path`, tensors sorted by name. See
+/// [`write_specs`].
 pub fn write_safetensors(
     path: &Path,
     config: &Value,
@@ -724,10 +727,23 @@ pub fn write_safetensors(
     dtype: DType,
 ) -> Result<WriteSummary, SynthError> {
     let specs = plan(config)?;
+    write_specs(path, &specs, seed, dtype, &metadata(config, seed, dtype))
+}
+
+/// Writes `specs` (sorted by name in the file) with the given `__metadata__`. One tensor is
+/// generated (in parallel) while the previous one is written, so at most three tensors are in
+/// memory, never the whole model. Atomic: a temp file in the same folder is fsynced and renamed
+/// over `path`.
+pub fn write_specs(
+    path: &Path,
+    specs: &[TensorSpec],
+    seed: u64,
+    dtype: DType,
+    meta: &BTreeMap<String, String>,
+) -> Result<WriteSummary, SynthError> {
     let mut order: Vec<&TensorSpec> = specs.iter().collect();
     order.sort_by(|a, b| a.name.cmp(&b.name));
-    let meta = metadata(config, seed, dtype);
-    let head = header(&order, dtype, &meta);
+    let head = header(&order, dtype, meta);
 
     let io = |source| SynthError::Io { path: path.to_path_buf(), source };
     let dir = match path.parent() {
@@ -735,28 +751,47 @@ pub fn write_safetensors(
         _ => PathBuf::from("."),
     };
     let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 22, tmp.as_file());
-    w.write_all(&(head.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&head).map_err(io)?;
-    let largest = order.iter().map(|s| s.numel()).max().unwrap_or(0) * dtype.size();
-    let mut buf = vec![0u8; largest];
-    let mut params = 0u64;
-    for s in &order {
-        let n = s.numel() * dtype.size();
-        fill(s, seed, dtype, &mut buf[..n]);
-        w.write_all(&buf[..n]).map_err(io)?;
-        params += s.numel() as u64;
-    }
-    w.flush().map_err(io)?;
-    drop(w);
+    let params: u64 = order.iter().map(|s| s.numel() as u64).sum();
+
+    // Generator (this thread, rayon inside) -> writer thread; buffers go back for reuse.
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(1);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let file = tmp.as_file();
+    let written = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> std::io::Result<()> {
+            let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
+            w.write_all(&(head.len() as u64).to_le_bytes())?;
+            w.write_all(&head)?;
+            for (buf, n) in full_rx {
+                w.write_all(&buf[..n])?;
+                // The generator may have finished; a closed return channel is fine.
+                let _ = free_tx.send(buf);
+            }
+            w.flush()
+        });
+        for s in &order {
+            let n = s.numel() * dtype.size();
+            let mut buf = free_rx.try_recv().unwrap_or_default();
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            fill(s, seed, dtype, &mut buf[..n]);
+            if full_tx.send((buf, n)).is_err() {
+                break; // the writer failed; its error is reported below
+            }
+        }
+        drop(full_tx);
+        writer.join().unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked")))
+    });
+    written.map_err(io)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let perm = std::fs::Permissions::from_mode(0o644);
-        tmp.as_file().set_permissions(perm).map_err(io)?;
+        file.set_permissions(perm).map_err(io)?;
     }
-    tmp.as_file().sync_all().map_err(io)?;
-    let bytes = 8 + head.len() as u64 + params * dtype.size() as u64;
+    file.sync_all().map_err(io)?;
+    let bytes = file.metadata().map_err(io)?.len();
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(WriteSummary { tensors: order.len(), params, bytes })
 }
