@@ -336,7 +336,7 @@ def main():
                 sys.exit(f"{case}: expected {len(names)} calls of {key}, saw {len(rec.calls[key])}")
             for n, t in zip(names, rec.calls[key]):
                 vis[f"{key}.{n}"] = t.contiguous()
-        px_meta = {f"pixels.{k}.sha256": sha256_tensor(v) for k, v in vis.items() if k.startswith("pixels.")}
+        px_meta = {f"{k}.sha256": sha256_tensor(v) for k, v in vis.items() if k.startswith("pixels.")}
         vis_path = os.path.join(args.out, f"vision-{case}.safetensors")
         stored = {k: v for k, v in vis.items() if not k.startswith("pixels.")}  # rebuilt from the formula
         if os.path.exists(vis_path):

@@ -12,7 +12,10 @@ fn shared_data() -> Option<PathBuf> {
     if dir.join("model.safetensors.index.json").is_file() && dir.join("config.json").is_file() {
         Some(dir)
     } else {
-        eprintln!("skipped: {} is absent (it holds the Hub's config and index)", dir.display());
+        eprintln!(
+            "skipped: {} is absent (it holds the Hub's config and index)",
+            dir.display()
+        );
         None
     }
 }
@@ -27,11 +30,17 @@ fn golden_config(name: &str) -> Value {
 }
 
 fn shapes(specs: &[TensorSpec]) -> BTreeMap<String, Vec<usize>> {
-    specs.iter().map(|s| (s.name.clone(), s.shape.clone())).collect()
+    specs
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone()))
+        .collect()
 }
 
 fn spec<'a>(specs: &'a [TensorSpec], name: &str) -> &'a TensorSpec {
-    specs.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("{name} not in the plan"))
+    specs
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("{name} not in the plan"))
 }
 
 #[test]
@@ -50,11 +59,19 @@ fn real_config_gives_exactly_the_checkpoint_names_and_size() {
     assert_eq!(got.len(), specs.len(), "duplicate names in the plan");
     let missing: Vec<_> = want.difference(&got).collect();
     let extra: Vec<_> = got.difference(&want).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, extra {extra:?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra {extra:?}"
+    );
     assert_eq!(got.len(), 2710);
     // The index records the checkpoint's bf16 byte size: the shapes must add up to it exactly.
     let bytes: u64 = specs.iter().map(|s| s.numel() as u64 * 2).sum();
-    assert_eq!(bytes, index["metadata"]["total_size"].as_u64().expect("total_size"));
+    assert_eq!(
+        bytes,
+        index["metadata"]["total_size"]
+            .as_u64()
+            .expect("total_size")
+    );
 }
 
 #[test]
@@ -68,17 +85,32 @@ fn real_config_shapes_read_from_the_remote_code() {
         ("model.layers.0.mlp.gate_proj.weight", &[6848, 1280]),
         ("model.layers.0.self_attn.q_proj.weight", &[1280, 1280]),
         ("model.layers.0.self_attn.k_proj.weight", &[1280, 1280]),
-        ("model.layers.11.mlp.experts.63.down_proj.weight", &[1280, 896]),
+        (
+            "model.layers.11.mlp.experts.63.down_proj.weight",
+            &[1280, 896],
+        ),
         ("model.layers.1.mlp.gate.weight", &[64, 1280]),
-        ("model.layers.1.mlp.shared_experts.up_proj.weight", &[1792, 1280]),
+        (
+            "model.layers.1.mlp.shared_experts.up_proj.weight",
+            &[1792, 1280],
+        ),
         ("model.sam_model.pos_embed", &[1, 64, 64, 768]),
         ("model.sam_model.blocks.0.attn.rel_pos_h", &[27, 64]),
         ("model.sam_model.blocks.2.attn.rel_pos_w", &[127, 64]),
         ("model.sam_model.neck.0.weight", &[256, 768, 1, 1]),
         ("model.sam_model.net_3.weight", &[1024, 512, 3, 3]),
-        ("model.vision_model.embeddings.position_embedding.weight", &[257, 1024]),
-        ("model.vision_model.embeddings.patch_embedding.weight", &[1024, 3, 14, 14]),
-        ("model.vision_model.transformer.layers.23.self_attn.qkv_proj.weight", &[3072, 1024]),
+        (
+            "model.vision_model.embeddings.position_embedding.weight",
+            &[257, 1024],
+        ),
+        (
+            "model.vision_model.embeddings.patch_embedding.weight",
+            &[1024, 3, 14, 14],
+        ),
+        (
+            "model.vision_model.transformer.layers.23.self_attn.qkv_proj.weight",
+            &[3072, 1024],
+        ),
         ("model.projector.layers.weight", &[1280, 2048]),
         ("model.image_newline", &[1280]),
         ("model.view_seperator", &[1280]),
@@ -93,7 +125,12 @@ fn reduced_configs_keep_the_full_vision_tower() {
     let vision = |c: &Value| -> BTreeMap<String, Vec<usize>> {
         shapes(&synth::plan(c).expect("plan"))
             .into_iter()
-            .filter(|(n, _)| !n.starts_with("model.layers.") && !n.starts_with("model.embed") && !n.starts_with("lm_head") && n != "model.norm.weight")
+            .filter(|(n, _)| {
+                !n.starts_with("model.layers.")
+                    && !n.starts_with("model.embed")
+                    && !n.starts_with("lm_head")
+                    && n != "model.norm.weight"
+            })
             .collect()
     };
     let cpu = vision(&golden_config("cpu"));
@@ -115,12 +152,21 @@ fn cpu_config_has_one_dense_and_one_moe_layer() {
     assert_eq!(s["model.layers.0.mlp.up_proj.weight"], [6848, 1280]);
     assert!(!s.contains_key("model.layers.0.mlp.gate.weight"));
     assert_eq!(s["model.layers.1.mlp.gate.weight"], [8, 1280]);
-    assert_eq!(s["model.layers.1.mlp.experts.7.gate_proj.weight"], [896, 1280]);
+    assert_eq!(
+        s["model.layers.1.mlp.experts.7.gate_proj.weight"],
+        [896, 1280]
+    );
     assert!(!s.contains_key("model.layers.1.mlp.experts.8.gate_proj.weight"));
-    assert_eq!(s["model.layers.1.mlp.shared_experts.down_proj.weight"], [1280, 1792]);
+    assert_eq!(
+        s["model.layers.1.mlp.shared_experts.down_proj.weight"],
+        [1280, 1792]
+    );
     assert!(!s.keys().any(|k| k.starts_with("model.layers.2.")));
     // group-limited routing changes no tensor
-    assert_eq!(s, shapes(&synth::plan(&golden_config("group")).expect("plan")));
+    assert_eq!(
+        s,
+        shapes(&synth::plan(&golden_config("group")).expect("plan"))
+    );
 }
 
 #[test]
@@ -131,13 +177,19 @@ fn mla_config_has_latent_attention_tensors() {
     assert_eq!(s[&format!("{a}.q_a_proj.weight")], [384, 1280]);
     assert_eq!(s[&format!("{a}.q_a_layernorm.weight")], [384]);
     assert_eq!(s[&format!("{a}.q_b_proj.weight")], [10 * (128 + 64), 384]);
-    assert_eq!(s[&format!("{a}.kv_a_proj_with_mqa.weight")], [256 + 64, 1280]);
+    assert_eq!(
+        s[&format!("{a}.kv_a_proj_with_mqa.weight")],
+        [256 + 64, 1280]
+    );
     assert_eq!(s[&format!("{a}.kv_a_layernorm.weight")], [256]);
     assert_eq!(s[&format!("{a}.kv_b_proj.weight")], [10 * (128 + 128), 256]);
     assert_eq!(s[&format!("{a}.o_proj.weight")], [1280, 10 * 128]);
     assert!(!s.contains_key(&format!("{a}.k_proj.weight")));
     assert!(!s.contains_key(&format!("{a}.q_proj.weight")));
-    assert_eq!(spec(&specs, &format!("{a}.kv_a_layernorm.weight")).init, Init::Const(1.0));
+    assert_eq!(
+        spec(&specs, &format!("{a}.kv_a_layernorm.weight")).init,
+        Init::Const(1.0)
+    );
 }
 
 fn small_lm(extra: Value) -> Value {
@@ -159,19 +211,29 @@ fn absent_keys_take_the_python_defaults() {
     c.as_object_mut().expect("object").remove("use_mla");
     let s = shapes(&synth::plan(&c).expect("plan"));
     assert_eq!(s["model.layers.0.self_attn.q_a_proj.weight"], [1536, 1280]);
-    assert_eq!(s["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"], [512 + 64, 1280]);
+    assert_eq!(
+        s["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"],
+        [512 + 64, 1280]
+    );
     assert_eq!(s["model.layers.0.mlp.gate_proj.weight"], [256, 1280]);
 }
 
 #[test]
 fn optional_tensors_follow_their_switches() {
-    let s = shapes(&synth::plan(&small_lm(json!({"attention_bias": true, "num_key_value_heads": 2}))).expect("plan"));
+    let s = shapes(
+        &synth::plan(&small_lm(
+            json!({"attention_bias": true, "num_key_value_heads": 2}),
+        ))
+        .expect("plan"),
+    );
     assert_eq!(s["model.layers.0.self_attn.q_proj.bias"], [1280]);
     assert_eq!(s["model.layers.0.self_attn.k_proj.weight"], [256, 1280]);
     assert_eq!(s["model.layers.0.self_attn.o_proj.bias"], [1280]);
     let s = shapes(
-        &synth::plan(&small_lm(json!({"n_routed_experts": 4, "topk_method": "noaux_tc", "moe_layer_freq": 1})))
-            .expect("plan"),
+        &synth::plan(&small_lm(
+            json!({"n_routed_experts": 4, "topk_method": "noaux_tc", "moe_layer_freq": 1}),
+        ))
+        .expect("plan"),
     );
     assert_eq!(s["model.layers.0.mlp.gate.e_score_correction_bias"], [4]);
     assert!(!s.contains_key("model.layers.0.mlp.shared_experts.up_proj.weight"));
@@ -184,7 +246,10 @@ fn bad_configs_are_refused_with_the_key() {
         other => panic!("expected a config error, got {other:?}"),
     };
     assert_eq!(err(small_lm(json!({"hidden_size": 1024}))), "hidden_size");
-    assert_eq!(err(small_lm(json!({"use_mla": true, "kv_lora_rank": null}))), "kv_lora_rank");
+    assert_eq!(
+        err(small_lm(json!({"use_mla": true, "kv_lora_rank": null}))),
+        "kv_lora_rank"
+    );
     assert_eq!(err(small_lm(json!({"vocab_size": "many"}))), "vocab_size");
     assert_eq!(err(json!([1, 2])), "<root>");
     assert!("bf17".parse::<DType>().is_err());
@@ -195,7 +260,9 @@ fn q_proj() -> TensorSpec {
     TensorSpec {
         name: "model.layers.0.self_attn.q_proj.weight".into(),
         shape: vec![1280, 1280],
-        init: Init::Uniform { std: 1.0 / 1280f64.sqrt() },
+        init: Init::Uniform {
+            std: 1.0 / 1280f64.sqrt(),
+        },
     }
 }
 
@@ -217,7 +284,11 @@ fn values_are_a_pure_function_of_the_index() {
     let key = synth::tensor_key(3, &s.name);
     let amp = (1.0 / 1280f64.sqrt()) * 3f64.sqrt();
     for i in [0usize, 1, 65535, 65536, 65537, 1_000_000, 1280 * 1280 - 1] {
-        assert_eq!(t[i], (synth::unit(key, i as u64) * amp) as f32, "element {i}");
+        assert_eq!(
+            t[i],
+            (synth::unit(key, i as u64) * amp) as f32,
+            "element {i}"
+        );
     }
 }
 
@@ -226,9 +297,16 @@ fn bf16_is_the_f32_value_rounded() {
     let s = q_proj();
     let f = synth::generate(&s, 5, DType::F32);
     let b = synth::generate(&s, 5, DType::Bf16);
-    assert_eq!((f.data.len(), b.data.len()), (1280 * 1280 * 4, 1280 * 1280 * 2));
+    assert_eq!(
+        (f.data.len(), b.data.len()),
+        (1280 * 1280 * 4, 1280 * 1280 * 2)
+    );
     assert_eq!(b.shape, [1280, 1280]);
-    let want: Vec<f32> = f.to_f32().iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+    let want: Vec<f32> = f
+        .to_f32()
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_f32())
+        .collect();
     assert_eq!(b.to_f32(), want);
 }
 
@@ -237,7 +315,11 @@ fn the_algorithm_is_pinned() {
     // ocrp-synth-v1. If this fails the bytes changed: bump synth::ALGORITHM and regenerate
     // every golden file.
     assert_eq!(synth::ALGORITHM, "ocrp-synth-v1");
-    let s = TensorSpec { name: "model.image_newline".into(), shape: vec![4], init: Init::Uniform { std: 1.0 } };
+    let s = TensorSpec {
+        name: "model.image_newline".into(),
+        shape: vec![4],
+        init: Init::Uniform { std: 1.0 },
+    };
     let got = synth::generate(&s, 0, DType::F32).to_f32();
     let want = PINNED;
     assert_eq!(got, want, "got {got:?}");
@@ -262,18 +344,32 @@ fn scales_are_those_of_an_initialiser() {
         let (mean, sd, max) = stats(&v);
         let n = v.len() as f64;
         assert!(mean.abs() < 5.0 * std / n.sqrt(), "{name}: mean {mean}");
-        assert!((sd / std - 1.0).abs() < 0.05 + 3.0 / n.sqrt(), "{name}: std {sd}, want {std}");
+        assert!(
+            (sd / std - 1.0).abs() < 0.05 + 3.0 / n.sqrt(),
+            "{name}: std {sd}, want {std}"
+        );
         assert!(max <= 3f64.sqrt() * std * 1.01, "{name}: max {max}");
     };
-    check("model.layers.0.self_attn.q_proj.weight", 1.0 / 1280f64.sqrt());
+    check(
+        "model.layers.0.self_attn.q_proj.weight",
+        1.0 / 1280f64.sqrt(),
+    );
     check("model.layers.0.mlp.down_proj.weight", 1.0 / 6848f64.sqrt());
     check("model.layers.1.mlp.gate.weight", 1.0 / 1280f64.sqrt());
-    check("model.sam_model.neck.2.weight", 1.0 / (256.0 * 9.0f64).sqrt());
+    check(
+        "model.sam_model.neck.2.weight",
+        1.0 / (256.0 * 9.0f64).sqrt(),
+    );
     check("model.sam_model.blocks.3.attn.qkv.bias", synth::BIAS_STD);
     check("model.embed_tokens.weight", synth::EMBED_STD);
     check("lm_head.weight", 1.0 / 1280f64.sqrt());
     check("model.image_newline", 1.0 / 1280f64.sqrt());
-    for name in ["model.norm.weight", "model.layers.1.input_layernorm.weight", "model.sam_model.neck.1.weight", "model.vision_model.pre_layrnorm.weight"] {
+    for name in [
+        "model.norm.weight",
+        "model.layers.1.input_layernorm.weight",
+        "model.sam_model.neck.1.weight",
+        "model.vision_model.pre_layrnorm.weight",
+    ] {
         let v = synth::generate(spec(&specs, name), 1, DType::Bf16).to_f32();
         assert!(v.iter().all(|&x| x == 1.0), "{name} is not all ones");
     }
@@ -283,31 +379,68 @@ fn scales_are_those_of_an_initialiser() {
 fn written_file_is_deterministic_and_readable() {
     let specs = vec![
         q_proj(),
-        TensorSpec { name: "model.norm.weight".into(), shape: vec![1280], init: Init::Const(1.0) },
-        TensorSpec { name: "a.conv".into(), shape: vec![2, 3, 3, 3], init: Init::Uniform { std: 0.1 } },
+        TensorSpec {
+            name: "model.norm.weight".into(),
+            shape: vec![1280],
+            init: Init::Const(1.0),
+        },
+        TensorSpec {
+            name: "a.conv".into(),
+            shape: vec![2, 3, 3, 3],
+            init: Init::Uniform { std: 0.1 },
+        },
     ];
     let dir = tempfile::tempdir().expect("tempdir");
-    let meta: BTreeMap<String, String> =
-        [("format".to_string(), "pt".to_string()), ("ocrp.synth.seed".to_string(), "9".to_string())].into();
-    let (p1, p2) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+    let meta: BTreeMap<String, String> = [
+        ("format".to_string(), "pt".to_string()),
+        ("ocrp.synth.seed".to_string(), "9".to_string()),
+    ]
+    .into();
+    let (p1, p2) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
     for (p, dtype) in [(&p1, DType::Bf16), (&p2, DType::Bf16)] {
         let s = synth::write_specs(p, &specs, 9, dtype, &meta).expect("write");
         assert_eq!(s.tensors, 3);
         assert_eq!(s.bytes, std::fs::metadata(p).expect("stat").len());
     }
     let bytes = std::fs::read(&p1).expect("read");
-    assert_eq!(bytes, std::fs::read(&p2).expect("read"), "two writes differ");
+    assert_eq!(
+        bytes,
+        std::fs::read(&p2).expect("read"),
+        "two writes differ"
+    );
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
-    assert_eq!(header.metadata().as_ref().and_then(|m| m.get("ocrp.synth.seed")).map(String::as_str), Some("9"));
+    assert_eq!(
+        header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("ocrp.synth.seed"))
+            .map(String::as_str),
+        Some("9")
+    );
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse");
     let mut names = st.names();
     names.sort();
-    assert_eq!(names, ["a.conv", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"]);
+    assert_eq!(
+        names,
+        [
+            "a.conv",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.norm.weight"
+        ]
+    );
     for s in &specs {
         let t = st.tensor(&s.name).expect("tensor");
         assert_eq!(t.dtype(), safetensors::Dtype::BF16);
         assert_eq!(t.shape(), s.shape.as_slice());
-        assert_eq!(t.data(), synth::generate(s, 9, DType::Bf16).data.as_slice(), "{}", s.name);
+        assert_eq!(
+            t.data(),
+            synth::generate(s, 9, DType::Bf16).data.as_slice(),
+            "{}",
+            s.name
+        );
     }
 }
 
@@ -325,7 +458,10 @@ fn metadata_names_the_algorithm_and_config() {
     for k in obj.keys().rev() {
         shuffled.insert(k.clone(), obj[k].clone());
     }
-    assert_eq!(synth::config_sha256(&Value::Object(shuffled)), m["ocrp.synth.config_sha256"]);
+    assert_eq!(
+        synth::config_sha256(&Value::Object(shuffled)),
+        m["ocrp.synth.config_sha256"]
+    );
 }
 
 /// `cargo test --release --test synth -- --ignored --nocapture synth_speed`: generation speed

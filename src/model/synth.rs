@@ -211,7 +211,10 @@ pub enum SynthError {
 }
 
 fn config_err(key: &str, problem: impl Into<String>) -> SynthError {
-    SynthError::Config { key: key.to_string(), problem: problem.into() }
+    SynthError::Config {
+        key: key.to_string(),
+        problem: problem.into(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -278,8 +281,7 @@ fn opt_usize(cfg: &Value, key: &str, default: Option<usize>) -> Result<Option<us
 }
 
 fn req_usize(cfg: &Value, key: &str, default: usize) -> Result<usize, SynthError> {
-    opt_usize(cfg, key, Some(default))?
-        .ok_or_else(|| config_err(key, "is null; give it a number"))
+    opt_usize(cfg, key, Some(default))?.ok_or_else(|| config_err(key, "is null; give it a number"))
 }
 
 fn get_bool(cfg: &Value, key: &str, default: bool) -> Result<bool, SynthError> {
@@ -302,7 +304,10 @@ impl LmShape {
     /// Resolves the language-model fields of a DeepSeek-OCR `config.json`.
     pub fn from_config(cfg: &Value) -> Result<Self, SynthError> {
         if !cfg.is_object() {
-            return Err(config_err("<root>", "is not a JSON object; pass a config.json"));
+            return Err(config_err(
+                "<root>",
+                "is not a JSON object; pass a config.json",
+            ));
         }
         let hidden_size = req_usize(cfg, "hidden_size", 4096)?;
         let num_attention_heads = req_usize(cfg, "num_attention_heads", 32)?;
@@ -311,7 +316,8 @@ impl LmShape {
         }
         let num_key_value_heads =
             opt_usize(cfg, "num_key_value_heads", None)?.unwrap_or(num_attention_heads);
-        let head_dim = opt_usize(cfg, "head_dim", None)?.unwrap_or(hidden_size / num_attention_heads);
+        let head_dim =
+            opt_usize(cfg, "head_dim", None)?.unwrap_or(hidden_size / num_attention_heads);
         let s = LmShape {
             vocab_size: req_usize(cfg, "vocab_size", 102400)?,
             hidden_size,
@@ -348,10 +354,16 @@ impl LmShape {
             return Err(config_err("moe_layer_freq", "is 0; use 1"));
         }
         if get_usize_or(cfg, "ep_size", 1) > 1 {
-            return Err(config_err("ep_size", "is above 1: expert parallelism drops experts; use 1"));
+            return Err(config_err(
+                "ep_size",
+                "is above 1: expert parallelism drops experts; use 1",
+            ));
         }
         if s.use_mla && s.kv_lora_rank.is_none() {
-            return Err(config_err("kv_lora_rank", "is null but use_mla is true; give it a number"));
+            return Err(config_err(
+                "kv_lora_rank",
+                "is null but use_mla is true; give it a number",
+            ));
         }
         Ok(s)
     }
@@ -377,14 +389,22 @@ struct Plan(Vec<TensorSpec>);
 
 impl Plan {
     fn push(&mut self, name: String, shape: &[usize], init: Init) {
-        self.0.push(TensorSpec { name, shape: shape.to_vec(), init });
+        self.0.push(TensorSpec {
+            name,
+            shape: shape.to_vec(),
+            init,
+        });
     }
     fn param(&mut self, name: String, shape: &[usize], std: f64) {
         self.push(name, shape, Init::Uniform { std });
     }
     /// `nn.Linear(inp, out)`: `weight [out, inp]`, `bias [out]`.
     fn linear(&mut self, prefix: &str, inp: usize, out: usize, bias: bool) {
-        self.param(format!("{prefix}.weight"), &[out, inp], 1.0 / (inp as f64).sqrt());
+        self.param(
+            format!("{prefix}.weight"),
+            &[out, inp],
+            1.0 / (inp as f64).sqrt(),
+        );
         if bias {
             self.param(format!("{prefix}.bias"), &[out], BIAS_STD);
         }
@@ -392,7 +412,11 @@ impl Plan {
     /// `nn.Conv2d(inp, out, k)`: `weight [out, inp, k, k]`, `bias [out]`.
     fn conv(&mut self, prefix: &str, inp: usize, out: usize, k: usize, bias: bool) {
         let fan_in = (inp * k * k) as f64;
-        self.param(format!("{prefix}.weight"), &[out, inp, k, k], 1.0 / fan_in.sqrt());
+        self.param(
+            format!("{prefix}.weight"),
+            &[out, inp, k, k],
+            1.0 / fan_in.sqrt(),
+        );
         if bias {
             self.param(format!("{prefix}.bias"), &[out], BIAS_STD);
         }
@@ -429,20 +453,52 @@ fn plan_sam(p: &mut Plan) {
     let pre = "model.sam_model";
     let grid = SAM_IMG / SAM_PATCH;
     let head_dim = SAM_WIDTH / SAM_HEADS;
-    p.conv(&format!("{pre}.patch_embed.proj"), 3, SAM_WIDTH, SAM_PATCH, true);
-    p.param(format!("{pre}.pos_embed"), &[1, grid, grid, SAM_WIDTH], POS_STD);
+    p.conv(
+        &format!("{pre}.patch_embed.proj"),
+        3,
+        SAM_WIDTH,
+        SAM_PATCH,
+        true,
+    );
+    p.param(
+        format!("{pre}.pos_embed"),
+        &[1, grid, grid, SAM_WIDTH],
+        POS_STD,
+    );
     for i in 0..SAM_DEPTH {
         let b = format!("{pre}.blocks.{i}");
         // `input_size=(img_size // patch_size, ...)` if global, else `(window_size, window_size)`.
-        let side = if SAM_GLOBAL.contains(&i) { grid } else { SAM_WINDOW };
+        let side = if SAM_GLOBAL.contains(&i) {
+            grid
+        } else {
+            SAM_WINDOW
+        };
         p.norm(&format!("{b}.norm1"), SAM_WIDTH, true);
         p.linear(&format!("{b}.attn.qkv"), SAM_WIDTH, 3 * SAM_WIDTH, true);
         p.linear(&format!("{b}.attn.proj"), SAM_WIDTH, SAM_WIDTH, true);
-        p.param(format!("{b}.attn.rel_pos_h"), &[2 * side - 1, head_dim], POS_STD);
-        p.param(format!("{b}.attn.rel_pos_w"), &[2 * side - 1, head_dim], POS_STD);
+        p.param(
+            format!("{b}.attn.rel_pos_h"),
+            &[2 * side - 1, head_dim],
+            POS_STD,
+        );
+        p.param(
+            format!("{b}.attn.rel_pos_w"),
+            &[2 * side - 1, head_dim],
+            POS_STD,
+        );
         p.norm(&format!("{b}.norm2"), SAM_WIDTH, true);
-        p.linear(&format!("{b}.mlp.lin1"), SAM_WIDTH, SAM_MLP_RATIO * SAM_WIDTH, true);
-        p.linear(&format!("{b}.mlp.lin2"), SAM_MLP_RATIO * SAM_WIDTH, SAM_WIDTH, true);
+        p.linear(
+            &format!("{b}.mlp.lin1"),
+            SAM_WIDTH,
+            SAM_MLP_RATIO * SAM_WIDTH,
+            true,
+        );
+        p.linear(
+            &format!("{b}.mlp.lin2"),
+            SAM_MLP_RATIO * SAM_WIDTH,
+            SAM_WIDTH,
+            true,
+        );
     }
     p.conv(&format!("{pre}.neck.0"), SAM_WIDTH, SAM_OUT, 1, false);
     p.norm(&format!("{pre}.neck.1"), SAM_OUT, true);
@@ -455,15 +511,39 @@ fn plan_sam(p: &mut Plan) {
 fn plan_clip(p: &mut Plan) {
     let pre = "model.vision_model";
     let positions = (CLIP_IMG / CLIP_PATCH).pow(2) + 1;
-    p.param(format!("{pre}.embeddings.class_embedding"), &[CLIP_WIDTH], POS_STD);
-    p.conv(&format!("{pre}.embeddings.patch_embedding"), 3, CLIP_WIDTH, CLIP_PATCH, false);
-    p.param(format!("{pre}.embeddings.position_embedding.weight"), &[positions, CLIP_WIDTH], POS_STD);
+    p.param(
+        format!("{pre}.embeddings.class_embedding"),
+        &[CLIP_WIDTH],
+        POS_STD,
+    );
+    p.conv(
+        &format!("{pre}.embeddings.patch_embedding"),
+        3,
+        CLIP_WIDTH,
+        CLIP_PATCH,
+        false,
+    );
+    p.param(
+        format!("{pre}.embeddings.position_embedding.weight"),
+        &[positions, CLIP_WIDTH],
+        POS_STD,
+    );
     p.norm(&format!("{pre}.pre_layrnorm"), CLIP_WIDTH, true);
     for i in 0..CLIP_LAYERS {
         let l = format!("{pre}.transformer.layers.{i}");
         p.norm(&format!("{l}.layer_norm1"), CLIP_WIDTH, true);
-        p.linear(&format!("{l}.self_attn.qkv_proj"), CLIP_WIDTH, 3 * CLIP_WIDTH, true);
-        p.linear(&format!("{l}.self_attn.out_proj"), CLIP_WIDTH, CLIP_WIDTH, true);
+        p.linear(
+            &format!("{l}.self_attn.qkv_proj"),
+            CLIP_WIDTH,
+            3 * CLIP_WIDTH,
+            true,
+        );
+        p.linear(
+            &format!("{l}.self_attn.out_proj"),
+            CLIP_WIDTH,
+            CLIP_WIDTH,
+            true,
+        );
         p.norm(&format!("{l}.layer_norm2"), CLIP_WIDTH, true);
         p.linear(&format!("{l}.mlp.fc1"), CLIP_WIDTH, CLIP_FFN, true);
         p.linear(&format!("{l}.mlp.fc2"), CLIP_FFN, CLIP_WIDTH, true);
@@ -480,7 +560,11 @@ fn plan_language(p: &mut Plan, s: &LmShape) {
     let h = s.hidden_size;
     let heads = s.num_attention_heads;
     let bias = s.attention_bias;
-    p.param("model.embed_tokens.weight".into(), &[s.vocab_size, h], EMBED_STD);
+    p.param(
+        "model.embed_tokens.weight".into(),
+        &[s.vocab_size, h],
+        EMBED_STD,
+    );
     for i in 0..s.num_hidden_layers {
         let l = format!("model.layers.{i}");
         let a = format!("{l}.self_attn");
@@ -496,9 +580,19 @@ fn plan_language(p: &mut Plan, s: &LmShape) {
                 }
             }
             let kv = s.kv_lora_rank.unwrap_or(0); // checked in from_config
-            p.linear(&format!("{a}.kv_a_proj_with_mqa"), h, kv + s.qk_rope_head_dim, bias);
+            p.linear(
+                &format!("{a}.kv_a_proj_with_mqa"),
+                h,
+                kv + s.qk_rope_head_dim,
+                bias,
+            );
             p.norm(&format!("{a}.kv_a_layernorm"), kv, false);
-            p.linear(&format!("{a}.kv_b_proj"), kv, heads * (s.qk_nope_head_dim + s.v_head_dim), false);
+            p.linear(
+                &format!("{a}.kv_b_proj"),
+                kv,
+                heads * (s.qk_nope_head_dim + s.v_head_dim),
+                false,
+            );
             p.linear(&format!("{a}.o_proj"), heads * s.v_head_dim, h, bias);
         } else {
             // transformers' LlamaAttention (the `mha_eager` entry of ATTENTION_CLASSES)
@@ -519,7 +613,12 @@ fn plan_language(p: &mut Plan, s: &LmShape) {
                     p.param(format!("{m}.gate.e_score_correction_bias"), &[n], BIAS_STD);
                 }
                 if let Some(k) = s.n_shared_experts {
-                    plan_mlp(p, &format!("{m}.shared_experts"), h, s.moe_intermediate_size * k);
+                    plan_mlp(
+                        p,
+                        &format!("{m}.shared_experts"),
+                        h,
+                        s.moe_intermediate_size * k,
+                    );
                 }
             }
             _ => plan_mlp(p, &m, h, s.intermediate_size),
@@ -528,7 +627,11 @@ fn plan_language(p: &mut Plan, s: &LmShape) {
         p.norm(&format!("{l}.post_attention_layernorm"), h, false);
     }
     p.norm("model.norm", h, false);
-    p.param("lm_head.weight".into(), &[s.vocab_size, h], 1.0 / (h as f64).sqrt());
+    p.param(
+        "lm_head.weight".into(),
+        &[s.vocab_size, h],
+        1.0 / (h as f64).sqrt(),
+    );
 }
 
 /// Every tensor of `DeepseekOCRForCausalLM` for this `config.json`, in module order.
@@ -583,26 +686,34 @@ pub fn fill(spec: &TensorSpec, seed: u64, dtype: DType, out: &mut [u8]) {
         Init::Uniform { std } => (tensor_key(seed, &spec.name), std * 3f64.sqrt(), None),
         Init::Const(c) => (0, 0.0, Some(c)),
     };
-    out.par_chunks_mut(CHUNK * es).enumerate().for_each(|(c, buf)| {
-        let base = (c * CHUNK) as u64;
-        for (j, dst) in buf.chunks_exact_mut(es).enumerate() {
-            let v = match constant {
-                Some(c) => c,
-                None => (unit(key, base + j as u64) * amp) as f32,
-            };
-            match dtype {
-                DType::Bf16 => dst.copy_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes()),
-                DType::F32 => dst.copy_from_slice(&v.to_le_bytes()),
+    out.par_chunks_mut(CHUNK * es)
+        .enumerate()
+        .for_each(|(c, buf)| {
+            let base = (c * CHUNK) as u64;
+            for (j, dst) in buf.chunks_exact_mut(es).enumerate() {
+                let v = match constant {
+                    Some(c) => c,
+                    None => (unit(key, base + j as u64) * amp) as f32,
+                };
+                match dtype {
+                    DType::Bf16 => {
+                        dst.copy_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes())
+                    }
+                    DType::F32 => dst.copy_from_slice(&v.to_le_bytes()),
+                }
             }
-        }
-    });
+        });
 }
 
 /// Generates one tensor in memory.
 pub fn generate(spec: &TensorSpec, seed: u64, dtype: DType) -> TensorData {
     let mut data = vec![0u8; spec.numel() * dtype.size()];
     fill(spec, seed, dtype, &mut data);
-    TensorData { dtype, shape: spec.shape.clone(), data }
+    TensorData {
+        dtype,
+        shape: spec.shape.clone(),
+        data,
+    }
 }
 
 /// Every tensor of the model in memory, in module order. Holds the whole model: for the real
@@ -670,7 +781,10 @@ pub fn metadata(config: &Value, seed: u64, dtype: DType) -> BTreeMap<String, Str
     m.insert("ocrp.synth.seed".into(), seed.to_string());
     m.insert("ocrp.synth.dtype".into(), dtype.to_string());
     m.insert("ocrp.synth.config_sha256".into(), config_sha256(config));
-    m.insert("ocrp.synth.tool".into(), format!("ocr-patch {}", env!("CARGO_PKG_VERSION")));
+    m.insert(
+        "ocrp.synth.tool".into(),
+        format!("ocr-patch {}", env!("CARGO_PKG_VERSION")),
+    );
     m
 }
 
@@ -745,7 +859,10 @@ pub fn write_specs(
     order.sort_by(|a, b| a.name.cmp(&b.name));
     let head = header(&order, dtype, meta);
 
-    let io = |source| SynthError::Io { path: path.to_path_buf(), source };
+    let io = |source| SynthError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -781,7 +898,9 @@ pub fn write_specs(
             }
         }
         drop(full_tx);
-        writer.join().unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked")))
+        writer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked")))
     });
     written.map_err(io)?;
     #[cfg(unix)]
@@ -793,5 +912,9 @@ pub fn write_specs(
     file.sync_all().map_err(io)?;
     let bytes = file.metadata().map_err(io)?.len();
     tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(WriteSummary { tensors: order.len(), params, bytes })
+    Ok(WriteSummary {
+        tensors: order.len(),
+        params,
+        bytes,
+    })
 }
