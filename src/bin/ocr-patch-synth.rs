@@ -22,8 +22,8 @@ struct Args {
     #[arg(long)]
     config: PathBuf,
     /// Seed of the generator: the same seed gives the same bytes everywhere.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[arg(long, required_unless_present = "list")]
+    seed: Option<u64>,
     /// Where to write the .safetensors file (replaced atomically).
     #[arg(short = 'o', long = "output", required_unless_present = "list")]
     output: Option<PathBuf>,
@@ -47,11 +47,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let Some(output) = &args.output else {
-        anyhow::bail!("no output file; pass -o FILE");
+    let (Some(output), Some(seed)) = (&args.output, args.seed) else {
+        anyhow::bail!("nothing to write; pass -o FILE and --seed N");
     };
     let t = Instant::now();
-    let s = synth::write_safetensors(output, &config, args.seed, args.dtype)
+    let s = synth::write_safetensors(output, &config, seed, args.dtype)
         .with_context(|| format!("{}: cannot write synthetic weights", output.display()))?;
     println!(
         "{}: {} tensors, {} params, {} bytes, {} seed {}, {:.2}s ({})",
@@ -60,7 +60,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         s.params,
         s.bytes,
         args.dtype,
-        args.seed,
+        seed,
         t.elapsed().as_secs_f64(),
         synth::ALGORITHM
     );
