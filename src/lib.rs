@@ -1,3 +1,4 @@
+pub mod model;
 pub mod patch;
 pub mod cache;
 pub mod cli;
