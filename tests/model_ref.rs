@@ -69,8 +69,16 @@ impl Case {
         let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        let config = meta.metadata().as_ref().and_then(|m| m.get("config")).expect("config metadata");
-        Some(Self { weights, tensors, config: serde_json::from_str(config).unwrap() })
+        let config = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("config"))
+            .expect("config metadata");
+        Some(Self {
+            weights,
+            tensors,
+            config: serde_json::from_str(config).unwrap(),
+        })
     }
 
     fn vb(&self) -> candle_nn::VarBuilder<'static> {
@@ -78,20 +86,41 @@ impl Case {
     }
 
     fn input(&self, k: &str) -> &Tensor {
-        self.tensors.get(&format!("ref.input.{k}")).unwrap_or_else(|| panic!("no input {k}"))
+        self.tensors
+            .get(&format!("ref.input.{k}"))
+            .unwrap_or_else(|| panic!("no input {k}"))
     }
 
     fn output(&self, k: &str) -> &Tensor {
-        self.tensors.get(&format!("ref.output.{k}")).unwrap_or_else(|| panic!("no output {k}"))
+        self.tensors
+            .get(&format!("ref.output.{k}"))
+            .unwrap_or_else(|| panic!("no output {k}"))
     }
 }
 
 /// Prints and returns the largest absolute difference; fails above `tol`.
 fn compare(what: &str, got: &Tensor, want: &Tensor, tol: f32) -> f32 {
     assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let d = (got.to_dtype(DType::F32).unwrap() - want).unwrap().abs().unwrap();
-    let max = d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let d = (got.to_dtype(DType::F32).unwrap() - want)
+        .unwrap()
+        .abs()
+        .unwrap();
+    let max = d
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = want
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     println!("{what}: max |diff| = {max:.3e} (max |ref| = {scale:.3e})");
     assert!(max <= tol, "{what}: max |diff| {max} > {tol}");
     max
@@ -103,20 +132,32 @@ fn u(v: &serde_json::Value, k: &str) -> usize {
 
 #[test]
 fn sam_matches_remote_code() {
-    let Some(case) = Case::open("sam_small") else { return };
+    let Some(case) = Case::open("sam_small") else {
+        return;
+    };
     let c = &case.config;
     let cfg = SamConfig {
         img_size: u(c, "img_size"),
         embed_dim: u(c, "embed_dim"),
         depth: u(c, "depth"),
         num_heads: u(c, "num_heads"),
-        global_attn_indexes: c["global_attn_indexes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect(),
+        global_attn_indexes: c["global_attn_indexes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect(),
         ..SamConfig::vit_b()
     };
     let sam = ImageEncoderViT::new(&cfg, case.vb().pp("model.sam_model")).unwrap();
     for s in [256, 160, 384] {
         let y = sam.forward(case.input(&format!("x{s}"))).unwrap();
-        compare(&format!("sam {s}px"), &y, case.output(&format!("y{s}")), TOL);
+        compare(
+            &format!("sam {s}px"),
+            &y,
+            case.output(&format!("y{s}")),
+            TOL,
+        );
     }
 }
 
@@ -132,11 +173,22 @@ fn clip_config(c: &serde_json::Value) -> ClipConfig {
 
 #[test]
 fn clip_matches_remote_code() {
-    let Some(case) = Case::open("clip_small") else { return };
-    let clip = VitModel::new(&clip_config(&case.config), case.vb().pp("model.vision_model")).unwrap();
+    let Some(case) = Case::open("clip_small") else {
+        return;
+    };
+    let clip = VitModel::new(
+        &clip_config(&case.config),
+        case.vb().pp("model.vision_model"),
+    )
+    .unwrap();
     for s in [10, 16, 20] {
         let y = clip.forward(case.input(&format!("x{s}"))).unwrap();
-        compare(&format!("clip {s}x{s}"), &y, case.output(&format!("y{s}")), TOL);
+        compare(
+            &format!("clip {s}x{s}"),
+            &y,
+            case.output(&format!("y{s}")),
+            TOL,
+        );
     }
 }
 
@@ -151,18 +203,48 @@ fn check_decoder(name: &str, model: &DeepseekV2, case: &Case, embeds: Tensor, to
     let out = model.forward_embeds(&embeds, &mut cache, true).unwrap();
     let hs = out.hidden_states.unwrap();
     for (i, h) in hs.iter().enumerate() {
-        compare(&format!("{name} hidden[{i}]"), &h.squeeze(0).unwrap(), case.output(&format!("hidden.{i}")), tol);
+        compare(
+            &format!("{name} hidden[{i}]"),
+            &h.squeeze(0).unwrap(),
+            case.output(&format!("hidden.{i}")),
+            tol,
+        );
     }
-    let logits = model.logits(&out.last_hidden_state).unwrap().squeeze(0).unwrap();
-    compare(&format!("{name} logits"), &logits, case.output("logits"), tol);
+    let logits = model
+        .logits(&out.last_hidden_state)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    compare(
+        &format!("{name} logits"),
+        &logits,
+        case.output("logits"),
+        tol,
+    );
     // Cached decoding: feed Python's greedy tokens one at a time.
-    let toks: Vec<i64> = case.input("step_tokens").flatten_all().unwrap().to_vec1().unwrap();
+    let toks: Vec<i64> = case
+        .input("step_tokens")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let want = case.output("step_logits");
     for (i, &t) in toks.iter().enumerate() {
-        let e = model.embed(&Tensor::new(&[[t as u32]], &Device::Cpu).unwrap()).unwrap();
+        let e = model
+            .embed(&Tensor::new(&[[t as u32]], &Device::Cpu).unwrap())
+            .unwrap();
         let o = model.forward_embeds(&e, &mut cache, false).unwrap();
-        let l = model.logits(&o.last_hidden_state).unwrap().flatten_all().unwrap();
-        compare(&format!("{name} cached step {i}"), &l, &want.i(i).unwrap(), tol);
+        let l = model
+            .logits(&o.last_hidden_state)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        compare(
+            &format!("{name} cached step {i}"),
+            &l,
+            &want.i(i).unwrap(),
+            tol,
+        );
     }
     assert_eq!(cache.seq_len(), embeds.dim(1).unwrap() + toks.len());
 }
@@ -188,7 +270,9 @@ fn decoder_mla_noaux_tc_matches_remote_code() {
 
 #[test]
 fn ocr_end_to_end_mha_matches_remote_code() {
-    let Some(case) = Case::open("ocr_e2e_mha") else { return };
+    let Some(case) = Case::open("ocr_e2e_mha") else {
+        return;
+    };
     let c = &case.config;
     let text = text_config(&c["language"]);
     let s = &c["sam"];
@@ -208,13 +292,40 @@ fn ocr_end_to_end_mha_matches_remote_code() {
     let enc = DeepEncoder::new(&vision, vb.pp("model")).unwrap();
     let model = DeepseekV2::new(&text, vb).unwrap();
     let glob = case.input("global");
-    compare("ocr global view features", &enc.encode_views(glob).unwrap(), case.output("global_view"), TOL);
+    compare(
+        "ocr global view features",
+        &enc.encode_views(glob).unwrap(),
+        case.output("global_view"),
+        TOL,
+    );
     let crop: Vec<i64> = case.input("crop").flatten_all().unwrap().to_vec1().unwrap();
     let rows = enc
-        .encode_image(glob, Some(LocalTiles { pixels: case.input("tiles"), width_crop_num: crop[0] as usize, height_crop_num: crop[1] as usize }))
+        .encode_image(
+            glob,
+            Some(LocalTiles {
+                pixels: case.input("tiles"),
+                width_crop_num: crop[0] as usize,
+                height_crop_num: crop[1] as usize,
+            }),
+        )
         .unwrap();
     let ids = case.input("ids").to_dtype(DType::U32).unwrap();
-    let mask: Vec<bool> = case.input("mask").flatten_all().unwrap().to_vec1::<u8>().unwrap().into_iter().map(|m| m != 0).collect();
-    let embeds = merge_image_features(&model.embed(&ids).unwrap().squeeze(0).unwrap(), &mask, &rows).unwrap().unsqueeze(0).unwrap();
+    let mask: Vec<bool> = case
+        .input("mask")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap()
+        .into_iter()
+        .map(|m| m != 0)
+        .collect();
+    let embeds = merge_image_features(
+        &model.embed(&ids).unwrap().squeeze(0).unwrap(),
+        &mask,
+        &rows,
+    )
+    .unwrap()
+    .unsqueeze(0)
+    .unwrap();
     check_decoder("ocr", &model, &case, embeds, TOL);
 }

@@ -87,28 +87,72 @@ pub struct DeepseekV2Config {
 }
 
 mod d {
-    pub fn vocab_size() -> usize { 102400 }
-    pub fn hidden_size() -> usize { 4096 }
-    pub fn intermediate_size() -> usize { 11008 }
-    pub fn moe_intermediate_size() -> usize { 1407 }
-    pub fn num_hidden_layers() -> usize { 30 }
-    pub fn num_attention_heads() -> usize { 32 }
-    pub fn one_f64() -> f64 { 1.0 }
-    pub fn one_usize() -> usize { 1 }
-    pub fn kv_lora_rank() -> Option<usize> { Some(512) }
-    pub fn q_lora_rank() -> Option<usize> { Some(1536) }
-    pub fn qk_rope_head_dim() -> usize { 64 }
-    pub fn v_head_dim() -> usize { 128 }
-    pub fn qk_nope_head_dim() -> usize { 128 }
-    pub fn topk_method() -> String { "gready".into() }
-    pub fn scoring_func() -> String { "softmax".into() }
-    pub fn hidden_act() -> String { "silu".into() }
-    pub fn max_position_embeddings() -> usize { 2048 }
-    pub fn rms_norm_eps() -> f64 { 1e-6 }
-    pub fn rope_theta() -> f64 { 10000.0 }
-    pub fn use_mla() -> bool { true }
-    pub fn bos() -> Option<u32> { Some(100000) }
-    pub fn eos() -> Option<u32> { Some(100001) }
+    pub fn vocab_size() -> usize {
+        102400
+    }
+    pub fn hidden_size() -> usize {
+        4096
+    }
+    pub fn intermediate_size() -> usize {
+        11008
+    }
+    pub fn moe_intermediate_size() -> usize {
+        1407
+    }
+    pub fn num_hidden_layers() -> usize {
+        30
+    }
+    pub fn num_attention_heads() -> usize {
+        32
+    }
+    pub fn one_f64() -> f64 {
+        1.0
+    }
+    pub fn one_usize() -> usize {
+        1
+    }
+    pub fn kv_lora_rank() -> Option<usize> {
+        Some(512)
+    }
+    pub fn q_lora_rank() -> Option<usize> {
+        Some(1536)
+    }
+    pub fn qk_rope_head_dim() -> usize {
+        64
+    }
+    pub fn v_head_dim() -> usize {
+        128
+    }
+    pub fn qk_nope_head_dim() -> usize {
+        128
+    }
+    pub fn topk_method() -> String {
+        "gready".into()
+    }
+    pub fn scoring_func() -> String {
+        "softmax".into()
+    }
+    pub fn hidden_act() -> String {
+        "silu".into()
+    }
+    pub fn max_position_embeddings() -> usize {
+        2048
+    }
+    pub fn rms_norm_eps() -> f64 {
+        1e-6
+    }
+    pub fn rope_theta() -> f64 {
+        10000.0
+    }
+    pub fn use_mla() -> bool {
+        true
+    }
+    pub fn bos() -> Option<u32> {
+        Some(100000)
+    }
+    pub fn eos() -> Option<u32> {
+        Some(100001)
+    }
 }
 
 /// The whole `config.json` of DeepSeek-OCR, as far as the model needs it.
@@ -126,8 +170,10 @@ impl OcrConfig {
     }
 
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let s = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.display().to_string(), source: e })?;
+        let s = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            source: e,
+        })?;
         Self::from_json_str(&s)
     }
 
@@ -145,7 +191,10 @@ impl OcrConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read config: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config.json: {0}; is this DeepSeek-OCR's config?")]
     Parse(String),
     #[error("config.json: {0}")]
@@ -224,7 +273,10 @@ impl TextConfig {
     pub fn resolve(c: &DeepseekV2Config) -> Result<Self, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if c.hidden_act != "silu" {
-            return bad(format!("hidden_act `{}` is not supported (only silu)", c.hidden_act));
+            return bad(format!(
+                "hidden_act `{}` is not supported (only silu)",
+                c.hidden_act
+            ));
         }
         if c.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
             return bad("rope_scaling is not supported (DeepSeek-OCR has none)".into());
@@ -248,7 +300,10 @@ impl TextConfig {
                 return bad("use_mla is true but kv_lora_rank is null".into());
             };
             if c.qk_rope_head_dim % 2 != 0 {
-                return bad(format!("qk_rope_head_dim {} must be even", c.qk_rope_head_dim));
+                return bad(format!(
+                    "qk_rope_head_dim {} must be even",
+                    c.qk_rope_head_dim
+                ));
             }
             Some(MlaConfig {
                 q_lora_rank: c.q_lora_rank,
@@ -287,7 +342,9 @@ impl TextConfig {
                     ));
                 }
                 if k == 0 || k > n_routed_experts {
-                    return bad(format!("num_experts_per_tok {k} is not in 1..={n_routed_experts}"));
+                    return bad(format!(
+                        "num_experts_per_tok {k} is not in 1..={n_routed_experts}"
+                    ));
                 }
                 if c.moe_layer_freq == 0 {
                     return bad("moe_layer_freq must be at least 1".into());
@@ -359,14 +416,24 @@ mod tests {
         let t = c.text().unwrap();
         assert_eq!(t.hidden_size, 1280);
         assert_eq!(t.num_hidden_layers, 12);
-        assert_eq!((t.num_attention_heads, t.num_key_value_heads, t.head_dim), (10, 10, 128));
+        assert_eq!(
+            (t.num_attention_heads, t.num_key_value_heads, t.head_dim),
+            (10, 10, 128)
+        );
         assert!(t.mla.is_none());
         assert_eq!(t.rope_theta, 10000.0);
         assert_eq!(t.rms_norm_eps, 1e-6);
         assert_eq!(t.vocab_size, 129280);
         assert_eq!((t.bos_token_id, t.eos_token_id), (Some(0), Some(1)));
         let m = t.moe.as_ref().unwrap();
-        assert_eq!((m.n_routed_experts, m.num_experts_per_tok, m.moe_intermediate_size), (64, 6, 896));
+        assert_eq!(
+            (
+                m.n_routed_experts,
+                m.num_experts_per_tok,
+                m.moe_intermediate_size
+            ),
+            (64, 6, 896)
+        );
         assert_eq!(m.topk_method, TopkMethod::Greedy);
         assert_eq!(m.n_shared_experts, Some(2));
         assert!(!m.norm_topk_prob);

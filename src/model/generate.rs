@@ -33,17 +33,29 @@ pub struct NoRepeatNgram {
 impl NoRepeatNgram {
     /// DeepSeek-OCR's own script: n=20, window 50, `<td>`/`</td>` (128821, 128822) allowed.
     pub fn deepseek() -> Self {
-        Self { n: 20, window: Some(50), whitelist: [128821, 128822].into() }
+        Self {
+            n: 20,
+            window: Some(50),
+            whitelist: [128821, 128822].into(),
+        }
     }
 
     /// The vLLM recipe: n=30, window 90, same whitelist.
     pub fn vllm() -> Self {
-        Self { n: 30, window: Some(90), whitelist: [128821, 128822].into() }
+        Self {
+            n: 30,
+            window: Some(90),
+            whitelist: [128821, 128822].into(),
+        }
     }
 
     /// transformers' `no_repeat_ngram_size=n`: whole history, no whitelist.
     pub fn hf(n: usize) -> Self {
-        Self { n, window: None, whitelist: HashSet::new() }
+        Self {
+            n,
+            window: None,
+            whitelist: HashSet::new(),
+        }
     }
 
     /// Tokens banned as the next one after `history`.
@@ -73,7 +85,12 @@ pub enum Sampling {
     Greedy,
     /// softmax(logits / temperature), optionally cut to the `top_k` best and the smallest set
     /// whose mass reaches `top_p`, drawn from a seeded generator.
-    Sample { temperature: f32, top_k: Option<usize>, top_p: Option<f32>, seed: u64 },
+    Sample {
+        temperature: f32,
+        top_k: Option<usize>,
+        top_p: Option<f32>,
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -124,7 +141,13 @@ fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-fn sample(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: Option<f32>, rng: &mut rand::rngs::StdRng) -> u32 {
+fn sample(
+    logits: &[f32],
+    temperature: f32,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+    rng: &mut rand::rngs::StdRng,
+) -> u32 {
     if temperature <= 0.0 {
         return argmax(logits);
     }
@@ -137,7 +160,11 @@ fn sample(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: Option<
     if cand.is_empty() {
         return argmax(logits);
     }
-    cand.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
+    cand.sort_by(|a, b| {
+        b.1.partial_cmp(&a.1)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.0.cmp(&b.0))
+    });
     if let Some(k) = top_k {
         cand.truncate(k.max(1));
     }
@@ -184,12 +211,19 @@ pub fn generate<S: Step>(
         Sampling::Sample { seed, .. } => rand::rngs::StdRng::seed_from_u64(seed),
         Sampling::Greedy => rand::rngs::StdRng::seed_from_u64(0),
     };
-    let mut history: Vec<u32> = if cfg.ngram_sees_prompt { prompt.to_vec() } else { vec![] };
+    let mut history: Vec<u32> = if cfg.ngram_sees_prompt {
+        prompt.to_vec()
+    } else {
+        vec![]
+    };
     let mut out = Vec::new();
     let mut logits = first_logits;
     loop {
         if out.len() >= cfg.max_new_tokens {
-            return Ok(Generated { tokens: out, stop: StopReason::MaxTokens });
+            return Ok(Generated {
+                tokens: out,
+                stop: StopReason::MaxTokens,
+            });
         }
         if let Some(g) = &cfg.no_repeat {
             for t in g.banned(&history) {
@@ -200,19 +234,33 @@ pub fn generate<S: Step>(
         }
         let tok = match &cfg.sampling {
             Sampling::Greedy => argmax(&logits),
-            Sampling::Sample { temperature, top_k, top_p, .. } => sample(&logits, *temperature, *top_k, *top_p, &mut rng),
+            Sampling::Sample {
+                temperature,
+                top_k,
+                top_p,
+                ..
+            } => sample(&logits, *temperature, *top_k, *top_p, &mut rng),
         };
         out.push(tok);
         history.push(tok);
         let flow = on_token(tok);
         if cfg.stop_tokens.contains(&tok) {
-            return Ok(Generated { tokens: out, stop: StopReason::StopToken });
+            return Ok(Generated {
+                tokens: out,
+                stop: StopReason::StopToken,
+            });
         }
         if flow.is_break() {
-            return Ok(Generated { tokens: out, stop: StopReason::Callback });
+            return Ok(Generated {
+                tokens: out,
+                stop: StopReason::Callback,
+            });
         }
         if out.len() >= cfg.max_new_tokens {
-            return Ok(Generated { tokens: out, stop: StopReason::MaxTokens });
+            return Ok(Generated {
+                tokens: out,
+                stop: StopReason::MaxTokens,
+            });
         }
         logits = model.step(tok)?;
     }
@@ -248,12 +296,22 @@ mod tests {
     }
 
     fn cfg(max: usize) -> GenerationConfig {
-        GenerationConfig { max_new_tokens: max, stop_tokens: vec![1], sampling: Sampling::Greedy, no_repeat: None, ngram_sees_prompt: false }
+        GenerationConfig {
+            max_new_tokens: max,
+            stop_tokens: vec![1],
+            sampling: Sampling::Greedy,
+            no_repeat: None,
+            ngram_sees_prompt: false,
+        }
     }
 
     #[test]
     fn greedy_stops_on_stop_token_and_streams() {
-        let mut m = Scripted { cycle: vec![5, 6, 1, 7], i: 0, vocab: 10 };
+        let mut m = Scripted {
+            cycle: vec![5, 6, 1, 7],
+            i: 0,
+            vocab: 10,
+        };
         let first = m.logits();
         let mut seen = vec![];
         let g = generate(&mut m, &[], first, &cfg(100), |t| {
@@ -268,11 +326,19 @@ mod tests {
 
     #[test]
     fn max_tokens_and_callback_stop() {
-        let mut m = Scripted { cycle: vec![4], i: 0, vocab: 10 };
+        let mut m = Scripted {
+            cycle: vec![4],
+            i: 0,
+            vocab: 10,
+        };
         let first = m.logits();
         let g = generate(&mut m, &[], first, &cfg(3), |_| ControlFlow::Continue(())).unwrap();
         assert_eq!((g.tokens.len(), g.stop), (3, StopReason::MaxTokens));
-        let mut m = Scripted { cycle: vec![4], i: 0, vocab: 10 };
+        let mut m = Scripted {
+            cycle: vec![4],
+            i: 0,
+            vocab: 10,
+        };
         let first = m.logits();
         let g = generate(&mut m, &[], first, &cfg(9), |_| ControlFlow::Break(())).unwrap();
         assert_eq!((g.tokens, g.stop), (vec![4], StopReason::Callback));
@@ -283,9 +349,17 @@ mod tests {
         // The model loops 2,3,2,3,...; with n=3 the trigram (2,3,2) may appear once, then
         // after "2 3" the token 2 is banned and the second choice (9) comes instead; the
         // scripted model then wants 3.
-        let mut m = Scripted { cycle: vec![2, 3], i: 0, vocab: 10 };
+        let mut m = Scripted {
+            cycle: vec![2, 3],
+            i: 0,
+            vocab: 10,
+        };
         let mut c = cfg(6);
-        c.no_repeat = Some(NoRepeatNgram { n: 3, window: None, whitelist: HashSet::new() });
+        c.no_repeat = Some(NoRepeatNgram {
+            n: 3,
+            window: None,
+            whitelist: HashSet::new(),
+        });
         let first = m.logits();
         let g = generate(&mut m, &[], first, &c, |_| ControlFlow::Continue(())).unwrap();
         assert_eq!(g.tokens, vec![2, 3, 2, 3, 9, 3]);
@@ -293,12 +367,24 @@ mod tests {
 
     #[test]
     fn ngram_window_and_whitelist() {
-        let g = NoRepeatNgram { n: 2, window: None, whitelist: HashSet::new() };
+        let g = NoRepeatNgram {
+            n: 2,
+            window: None,
+            whitelist: HashSet::new(),
+        };
         assert_eq!(g.banned(&[7, 8, 7]), vec![8]);
-        let g = NoRepeatNgram { n: 2, window: None, whitelist: [8].into() };
+        let g = NoRepeatNgram {
+            n: 2,
+            window: None,
+            whitelist: [8].into(),
+        };
         assert!(g.banned(&[7, 8, 7]).is_empty());
         // window 2 only sees the last two tokens [8, 7]: no earlier "7 x" bigram
-        let g = NoRepeatNgram { n: 2, window: Some(2), whitelist: HashSet::new() };
+        let g = NoRepeatNgram {
+            n: 2,
+            window: Some(2),
+            whitelist: HashSet::new(),
+        };
         assert!(g.banned(&[7, 8, 7]).is_empty());
         assert_eq!(NoRepeatNgram::deepseek().n, 20);
         assert_eq!(NoRepeatNgram::vllm().window, Some(90));
@@ -309,7 +395,9 @@ mod tests {
         let logits = vec![1.0, 1.1, 0.9, -5.0];
         let draw = |seed| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            (0..50).map(|_| sample(&logits, 1.0, Some(2), None, &mut rng)).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| sample(&logits, 1.0, Some(2), None, &mut rng))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
         assert!(draw(3).iter().all(|&t| t == 0 || t == 1));

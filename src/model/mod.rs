@@ -49,8 +49,15 @@ pub struct DeepseekOcr {
 
 impl DeepseekOcr {
     /// Builds the model from a `VarBuilder` rooted at the checkpoint's top.
-    pub fn new(text: &TextConfig, vision: &VisionConfig, vb: candle_nn::VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self { vision: DeepEncoder::new(vision, vb.pp("model"))?, text: DeepseekV2::new(text, vb)? })
+    pub fn new(
+        text: &TextConfig,
+        vision: &VisionConfig,
+        vb: candle_nn::VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            vision: DeepEncoder::new(vision, vb.pp("model"))?,
+            text: DeepseekV2::new(text, vb)?,
+        })
     }
 
     /// Loads `config.json` and the `*.safetensors` of `dir`; the model runs in `dtype` on `device`.
@@ -60,7 +67,13 @@ impl DeepseekOcr {
         Self::from_weights(&cfg, &VisionConfig::deepseek_ocr(), &weights, dtype, device)
     }
 
-    pub fn from_weights(text: &TextConfig, vision: &VisionConfig, weights: &Weights, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+    pub fn from_weights(
+        text: &TextConfig,
+        vision: &VisionConfig,
+        weights: &Weights,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         let vb = weights.var_builder(dtype, device);
         Self::new(text, vision, vb).map_err(|e| match weights.take_error() {
             Some(w) => ModelError::Weights(w),
@@ -70,7 +83,12 @@ impl DeepseekOcr {
 
     /// `DeepseekOCRModel.forward` up to the decoder's input: embeds `input_ids` `(1, t)` and
     /// scatters the images' rows (in image order) into the positions where `image_mask` is true.
-    pub fn prompt_embeds(&self, input_ids: &Tensor, image_mask: &[bool], images: &[ImageInput<'_>]) -> candle_core::Result<Tensor> {
+    pub fn prompt_embeds(
+        &self,
+        input_ids: &Tensor,
+        image_mask: &[bool],
+        images: &[ImageInput<'_>],
+    ) -> candle_core::Result<Tensor> {
         let embeds = self.text.embed(input_ids)?;
         if images.is_empty() {
             return Ok(embeds);
@@ -96,6 +114,9 @@ impl generate::Step for DecoderSession<'_> {
         let ids = Tensor::new(&[[token]], self.model.embed_tokens_device())?;
         let e = self.model.embed(&ids)?;
         let out = self.model.forward_embeds(&e, &mut self.cache, false)?;
-        self.model.logits(&out.last_hidden_state)?.flatten_all()?.to_vec1()
+        self.model
+            .logits(&out.last_hidden_state)?
+            .flatten_all()?
+            .to_vec1()
     }
 }

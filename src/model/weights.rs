@@ -19,13 +19,20 @@ pub enum WeightsError {
     #[error("{dir}: no .safetensors files found; point at the folder that holds the checkpoint")]
     NoFiles { dir: String },
     #[error("{path}: cannot read: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: not a readable safetensors file: {message}")]
     Unreadable { path: String, message: String },
     #[error("tensor `{name}` is missing from the checkpoint; is this a DeepSeek-OCR checkpoint matching config.json?")]
     Missing { name: String },
     #[error("tensor `{name}` has shape {found:?}, the model expects {expected:?}; does config.json match the weights?")]
-    Shape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     #[error("tensor `{name}` is stored as {found}; only bf16, f16 and f32 are supported")]
     Dtype { name: String, found: String },
     #[error("tensor `{name}`: {message}")]
@@ -34,11 +41,16 @@ pub enum WeightsError {
 
 /// The `*.safetensors` files of `dir`, sorted (shards first to last).
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
-    let rd = std::fs::read_dir(dir)
-        .map_err(|e| WeightsError::Io { path: dir.display().to_string(), source: e })?;
+    let rd = std::fs::read_dir(dir).map_err(|e| WeightsError::Io {
+        path: dir.display().to_string(),
+        source: e,
+    })?;
     let mut files = Vec::new();
     for entry in rd {
-        let entry = entry.map_err(|e| WeightsError::Io { path: dir.display().to_string(), source: e })?;
+        let entry = entry.map_err(|e| WeightsError::Io {
+            path: dir.display().to_string(),
+            source: e,
+        })?;
         let p = entry.path();
         if p.extension().is_some_and(|e| e == "safetensors") {
             files.push(p);
@@ -46,7 +58,9 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(WeightsError::NoFiles { dir: dir.display().to_string() });
+        return Err(WeightsError::NoFiles {
+            dir: dir.display().to_string(),
+        });
     }
     Ok(files)
 }
@@ -68,16 +82,27 @@ impl Weights {
     pub fn open_files(files: &[PathBuf]) -> Result<Self, WeightsError> {
         for f in files {
             if let Err(e) = std::fs::metadata(f) {
-                return Err(WeightsError::Io { path: f.display().to_string(), source: e });
+                return Err(WeightsError::Io {
+                    path: f.display().to_string(),
+                    source: e,
+                });
             }
         }
         // SAFETY: the files are mapped read-only; like every safetensors reader we assume nobody
         // truncates them while the model is loaded.
-        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| WeightsError::Unreadable {
-            path: files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
-            message: e.to_string(),
-        })?;
-        Ok(Self { st: Arc::new(st), first_error: Arc::new(Mutex::new(None)) })
+        let st =
+            unsafe { MmapedSafetensors::multi(files) }.map_err(|e| WeightsError::Unreadable {
+                path: files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            st: Arc::new(st),
+            first_error: Arc::new(Mutex::new(None)),
+        })
     }
 
     /// A `VarBuilder` rooted at the checkpoint's top (names like `model.layers.0...`) that
@@ -127,7 +152,10 @@ impl Weights {
             Err(_) => return Err(self.fail(WeightsError::Missing { name: name.into() })),
         };
         if !matches!(view.dtype(), S::BF16 | S::F16 | S::F32) {
-            return Err(self.fail(WeightsError::Dtype { name: name.into(), found: format!("{:?}", view.dtype()) }));
+            return Err(self.fail(WeightsError::Dtype {
+                name: name.into(),
+                found: format!("{:?}", view.dtype()),
+            }));
         }
         if let Some(expected) = expected {
             if view.shape() != expected.dims() {
@@ -142,7 +170,12 @@ impl Weights {
             .st
             .load(name, dev)
             .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| self.fail(WeightsError::Load { name: name.into(), message: e.to_string() }))?;
+            .map_err(|e| {
+                self.fail(WeightsError::Load {
+                    name: name.into(),
+                    message: e.to_string(),
+                })
+            })?;
         Ok(t)
     }
 }
@@ -174,8 +207,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn write(dir: &Path, tensors: &[(&str, Tensor)]) {
-        let map: HashMap<String, Tensor> =
-            tensors.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+        let map: HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
         candle_core::safetensors::save(&map, dir.join("model.safetensors")).unwrap();
     }
 
@@ -203,7 +238,11 @@ mod tests {
         assert!(vb.pp("a").get((2, 3), "weight").is_err());
         let e = w.take_error().unwrap();
         assert!(matches!(&e, WeightsError::Shape { found, .. } if found == &vec![2, 2]));
-        assert!(e.to_string().starts_with("tensor `a.weight` has shape [2, 2]"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("tensor `a.weight` has shape [2, 2]"),
+            "{e}"
+        );
 
         assert!(vb.get(2, "ids").is_err());
         assert!(matches!(w.take_error(), Some(WeightsError::Dtype { .. })));

@@ -33,12 +33,21 @@ impl LayerCache {
 
 /// `(cos, sin)` of shape `(t, dim/2)` for positions `offset..offset+t`, computed in f32 like
 /// both rotary classes (`inv_freq = 1 / base ** (arange(0, dim, 2) / dim)`), cast to `dtype`.
-pub fn rope_tables(dim: usize, base: f64, offset: usize, t: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(
+    dim: usize,
+    base: f64,
+    offset: usize,
+    t: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
     let inv_freq: Vec<f32> = (0..dim / 2)
         .map(|i| 1.0 / (base as f32).powf((2 * i) as f32 / dim as f32))
         .collect();
     let inv_freq = Tensor::from_vec(inv_freq, (1, dim / 2), dev)?;
-    let pos = Tensor::arange(offset as u32, (offset + t) as u32, dev)?.to_dtype(DType::F32)?.reshape((t, 1))?;
+    let pos = Tensor::arange(offset as u32, (offset + t) as u32, dev)?
+        .to_dtype(DType::F32)?
+        .reshape((t, 1))?;
     let freqs = pos.matmul(&inv_freq)?;
     Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
 }
@@ -51,9 +60,19 @@ pub fn causal_mask(t: usize, offset: usize, dtype: DType, dev: &Device) -> Resul
     }
     let total = offset + t;
     let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
-    Tensor::from_vec(m, (t, total), dev)?.to_dtype(dtype).map(Some)
+    Tensor::from_vec(m, (t, total), dev)?
+        .to_dtype(dtype)
+        .map(Some)
 }
 
 /// softmax in f32 (`softmax(..., dtype=torch.float32).to(dtype)`).
@@ -77,7 +96,12 @@ pub struct MhaAttention {
 
 impl MhaAttention {
     pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
-        let (h, nh, nkv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (h, nh, nkv, hd) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let bias = cfg.attention_bias;
         Ok(Self {
             q_proj: linear_b(h, nh * hd, bias, vb.pp("q_proj"))?,
@@ -97,23 +121,47 @@ impl MhaAttention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let offset = cache.as_ref().map_or(0, |c| c.seq_len());
-        let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         // q_embed = (q * cos) + (rotate_half(q) * sin)
         let (cos, sin) = rope_tables(hd, self.rope_theta, offset, t, q.dtype(), q.device())?;
         let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
         let (k, v) = match cache.take() {
-            Some(LayerCache::Mha { k: pk, v: pv }) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            Some(LayerCache::Mha { k: pk, v: pv }) => {
+                (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
+            }
             _ => (k, v),
         };
-        *cache = Some(LayerCache::Mha { k: k.clone(), v: v.clone() });
+        *cache = Some(LayerCache::Mha {
+            k: k.clone(),
+            v: v.clone(),
+        });
         // repeat_kv: each kv head serves num_heads / num_kv_heads query heads
         let (k, v) = if nkv != nh {
             let rep = nh / nkv;
             let total = k.dim(2)?;
-            let r = |x: &Tensor| x.unsqueeze(2)?.broadcast_as((b, nkv, rep, total, hd))?.reshape((b, nh, total, hd));
+            let r = |x: &Tensor| {
+                x.unsqueeze(2)?
+                    .broadcast_as((b, nkv, rep, total, hd))?
+                    .reshape((b, nh, total, hd))
+            };
             (r(&k)?, r(&v)?)
         } else {
             (k, v)
@@ -153,7 +201,10 @@ impl MlaAttention {
         let q_head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim;
         // DeepseekV2RMSNorm(q_lora_rank) / (kv_lora_rank): the default eps 1e-6, not rms_norm_eps
         let (q_proj, q_a) = match mla.q_lora_rank {
-            None => (Some(linear_no_bias(h, nh * q_head_dim, vb.pp("q_proj"))?), None),
+            None => (
+                Some(linear_no_bias(h, nh * q_head_dim, vb.pp("q_proj"))?),
+                None,
+            ),
             Some(r) => (
                 None,
                 Some((
@@ -163,15 +214,28 @@ impl MlaAttention {
                 )),
             ),
         };
-        let kv_b = vb.pp("kv_b_proj").get((nh * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank), "weight")?;
+        let kv_b = vb.pp("kv_b_proj").get(
+            (
+                nh * (mla.qk_nope_head_dim + mla.v_head_dim),
+                mla.kv_lora_rank,
+            ),
+            "weight",
+        )?;
         let kv_b = kv_b.reshape((nh, mla.qk_nope_head_dim + mla.v_head_dim, mla.kv_lora_rank))?;
         Ok(Self {
             q_proj,
             q_a,
-            kv_a_proj_with_mqa: linear_b(h, mla.kv_lora_rank + mla.qk_rope_head_dim, cfg.attention_bias, vb.pp("kv_a_proj_with_mqa"))?,
+            kv_a_proj_with_mqa: linear_b(
+                h,
+                mla.kv_lora_rank + mla.qk_rope_head_dim,
+                cfg.attention_bias,
+                vb.pp("kv_a_proj_with_mqa"),
+            )?,
             kv_a_layernorm: RmsNorm::new(mla.kv_lora_rank, 1e-6, vb.pp("kv_a_layernorm"))?,
             q_absorb: kv_b.narrow(1, 0, mla.qk_nope_head_dim)?.contiguous()?,
-            out_absorb: kv_b.narrow(1, mla.qk_nope_head_dim, mla.v_head_dim)?.contiguous()?,
+            out_absorb: kv_b
+                .narrow(1, mla.qk_nope_head_dim, mla.v_head_dim)?
+                .contiguous()?,
             o_proj: linear_b(nh * mla.v_head_dim, h, cfg.attention_bias, vb.pp("o_proj"))?,
             cfg: *mla,
             num_heads: nh,
@@ -186,7 +250,11 @@ impl MlaAttention {
     /// (`q.view(b, h, s, d // 2, 2).transpose(4, 3).reshape(b, h, s, d)`), then half-split RoPE.
     fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (b, h, s, d) = x.dims4()?;
-        let x = x.reshape((b, h, s, d / 2, 2))?.transpose(3, 4)?.reshape((b, h, s, d))?.contiguous()?;
+        let x = x
+            .reshape((b, h, s, d / 2, 2))?
+            .transpose(3, 4)?
+            .reshape((b, h, s, d))?
+            .contiguous()?;
         candle_nn::rotary_emb::rope(&x, cos, sin)
     }
 
@@ -194,7 +262,13 @@ impl MlaAttention {
         let _enter = self.span.enter();
         let (b, t, _) = x.dims3()?;
         let nh = self.num_heads;
-        let MlaConfig { kv_lora_rank, qk_nope_head_dim: nope, qk_rope_head_dim: rope, v_head_dim, .. } = self.cfg;
+        let MlaConfig {
+            kv_lora_rank,
+            qk_nope_head_dim: nope,
+            qk_rope_head_dim: rope,
+            v_head_dim,
+            ..
+        } = self.cfg;
         let offset = cache.as_ref().map_or(0, |c| c.seq_len());
         let q = match (&self.q_proj, &self.q_a) {
             (Some(q_proj), _) => q_proj.forward(x)?,
@@ -207,18 +281,38 @@ impl MlaAttention {
         let q_pe = q.narrow(D::Minus1, nope, rope)?.contiguous()?;
         // compressed_kv, k_pe = torch.split(self.kv_a_proj_with_mqa(h), [kv_lora_rank, rope], -1)
         let ckv = self.kv_a_proj_with_mqa.forward(x)?;
-        let compressed_kv = self.kv_a_layernorm.forward(&ckv.narrow(D::Minus1, 0, kv_lora_rank)?.contiguous()?)?;
-        let k_pe = ckv.narrow(D::Minus1, kv_lora_rank, rope)?.reshape((b, t, 1, rope))?.transpose(1, 2)?.contiguous()?;
-        let (cos, sin) = rope_tables(rope, self.rope_theta, offset, t, q_pe.dtype(), q_pe.device())?;
+        let compressed_kv = self
+            .kv_a_layernorm
+            .forward(&ckv.narrow(D::Minus1, 0, kv_lora_rank)?.contiguous()?)?;
+        let k_pe = ckv
+            .narrow(D::Minus1, kv_lora_rank, rope)?
+            .reshape((b, t, 1, rope))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (cos, sin) = rope_tables(
+            rope,
+            self.rope_theta,
+            offset,
+            t,
+            q_pe.dtype(),
+            q_pe.device(),
+        )?;
         let q_pe = Self::rope(&q_pe, &cos, &sin)?;
         let k_pe = Self::rope(&k_pe, &cos, &sin)?;
         let (compressed_kv, k_pe) = match cache.take() {
-            Some(LayerCache::Mla { compressed_kv: pc, k_pe: pk }) => {
-                (Tensor::cat(&[&pc, &compressed_kv], 1)?, Tensor::cat(&[&pk, &k_pe], 2)?)
-            }
+            Some(LayerCache::Mla {
+                compressed_kv: pc,
+                k_pe: pk,
+            }) => (
+                Tensor::cat(&[&pc, &compressed_kv], 1)?,
+                Tensor::cat(&[&pk, &k_pe], 2)?,
+            ),
             _ => (compressed_kv, k_pe),
         };
-        *cache = Some(LayerCache::Mla { compressed_kv: compressed_kv.clone(), k_pe: k_pe.clone() });
+        *cache = Some(LayerCache::Mla {
+            compressed_kv: compressed_kv.clone(),
+            k_pe: k_pe.clone(),
+        });
         let total = compressed_kv.dim(1)?;
         // q_nope = torch.matmul(q_nope, q_absorb): (b, h, t, nope) x (h, nope, rank)
         let q_nope = q_nope.broadcast_matmul(&self.q_absorb.unsqueeze(0)?)?;
@@ -233,7 +327,7 @@ impl MlaAttention {
         let att = softmax_f32(&att)?;
         // attn_output = torch.einsum('bhql,blc->bhqc', attn_weights, compressed_kv)
         let o = att.broadcast_matmul(&compressed_kv.unsqueeze(1)?)?; // (b, h, t, rank)
-        // attn_output = torch.matmul(attn_output, out_absorb.mT): (b, h, t, v_head_dim)
+                                                                     // attn_output = torch.matmul(attn_output, out_absorb.mT): (b, h, t, v_head_dim)
         let o = o.broadcast_matmul(&self.out_absorb.transpose(1, 2)?.unsqueeze(0)?)?;
         debug_assert_eq!(o.dims(), &[b, nh, t, v_head_dim]);
         let _ = total;
@@ -248,19 +342,39 @@ mod tests {
 
     #[test]
     fn causal_mask_with_offset() {
-        let m = causal_mask(2, 3, DType::F32, &Device::Cpu).unwrap().unwrap().to_vec2::<f32>().unwrap();
+        let m = causal_mask(2, 3, DType::F32, &Device::Cpu)
+            .unwrap()
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(m[0], vec![0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
         assert_eq!(m[1], vec![0.0; 5]);
-        assert!(causal_mask(1, 7, DType::F32, &Device::Cpu).unwrap().is_none());
+        assert!(causal_mask(1, 7, DType::F32, &Device::Cpu)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
     fn rope_rotates_pairs_half_apart() {
         // dim 4, position 1, base 1: inv_freq = [1, 1]; x = [1, 0, 0, 0] -> [cos1, 0, sin1, 0]
         let (cos, sin) = rope_tables(4, 1.0, 1, 1, DType::F32, &Device::Cpu).unwrap();
-        let x = Tensor::new(&[1f32, 0.0, 0.0, 0.0], &Device::Cpu).unwrap().reshape((1, 1, 1, 4)).unwrap();
-        let y = candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x = Tensor::new(&[1f32, 0.0, 0.0, 0.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 1, 4))
+            .unwrap();
+        let y = candle_nn::rotary_emb::rope(&x, &cos, &sin)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let (c, s) = (1f32.cos(), 1f32.sin());
-        assert!((y[0] - c).abs() < 1e-6 && y[1].abs() < 1e-6 && (y[2] - s).abs() < 1e-6 && y[3].abs() < 1e-6, "{y:?}");
+        assert!(
+            (y[0] - c).abs() < 1e-6
+                && y[1].abs() < 1e-6
+                && (y[2] - s).abs() < 1e-6
+                && y[3].abs() < 1e-6,
+            "{y:?}"
+        );
     }
 }

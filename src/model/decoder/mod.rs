@@ -25,7 +25,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, eps })
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
     }
 }
 
@@ -34,7 +37,9 @@ impl Module for RmsNorm {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-        let y = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        let y = xf
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
         y.broadcast_mul(&self.weight.to_dtype(dtype)?)
     }
 }
@@ -65,12 +70,24 @@ impl DecoderLayer {
         };
         let mlp = match (&cfg.moe, cfg.is_moe_layer(layer_idx)) {
             (Some(m), true) => Ffn::Moe(Moe::new(cfg.hidden_size, m, vb.pp("mlp"))?),
-            _ => Ffn::Dense(Mlp::new(cfg.hidden_size, cfg.intermediate_size, vb.pp("mlp"))?),
+            _ => Ffn::Dense(Mlp::new(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                vb.pp("mlp"),
+            )?),
         };
         Ok(Self {
-            input_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            input_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
             self_attn,
-            post_attention_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            post_attention_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
             mlp,
             span: tracing::span!(tracing::Level::TRACE, "layer", idx = layer_idx),
         })
@@ -101,11 +118,16 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self {
+            layers: vec![None; num_layers],
+        }
     }
 
     pub fn seq_len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |l| l.seq_len())
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |l| l.seq_len())
     }
 
     pub fn layer(&self, i: usize) -> Option<&LayerCache> {
@@ -172,7 +194,12 @@ impl DeepseekV2 {
 
     /// Runs the layers on `inputs_embeds` `(b, t, hidden)` at positions `cache.seq_len()..`,
     /// appending to the cache.
-    pub fn forward_embeds(&self, inputs_embeds: &Tensor, cache: &mut Cache, output_hidden_states: bool) -> Result<DecoderOutput> {
+    pub fn forward_embeds(
+        &self,
+        inputs_embeds: &Tensor,
+        cache: &mut Cache,
+        output_hidden_states: bool,
+    ) -> Result<DecoderOutput> {
         let _span = tracing::span!(tracing::Level::TRACE, "decoder").entered();
         if cache.layers.len() != self.layers.len() {
             *cache = self.new_cache();
@@ -189,7 +216,10 @@ impl DeepseekV2 {
         if let Some(all) = all.as_mut() {
             all.push(h.clone());
         }
-        Ok(DecoderOutput { last_hidden_state: h, hidden_states: all })
+        Ok(DecoderOutput {
+            last_hidden_state: h,
+            hidden_states: all,
+        })
     }
 
     /// `lm_head(hidden_states).float()`: `(.., hidden)` -> f32 `(.., vocab)`.
@@ -239,13 +269,21 @@ mod tests {
     fn rms_norm_hand_values() {
         let dev = Device::Cpu;
         let vb = VarBuilder::from_tensors(
-            [("weight".to_string(), Tensor::new(&[1f32, 2.0], &dev).unwrap())].into(),
+            [(
+                "weight".to_string(),
+                Tensor::new(&[1f32, 2.0], &dev).unwrap(),
+            )]
+            .into(),
             DType::F32,
             &dev,
         );
         let n = RmsNorm::new(2, 0.0, vb).unwrap();
         // x = [3, 4]: rms = sqrt(12.5)
-        let y = n.forward(&Tensor::new(&[[3f32, 4.0]], &dev).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        let y = n
+            .forward(&Tensor::new(&[[3f32, 4.0]], &dev).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let r = 12.5f32.sqrt();
         assert!((y[0][0] - 3.0 / r).abs() < 1e-6 && (y[0][1] - 8.0 / r).abs() < 1e-6);
     }
@@ -256,8 +294,16 @@ mod tests {
         let e = Tensor::new(&[[0f32], [1.0], [2.0], [3.0]], &dev).unwrap();
         let f = Tensor::new(&[[10f32], [11.0]], &dev).unwrap();
         let y = merge_image_features(&e, &[false, true, false, true], &f).unwrap();
-        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![0.0, 10.0, 2.0, 11.0]);
-        let err = merge_image_features(&e, &[true, true, true, false], &f).unwrap_err().to_string();
-        assert!(err.contains("3 image tokens but the images give 2"), "{err}");
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.0, 10.0, 2.0, 11.0]
+        );
+        let err = merge_image_features(&e, &[true, true, true, false], &f)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("3 image tokens but the images give 2"),
+            "{err}"
+        );
     }
 }

@@ -41,7 +41,11 @@ impl Module for Mlp {
 /// Top-k indices of `v` by value, descending; ties keep the lower index first.
 fn topk(v: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| {
+        v[b].partial_cmp(&v[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
     idx.truncate(k);
     idx
 }
@@ -70,7 +74,9 @@ pub fn route(scores: &[f32], bias: Option<&[f32]>, cfg: &MoeConfig) -> (Vec<usiz
         }
         TopkMethod::GroupLimitedGreedy => {
             // group_scores = scores.view(n, n_group, -1).max(dim=-1).values
-            let tmp = group_mask(scores, &|g: &[f32]| g.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
+            let tmp = group_mask(scores, &|g: &[f32]| {
+                g.iter().cloned().fold(f32::NEG_INFINITY, f32::max)
+            });
             let idx = topk(&tmp, k);
             let w = idx.iter().map(|&i| tmp[i]).collect();
             (idx, w)
@@ -112,17 +118,31 @@ pub struct Moe {
 impl Moe {
     pub fn new(hidden: usize, cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         let experts = (0..cfg.n_routed_experts)
-            .map(|i| Mlp::new(hidden, cfg.moe_intermediate_size, vb.pp(format!("experts.{i}"))))
+            .map(|i| {
+                Mlp::new(
+                    hidden,
+                    cfg.moe_intermediate_size,
+                    vb.pp(format!("experts.{i}")),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let gate = vb.pp("gate");
         let e_score_correction_bias = if cfg.topk_method == TopkMethod::NoauxTc {
-            Some(gate.get(cfg.n_routed_experts, "e_score_correction_bias")?.to_dtype(DType::F32)?.to_vec1()?)
+            Some(
+                gate.get(cfg.n_routed_experts, "e_score_correction_bias")?
+                    .to_dtype(DType::F32)?
+                    .to_vec1()?,
+            )
         } else {
             None
         };
         let shared_experts = match cfg.n_shared_experts {
             // intermediate_size = config.moe_intermediate_size * config.n_shared_experts
-            Some(n) => Some(Mlp::new(hidden, cfg.moe_intermediate_size * n, vb.pp("shared_experts"))?),
+            Some(n) => Some(Mlp::new(
+                hidden,
+                cfg.moe_intermediate_size * n,
+                vb.pp("shared_experts"),
+            )?),
             None => None,
         };
         Ok(Self {
@@ -137,7 +157,9 @@ impl Moe {
 
     /// f32 routing scores `(n, experts)`: `F.linear(h.float(), weight.float())` then softmax/sigmoid.
     pub fn scores(&self, x: &Tensor) -> Result<Tensor> {
-        let logits = x.to_dtype(DType::F32)?.matmul(&self.gate_weight.to_dtype(DType::F32)?.t()?)?;
+        let logits = x
+            .to_dtype(DType::F32)?
+            .matmul(&self.gate_weight.to_dtype(DType::F32)?.t()?)?;
         match self.cfg.scoring_func {
             ScoringFunc::Softmax => candle_nn::ops::softmax_last_dim(&logits),
             ScoringFunc::Sigmoid => candle_nn::ops::sigmoid(&logits),
@@ -167,7 +189,9 @@ impl Module for Moe {
                 continue;
             }
             let ids = Tensor::new(toks.as_slice(), x.device())?;
-            let out = self.experts[e].forward(&flat.index_select(&ids, 0)?)?.to_dtype(DType::F32)?;
+            let out = self.experts[e]
+                .forward(&flat.index_select(&ids, 0)?)?
+                .to_dtype(DType::F32)?;
             let w = Tensor::new(ws.as_slice(), x.device())?.unsqueeze(1)?;
             y = y.index_add(&ids, &out.broadcast_mul(&w)?, 0)?;
         }
@@ -183,7 +207,14 @@ impl Module for Moe {
 mod tests {
     use super::*;
 
-    fn cfg(method: TopkMethod, k: usize, n_group: usize, topk_group: usize, norm: bool, scale: f64) -> MoeConfig {
+    fn cfg(
+        method: TopkMethod,
+        k: usize,
+        n_group: usize,
+        topk_group: usize,
+        norm: bool,
+        scale: f64,
+    ) -> MoeConfig {
         MoeConfig {
             n_routed_experts: 8,
             num_experts_per_tok: k,
@@ -212,20 +243,31 @@ mod tests {
     #[test]
     fn norm_topk_prob_normalises_before_scaling() {
         let (_, w) = route(&S, None, &cfg(TopkMethod::Greedy, 2, 1, 1, true, 1.0));
-        assert!((w[0] - 0.6).abs() < 1e-6 && (w[1] - 0.4).abs() < 1e-6, "{w:?}");
+        assert!(
+            (w[0] - 0.6).abs() < 1e-6 && (w[1] - 0.4).abs() < 1e-6,
+            "{w:?}"
+        );
     }
 
     #[test]
     fn group_limited_greedy_stays_inside_the_best_groups() {
         // 4 groups of 2: maxima 0.30, 0.08, 0.20, 0.12 -> groups 0 and 2 -> experts {0,1,4,5}
-        let (idx, _) = route(&S, None, &cfg(TopkMethod::GroupLimitedGreedy, 3, 4, 2, false, 1.0));
+        let (idx, _) = route(
+            &S,
+            None,
+            &cfg(TopkMethod::GroupLimitedGreedy, 3, 4, 2, false, 1.0),
+        );
         assert_eq!(idx, vec![1, 4, 5]);
     }
 
     #[test]
     fn noaux_tc_chooses_with_bias_but_weighs_without() {
         let bias = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0];
-        let (idx, w) = route(&S, Some(&bias), &cfg(TopkMethod::NoauxTc, 1, 1, 1, false, 1.0));
+        let (idx, w) = route(
+            &S,
+            Some(&bias),
+            &cfg(TopkMethod::NoauxTc, 1, 1, 1, false, 1.0),
+        );
         assert_eq!(idx, vec![6]);
         assert_eq!(w, vec![0.12]);
     }

@@ -66,7 +66,11 @@ impl Attention {
         let nh = self.num_heads;
         let hd = c / nh;
         // xqkv.view(bsz, seqlen, 3, num_heads, head_dim); split on dim 2; permute(0, 2, 1, 3)
-        let qkv = self.qkv_proj.forward(x)?.reshape((b, s, 3, nh, hd))?.permute((2, 0, 3, 1, 4))?;
+        let qkv = self
+            .qkv_proj
+            .forward(x)?
+            .reshape((b, s, 3, nh, hd))?
+            .permute((2, 0, 3, 1, 4))?;
         let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
@@ -106,7 +110,9 @@ impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
         let h = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
-        let m = self.fc2.forward(&quick_gelu(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?)?;
+        let m = self.fc2.forward(&quick_gelu(
+            &self.fc1.forward(&self.layer_norm2.forward(&h)?)?,
+        )?)?;
         h + m
     }
 }
@@ -157,7 +163,9 @@ impl VitModel {
             .flatten_all()?
             .to_vec1()?;
         let out = interp::bicubic_aa_chw(&chw, c, (src, src), (tgt, tgt));
-        let new = Tensor::from_vec(out, (c, tgt * tgt), table.device())?.t()?.to_dtype(dtype)?;
+        let new = Tensor::from_vec(out, (c, tgt * tgt), table.device())?
+            .t()?
+            .to_dtype(dtype)?;
         Tensor::cat(&[&cls, &new], 0)?.unsqueeze(0)
     }
 
@@ -167,7 +175,10 @@ impl VitModel {
         let (b, c, _, _) = patch_embeds.dims4()?;
         // patch_embeds.flatten(2).transpose(1, 2)
         let patches = patch_embeds.flatten_from(2)?.transpose(1, 2)?;
-        let cls = self.class_embedding.reshape((1, 1, c))?.broadcast_as((b, 1, c))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, c))?
+            .broadcast_as((b, 1, c))?;
         let x = Tensor::cat(&[&cls, &patches], 1)?;
         let n = x.dim(1)?;
         let x = x.broadcast_add(&self.abs_pos(n)?)?;

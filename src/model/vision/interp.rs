@@ -27,7 +27,11 @@ fn aa_weights(input_size: usize, output_size: usize) -> Vec<(usize, Vec<f32>)> {
     // area_pixel_compute_scale(input, output, align_corners=false) = input / output
     let scale = input_size as f32 / output_size as f32;
     let interp_size = 4.0f32; // bicubic
-    let support = if scale >= 1.0 { interp_size * 0.5 * scale } else { interp_size * 0.5 };
+    let support = if scale >= 1.0 {
+        interp_size * 0.5 * scale
+    } else {
+        interp_size * 0.5
+    };
     let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
     (0..output_size)
         .map(|i| {
@@ -78,8 +82,11 @@ pub fn bicubic_aa_chw(
             let plane = &cur[ch * in_h * w_now..(ch + 1) * in_h * w_now];
             for (o, (ymin, ws)) in wts.iter().enumerate() {
                 for col in 0..w_now {
-                    out[(ch * out_h + o) * w_now + col] =
-                        ws.iter().enumerate().map(|(j, w)| plane[(ymin + j) * w_now + col] * w).sum();
+                    out[(ch * out_h + o) * w_now + col] = ws
+                        .iter()
+                        .enumerate()
+                        .map(|(j, w)| plane[(ymin + j) * w_now + col] * w)
+                        .sum();
                 }
             }
         }

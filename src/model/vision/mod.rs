@@ -27,7 +27,11 @@ pub struct VisionConfig {
 
 impl VisionConfig {
     pub fn deepseek_ocr() -> Self {
-        Self { sam: SamConfig::vit_b(), clip: ClipConfig::clip_l(), n_embed: 1280 }
+        Self {
+            sam: SamConfig::vit_b(),
+            clip: ClipConfig::clip_l(),
+            n_embed: 1280,
+        }
     }
 }
 
@@ -84,7 +88,10 @@ impl DeepEncoder {
         let n = grid.dim(1)?;
         let grid = grid.reshape((h, w, n))?;
         // torch.cat([features, self.image_newline[None, None, :].expand(h, 1, n_dim)], dim=1)
-        let nl = self.image_newline.reshape((1, 1, n))?.broadcast_as((h, 1, n))?;
+        let nl = self
+            .image_newline
+            .reshape((1, 1, n))?
+            .broadcast_as((h, 1, n))?;
         Tensor::cat(&[&grid, &nl], 1)?.reshape((h * (w + 1), n))
     }
 
@@ -137,7 +144,7 @@ mod tests {
     fn token_counts_match_the_modes() {
         assert_eq!(image_token_count(1024, None), 273); // Base: (16+1)*16 + 1
         assert_eq!(image_token_count(512, None), 8 * 9 + 1); // Tiny
-        // Gundam 2x3 tiles of 640 + one 1024 global view
+                                                             // Gundam 2x3 tiles of 640 + one 1024 global view
         assert_eq!(image_token_count(1024, Some((640, 2, 3))), 273 + 30 * 21);
     }
 }

@@ -7,7 +7,9 @@
 //! configs exist for tests only.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, conv2d_no_bias, layer_norm, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{
+    conv2d, conv2d_no_bias, layer_norm, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder,
+};
 
 use super::interp;
 
@@ -70,9 +72,16 @@ pub fn get_rel_pos(q_size: usize, k_size: usize, rel_pos: &Tensor) -> Result<Ten
     let resized = if l != max_rel_dist {
         // F.interpolate(rel_pos.reshape(1, L, -1).permute(0, 2, 1), size=max_rel_dist, mode="linear")
         let dtype = rel_pos.dtype();
-        let cl: Vec<f32> = rel_pos.to_dtype(DType::F32)?.t()?.flatten_all()?.to_vec1()?;
+        let cl: Vec<f32> = rel_pos
+            .to_dtype(DType::F32)?
+            .t()?
+            .flatten_all()?
+            .to_vec1()?;
         let out = interp::linear_1d(&cl, c, l, max_rel_dist);
-        Tensor::from_vec(out, (c, max_rel_dist), rel_pos.device())?.t()?.to_dtype(dtype)?
+        Tensor::from_vec(out, (c, max_rel_dist), rel_pos.device())?
+            .t()?
+            .contiguous()?
+            .to_dtype(dtype)?
     } else {
         rel_pos.clone()
     };
@@ -135,7 +144,12 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(dim: usize, num_heads: usize, input_size: (usize, usize), vb: VarBuilder) -> Result<Self> {
+    fn new(
+        dim: usize,
+        num_heads: usize,
+        input_size: (usize, usize),
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let head_dim = dim / num_heads;
         Ok(Self {
             qkv: linear(dim, dim * 3, vb.pp("qkv"))?,
@@ -165,7 +179,10 @@ impl Attention {
         let bias = decomposed_rel_pos_bias(&q, &self.rel_pos_h, &self.rel_pos_w, (h, w), (h, w))?;
         let x = sdpa(&q, &k, &v, Some(&bias))?;
         // x.view(B, nHead, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
-        let x = x.reshape((b, nh, h, w, hd))?.permute((0, 2, 3, 1, 4))?.reshape((b, h, w, c))?;
+        let x = x
+            .reshape((b, nh, h, w, hd))?
+            .permute((0, 2, 3, 1, 4))?
+            .reshape((b, h, w, c))?;
         self.proj.forward(&x)
     }
 }
@@ -191,7 +208,12 @@ pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize)
 }
 
 /// `window_unpartition`: the inverse, cropping the padding.
-pub fn window_unpartition(windows: &Tensor, ws: usize, (hp, wp): (usize, usize), (h, w): (usize, usize)) -> Result<Tensor> {
+pub fn window_unpartition(
+    windows: &Tensor,
+    ws: usize,
+    (hp, wp): (usize, usize),
+    (h, w): (usize, usize),
+) -> Result<Tensor> {
     let (nw, _, _, c) = windows.dims4()?;
     let b = nw / (hp * wp / ws / ws);
     let x = windows
@@ -221,7 +243,11 @@ impl Block {
         let dim = cfg.embed_dim;
         let grid = cfg.img_size / cfg.patch_size;
         // input_size=input_size if window_size == 0 else (window_size, window_size)
-        let input_size = if window_size == 0 { (grid, grid) } else { (window_size, window_size) };
+        let input_size = if window_size == 0 {
+            (grid, grid)
+        } else {
+            (window_size, window_size)
+        };
         let mlp_dim = (dim as f64 * cfg.mlp_ratio) as usize;
         Ok(Self {
             norm1: layer_norm(dim, cfg.layer_norm_eps, vb.pp("norm1"))?,
@@ -248,7 +274,9 @@ impl Block {
         };
         let x = (shortcut + x)?;
         // MLPBlock: lin2(GELU(lin1(x))) with nn.GELU's exact (erf) form
-        let m = self.lin2.forward(&self.lin1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+        let m = self
+            .lin2
+            .forward(&self.lin1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
         x + m
     }
 }
@@ -262,7 +290,11 @@ struct LayerNorm2d {
 
 impl LayerNorm2d {
     fn new(c: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(c, "weight")?, bias: vb.get(c, "bias")?, eps: 1e-6 })
+        Ok(Self {
+            weight: vb.get(c, "weight")?,
+            bias: vb.get(c, "bias")?,
+            eps: 1e-6,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -295,12 +327,26 @@ impl ImageEncoderViT {
     pub fn new(cfg: &SamConfig, vb: VarBuilder) -> Result<Self> {
         let p = cfg.patch_size;
         let grid = cfg.img_size / p;
-        let patch_cfg = Conv2dConfig { stride: p, ..Default::default() };
-        let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
-        let pad1_s2 = Conv2dConfig { padding: 1, stride: 2, ..Default::default() };
+        let patch_cfg = Conv2dConfig {
+            stride: p,
+            ..Default::default()
+        };
+        let pad1 = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let pad1_s2 = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
         let blocks = (0..cfg.depth)
             .map(|i| {
-                let ws = if cfg.global_attn_indexes.contains(&i) { 0 } else { cfg.window_size };
+                let ws = if cfg.global_attn_indexes.contains(&i) {
+                    0
+                } else {
+                    cfg.window_size
+                };
                 Block::new(cfg, ws, vb.pp(format!("blocks.{i}")))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -309,7 +355,13 @@ impl ImageEncoderViT {
             patch_embed: conv2d(3, cfg.embed_dim, p, patch_cfg, vb.pp("patch_embed.proj"))?,
             pos_embed: vb.get((1, grid, grid, cfg.embed_dim), "pos_embed")?,
             blocks,
-            neck_conv1: conv2d_no_bias(cfg.embed_dim, cfg.out_chans, 1, Default::default(), vb.pp("neck.0"))?,
+            neck_conv1: conv2d_no_bias(
+                cfg.embed_dim,
+                cfg.out_chans,
+                1,
+                Default::default(),
+                vb.pp("neck.0"),
+            )?,
             neck_ln1: LayerNorm2d::new(cfg.out_chans, vb.pp("neck.1"))?,
             neck_conv2: conv2d_no_bias(cfg.out_chans, cfg.out_chans, 3, pad1, vb.pp("neck.2"))?,
             neck_ln2: LayerNorm2d::new(cfg.out_chans, vb.pp("neck.3"))?,
@@ -328,8 +380,12 @@ impl ImageEncoderViT {
         }
         let dtype = self.pos_embed.dtype();
         // old_pos_embed = abs_pos.permute(0, 3, 1, 2).to(float32); F.interpolate(bicubic, antialias)
-        let chw: Vec<f32> =
-            self.pos_embed.to_dtype(DType::F32)?.permute((0, 3, 1, 2))?.flatten_all()?.to_vec1()?;
+        let chw: Vec<f32> = self
+            .pos_embed
+            .to_dtype(DType::F32)?
+            .permute((0, 3, 1, 2))?
+            .flatten_all()?
+            .to_vec1()?;
         let out = interp::bicubic_aa_chw(&chw, c, (src, src), (tgt_size, tgt_size));
         Tensor::from_vec(out, (1, c, tgt_size, tgt_size), self.pos_embed.device())?
             .permute((0, 2, 3, 1))?
@@ -363,29 +419,78 @@ mod tests {
     #[test]
     fn window_partition_round_trips_with_padding() {
         let dev = Device::Cpu;
-        let x = Tensor::arange(0f32, (5 * 7 * 2) as f32, &dev).unwrap().reshape((1, 5, 7, 2)).unwrap();
+        let x = Tensor::arange(0f32, (5 * 7 * 2) as f32, &dev)
+            .unwrap()
+            .reshape((1, 5, 7, 2))
+            .unwrap();
         let (win, pad) = window_partition(&x, 3).unwrap();
         assert_eq!(pad, (6, 9));
         assert_eq!(win.dims(), &[6, 3, 3, 2]);
         // Window (0, 1) starts at column 3 of row 0.
-        assert_eq!(win.get(1).unwrap().get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap(), vec![6.0, 7.0]);
+        assert_eq!(
+            win.get(1)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            vec![6.0, 7.0]
+        );
         // The last window holds padding (zeros) below row 5.
-        assert_eq!(win.get(5).unwrap().get(2).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            win.get(5)
+                .unwrap()
+                .get(2)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
         let back = window_unpartition(&win, 3, pad, (5, 7)).unwrap();
-        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]
     fn rel_pos_indexes_by_offset() {
         let dev = Device::Cpu;
         // table row r holds value r; Rh[i, j] = table[i - j + k - 1]
-        let t = Tensor::arange(0f32, 5.0, &dev).unwrap().reshape((5, 1)).unwrap();
-        let r = get_rel_pos(3, 3, &t).unwrap().squeeze(2).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(r, vec![vec![2.0, 1.0, 0.0], vec![3.0, 2.0, 1.0], vec![4.0, 3.0, 2.0]]);
+        let t = Tensor::arange(0f32, 5.0, &dev)
+            .unwrap()
+            .reshape((5, 1))
+            .unwrap();
+        let r = get_rel_pos(3, 3, &t)
+            .unwrap()
+            .squeeze(2)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(
+            r,
+            vec![
+                vec![2.0, 1.0, 0.0],
+                vec![3.0, 2.0, 1.0],
+                vec![4.0, 3.0, 2.0]
+            ]
+        );
         // A 5-row table serving a 2x2 grid (3 rows needed) is linearly resized first.
-        let r = get_rel_pos(2, 2, &t).unwrap().squeeze(2).unwrap().to_vec2::<f32>().unwrap();
+        let r = get_rel_pos(2, 2, &t)
+            .unwrap()
+            .squeeze(2)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let resized = interp::linear_1d(&[0.0, 1.0, 2.0, 3.0, 4.0], 1, 5, 3);
-        assert_eq!(r, vec![vec![resized[1], resized[0]], vec![resized[2], resized[1]]]);
+        assert_eq!(
+            r,
+            vec![vec![resized[1], resized[0]], vec![resized[2], resized[1]]]
+        );
     }
 
     #[test]
