@@ -16,9 +16,10 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use ocr_patch::model::config::{DeepseekV2Config, TextConfig};
 use ocr_patch::model::decoder::{merge_image_features, DeepseekV2};
+use ocr_patch::model::generate::{generate, GenerationConfig, Sampling};
 use ocr_patch::model::vision::{ClipConfig, DeepEncoder, LocalTiles, SamConfig, VisionConfig};
 use ocr_patch::model::vision::{ImageEncoderViT, VitModel};
-use ocr_patch::model::Weights;
+use ocr_patch::model::{DecoderSession, Weights};
 
 const TOL: f32 = 1e-4;
 
@@ -327,5 +328,74 @@ fn ocr_end_to_end_mha_matches_remote_code() {
     .unwrap()
     .unsqueeze(0)
     .unwrap();
-    check_decoder("ocr", &model, &case, embeds, TOL);
+    check_decoder("ocr", &model, &case, embeds.clone(), TOL);
+
+    // Greedy generation through `generate` with the cached session reproduces Python's tokens.
+    let mut cache = model.new_cache();
+    let out = model.forward_embeds(&embeds, &mut cache, false).unwrap();
+    let logits = model.logits(&out.last_hidden_state).unwrap();
+    let t = logits.dim(1).unwrap();
+    let first: Vec<f32> = logits.i((0, t - 1)).unwrap().to_vec1().unwrap();
+    let want: Vec<u32> = case
+        .input("step_tokens")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    let cfg = GenerationConfig {
+        max_new_tokens: want.len(),
+        stop_tokens: vec![],
+        sampling: Sampling::Greedy,
+        no_repeat: None,
+        ngram_sees_prompt: false,
+    };
+    let mut session = DecoderSession {
+        model: &model,
+        cache,
+    };
+    let g = generate(&mut session, &[], first, &cfg, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(g.tokens, want);
+
+    // The same weights in f16 stay close: catches dtype slips (candle's CPU backend has no bf16
+    // matmul; bf16, the checkpoint's dtype, runs on CUDA).
+    let vb16 = case.weights.var_builder(DType::F16, &Device::Cpu);
+    let enc16 = DeepEncoder::new(&vision, vb16.pp("model")).unwrap();
+    let model16 = DeepseekV2::new(&text, vb16).unwrap();
+    let rows16 = enc16
+        .encode_image(
+            &glob.to_dtype(DType::F16).unwrap(),
+            Some(LocalTiles {
+                pixels: &case.input("tiles").to_dtype(DType::F16).unwrap(),
+                width_crop_num: crop[0] as usize,
+                height_crop_num: crop[1] as usize,
+            }),
+        )
+        .unwrap();
+    let e16 = merge_image_features(
+        &model16.embed(&ids).unwrap().squeeze(0).unwrap(),
+        &mask,
+        &rows16,
+    )
+    .unwrap()
+    .unsqueeze(0)
+    .unwrap();
+    let mut c16 = model16.new_cache();
+    let o16 = model16.forward_embeds(&e16, &mut c16, false).unwrap();
+    let l16 = model16
+        .logits(&o16.last_hidden_state)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    compare(
+        "ocr logits in f16 (loose)",
+        &l16,
+        case.output("logits"),
+        0.25,
+    );
 }

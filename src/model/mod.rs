@@ -120,3 +120,74 @@ impl generate::Step for DecoderSession<'_> {
             .to_vec1()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Shape;
+    use candle_nn::var_builder::SimpleBackend;
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
+
+    /// Serves a zero of any requested shape without allocating it (a broadcast scalar) and
+    /// records the names asked for.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl SimpleBackend for Recorder {
+        fn get(
+            &self,
+            s: Shape,
+            name: &str,
+            _: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            self.0.lock().unwrap().push(name.to_string());
+            Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+        }
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+            candle_core::bail!("unchecked get of {name}")
+        }
+        fn contains_tensor(&self, _: &str) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn the_model_reads_exactly_the_real_checkpoint_names() {
+        let data =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/deepseek-ocr");
+        let (Ok(cfg), Ok(index)) = (
+            OcrConfig::from_file(&data.join("config.json")),
+            std::fs::read_to_string(data.join("model.safetensors.index.json")),
+        ) else {
+            eprintln!("skipping: {} not found", data.display());
+            return;
+        };
+        let index: serde_json::Value = serde_json::from_str(&index).unwrap();
+        let in_checkpoint: BTreeSet<String> = index["weight_map"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(in_checkpoint.len(), 2710);
+        let rec = Recorder::default();
+        let vb =
+            candle_nn::VarBuilder::from_backend(Box::new(rec.clone()), DType::BF16, Device::Cpu);
+        DeepseekOcr::new(&cfg.text().unwrap(), &VisionConfig::deepseek_ocr(), vb).unwrap();
+        let read: BTreeSet<String> = rec.0.lock().unwrap().iter().cloned().collect();
+        let missing: Vec<_> = read.difference(&in_checkpoint).collect();
+        assert!(
+            missing.is_empty(),
+            "the model reads names the checkpoint lacks: {missing:?}"
+        );
+        let unread: Vec<_> = in_checkpoint.difference(&read).collect();
+        // CLIP's own patch embedding is never used: SAM's features replace it.
+        assert_eq!(
+            unread,
+            vec!["model.vision_model.embeddings.patch_embedding.weight"]
+        );
+    }
+}
