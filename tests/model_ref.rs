@@ -37,21 +37,29 @@ fn cases_dir() -> Option<&'static Path> {
                 return Some(d);
             }
         }
+        // Rewritten on every run, in one place: no temp folders pile up.
         let out = std::env::var("OCR_PATCH_REF_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| std::env::temp_dir().join(format!("ocr_patch_model_ref_{}", std::process::id())));
-        let python = std::env::var("OCR_PATCH_REF_PYTHON").unwrap_or_else(|_| "/root/.cache/tf-matrix/venv/bin/python".into());
-        let pythonpath = std::env::var("OCR_PATCH_REF_PYTHONPATH").unwrap_or_else(|_| "/root/.cache/tf-matrix/tf/4.46.3".into());
+            .unwrap_or_else(|_| Path::new(env!("CARGO_TARGET_TMPDIR")).join("model_ref"));
+        let python = std::env::var("OCR_PATCH_REF_PYTHON")
+            .unwrap_or_else(|_| "/root/.cache/tf-matrix/venv/bin/python".into());
+        let pythonpath = std::env::var("OCR_PATCH_REF_PYTHONPATH")
+            .unwrap_or_else(|_| "/root/.cache/tf-matrix/tf/4.46.3".into());
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/model_ref/make_ref.py");
-        let st = std::process::Command::new(&python)
+        let run = std::process::Command::new(&python)
             .arg(&script)
             .arg(&upstream)
             .arg(&out)
             .env("PYTHONPATH", pythonpath)
-            .stdout(std::process::Stdio::null())
-            .status()
+            .output()
             .unwrap_or_else(|e| panic!("{python}: cannot run the reference script: {e}"));
-        assert!(st.success(), "{}: failed ({st})", script.display());
+        assert!(
+            run.status.success(),
+            "{}: failed ({}):\n{}",
+            script.display(),
+            run.status,
+            String::from_utf8_lossy(&run.stderr)
+        );
         Some(out)
     })
     .as_deref()

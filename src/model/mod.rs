@@ -190,4 +190,46 @@ mod tests {
             vec!["model.vision_model.embeddings.patch_embedding.weight"]
         );
     }
+
+    #[test]
+    fn loading_reports_the_first_bad_tensor_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let text = OcrConfig::from_json_str(r#"{"language_config": {"vocab_size": 8, "hidden_size": 4,
+            "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1, "use_mla": false}}"#)
+        .unwrap()
+        .text()
+        .unwrap();
+        let vision = VisionConfig::deepseek_ocr();
+        let mut t = std::collections::HashMap::new();
+        // Missing everything: the first tensor the model asks for is named.
+        t.insert(
+            "unrelated".to_string(),
+            Tensor::zeros(2, DType::F32, &dev).unwrap(),
+        );
+        candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+        let w = Weights::open_dir(dir.path()).unwrap();
+        let e = DeepseekOcr::from_weights(&text, &vision, &w, DType::F32, &dev)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&e, ModelError::Weights(WeightsError::Missing { name }) if name == "model.sam_model.patch_embed.proj.weight"),
+            "{e}"
+        );
+        // A wrong shape is named with both shapes.
+        t.insert(
+            "model.sam_model.patch_embed.proj.weight".to_string(),
+            Tensor::zeros((768, 3, 14, 14), DType::BF16, &dev).unwrap(),
+        );
+        candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+        let w = Weights::open_dir(dir.path()).unwrap();
+        let e = DeepseekOcr::from_weights(&text, &vision, &w, DType::F32, &dev)
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            "tensor `model.sam_model.patch_embed.proj.weight` has shape [768, 3, 14, 14], the model expects \
+             [768, 3, 16, 16]; does config.json match the weights?"
+        );
+    }
 }

@@ -340,6 +340,9 @@ impl ImageEncoderViT {
             stride: 2,
             ..Default::default()
         };
+        // Loaded in the module's order, so a broken checkpoint reports its first bad tensor.
+        let patch_embed = conv2d(3, cfg.embed_dim, p, patch_cfg, vb.pp("patch_embed.proj"))?;
+        let pos_embed = vb.get((1, grid, grid, cfg.embed_dim), "pos_embed")?;
         let blocks = (0..cfg.depth)
             .map(|i| {
                 let ws = if cfg.global_attn_indexes.contains(&i) {
@@ -352,8 +355,8 @@ impl ImageEncoderViT {
             .collect::<Result<Vec<_>>>()?;
         let [c2, c3] = cfg.downsample_channels;
         Ok(Self {
-            patch_embed: conv2d(3, cfg.embed_dim, p, patch_cfg, vb.pp("patch_embed.proj"))?,
-            pos_embed: vb.get((1, grid, grid, cfg.embed_dim), "pos_embed")?,
+            patch_embed,
+            pos_embed,
             blocks,
             neck_conv1: conv2d_no_bias(
                 cfg.embed_dim,
