@@ -7,7 +7,9 @@
 //! weights into the Rust blocks and compare, printing the largest difference.
 //! `OCR_PATCH_REF_PYTHON` (default `/root/.cache/tf-matrix/venv/bin/python`) and
 //! `OCR_PATCH_REF_PYTHONPATH` (default `/root/.cache/tf-matrix/tf/4.46.3`, transformers 4.46.3)
-//! choose the interpreter; `OCR_PATCH_REF_DIR` reuses cases already written there.
+//! choose the interpreter; `OCR_PATCH_REF_DIR` keeps the cases there and reuses them. With `OCR_PATCH_REF_FULL=1`
+//! the real-size SAM-B and CLIP-L (`build_sam_vit_b()`, `build_clip_l()`) are compared too (slow:
+//! a 1.6 GB case).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,21 +28,29 @@ const TOL: f32 = 1e-4;
 /// The folder of reference cases, made once per test process; `None` (skip) without upstream.
 fn cases_dir() -> Option<&'static Path> {
     static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
-    DIR.get_or_init(|| {
+    DIR.get_or_init(|| make_cases("model_ref", "ocr_e2e_mha", &[]))
+        .as_deref()
+}
+
+/// Runs make_ref.py with `args` into `target/tmp/<sub>` (or `OCR_PATCH_REF_DIR/<sub>`), unless
+/// `OCR_PATCH_REF_DIR` already holds `<probe>.safetensors`.
+fn make_cases(sub: &str, probe: &str, args: &[&str]) -> Option<PathBuf> {
+    {
         let Ok(upstream) = std::env::var("OCR_PATCH_UPSTREAM") else {
             eprintln!("skipping: set OCR_PATCH_UPSTREAM to the folder of DeepSeek-OCR's remote code to compare against it");
             return None;
         };
         if let Ok(d) = std::env::var("OCR_PATCH_REF_DIR") {
-            let d = PathBuf::from(d);
-            if d.join("ocr_e2e_mha.safetensors").exists() {
+            let d = PathBuf::from(d).join(sub);
+            if d.join(format!("{probe}.safetensors")).exists() {
                 return Some(d);
             }
         }
         // Rewritten on every run, in one place: no temp folders pile up.
         let out = std::env::var("OCR_PATCH_REF_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| Path::new(env!("CARGO_TARGET_TMPDIR")).join("model_ref"));
+            .unwrap_or_else(|_| Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf())
+            .join(sub);
         let python = std::env::var("OCR_PATCH_REF_PYTHON")
             .unwrap_or_else(|_| "/root/.cache/tf-matrix/venv/bin/python".into());
         let pythonpath = std::env::var("OCR_PATCH_REF_PYTHONPATH")
@@ -50,6 +60,7 @@ fn cases_dir() -> Option<&'static Path> {
             .arg(&script)
             .arg(&upstream)
             .arg(&out)
+            .args(args)
             .env("PYTHONPATH", pythonpath)
             .output()
             .unwrap_or_else(|e| panic!("{python}: cannot run the reference script: {e}"));
@@ -61,8 +72,7 @@ fn cases_dir() -> Option<&'static Path> {
             String::from_utf8_lossy(&run.stderr)
         );
         Some(out)
-    })
-    .as_deref()
+    }
 }
 
 struct Case {
@@ -73,8 +83,12 @@ struct Case {
 
 impl Case {
     fn open(name: &str) -> Option<Self> {
-        let path = cases_dir()?.join(format!("{name}.safetensors"));
-        let weights = Weights::open_files(&[path.clone()]).unwrap();
+        Self::open_in(cases_dir()?, name)
+    }
+
+    fn open_in(dir: &Path, name: &str) -> Option<Self> {
+        let path = dir.join(format!("{name}.safetensors"));
+        let weights = Weights::open_files(std::slice::from_ref(&path)).unwrap();
         let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -406,4 +420,27 @@ fn ocr_end_to_end_mha_matches_remote_code() {
         case.output("logits"),
         0.25,
     );
+}
+
+#[test]
+fn real_size_vision_matches_remote_code() {
+    if std::env::var("OCR_PATCH_REF_FULL").is_err() {
+        eprintln!("skipping: set OCR_PATCH_REF_FULL=1 (with OCR_PATCH_UPSTREAM) for the real-size vision towers");
+        return;
+    }
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let Some(dir) = DIR
+        .get_or_init(|| make_cases("model_ref_real", "vision_real", &["--real-vision"]))
+        .as_deref()
+    else {
+        return;
+    };
+    let case = Case::open_in(dir, "vision_real").unwrap();
+    let vb = case.vb();
+    let sam = ImageEncoderViT::new(&SamConfig::vit_b(), vb.pp("model.sam_model")).unwrap();
+    let clip = VitModel::new(&ClipConfig::clip_l(), vb.pp("model.vision_model")).unwrap();
+    let f1 = sam.forward(case.input("x")).unwrap();
+    compare("real SAM-B 640px", &f1, case.output("sam"), TOL);
+    let f2 = clip.forward(case.output("sam")).unwrap();
+    compare("real CLIP-L on SAM's 10x10", &f2, case.output("clip"), TOL);
 }

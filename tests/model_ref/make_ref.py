@@ -1,12 +1,15 @@
 """Reference cases for the Rust model, produced by DeepSeek-OCR's own remote code.
 
-Usage: make_ref.py UPSTREAM_DIR OUT_DIR
+Usage: make_ref.py UPSTREAM_DIR OUT_DIR [--real-vision]
 
 UPSTREAM_DIR holds the Hub's deepencoder.py, modeling_deepseekv2.py, modeling_deepseekocr.py,
 configuration_deepseek_v2.py and conversation.py (never committed to this repository). Each
 case builds a piece of that code with seeded random weights, runs it on CPU in float32 and
 writes OUT_DIR/<case>.safetensors holding the weights under the checkpoint's own names plus
 `ref.input.*` and `ref.output.*` tensors; its metadata holds the case's config as JSON.
+
+--real-vision writes only `vision_real`: the real `build_sam_vit_b()` and `build_clip_l()`
+(393M parameters, a 1.6 GB file) on one 640 px view.
 
 Run with the transformers the code was written for (4.46.3) and torch (CPU).
 """
@@ -212,11 +215,31 @@ def case_ocr(de, v2, cfgmod, ocr, out):
     save(out, "ocr_e2e_mha", model.state_dict(), inputs, outputs, cfg)
 
 
+def case_real_vision(de, out):
+    """The real builders at a real view size (640 px: grid 40, windows padded to 42, SAM's
+    positions 64 -> 40, CLIP's 16 -> 10)."""
+    sam = de.build_sam_vit_b().eval()
+    randomize(sam, 7)
+    clip = de.build_clip_l().eval()
+    randomize(clip, 8)
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(1, 3, 640, 640, generator=g)
+    with torch.no_grad():
+        f1 = sam(x)
+        f2 = clip(x, f1)
+    w = {"model.sam_model." + k: v for k, v in sam.state_dict().items()}
+    w.update({"model.vision_model." + k: v for k, v in clip.state_dict().items()})
+    save(out, "vision_real", w, {"x": x}, {"sam": f1, "clip": f2}, {})
+
+
 def main():
     upstream, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
     torch.set_grad_enabled(False)
     de, v2, cfgmod, ocr = import_upstream(upstream)
+    if "--real-vision" in sys.argv[3:]:
+        case_real_vision(de, out)
+        return
     case_sam(de, out)
     case_clip(de, out)
     mla_common = dict(vocab_size=200, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
