@@ -21,7 +21,7 @@ use ocr_patch::model::decoder::{merge_image_features, DeepseekV2};
 use ocr_patch::model::generate::{generate, GenerationConfig, Sampling};
 use ocr_patch::model::vision::{ClipConfig, DeepEncoder, LocalTiles, SamConfig, VisionConfig};
 use ocr_patch::model::vision::{ImageEncoderViT, VitModel};
-use ocr_patch::model::{DecoderSession, Weights};
+use ocr_patch::model::{DecoderSession, DeepseekOcr, ImageInput, Weights};
 
 const TOL: f32 = 1e-4;
 
@@ -311,9 +311,9 @@ fn ocr_end_to_end_mha_matches_remote_code() {
         clip: clip_config(&c["clip"]),
         n_embed: 1280,
     };
-    let vb = case.vb();
-    let enc = DeepEncoder::new(&vision, vb.pp("model")).unwrap();
-    let model = DeepseekV2::new(&text, vb).unwrap();
+    // The top-level model, as `DeepseekOCRForCausalLM` holds it.
+    let ocr = DeepseekOcr::new(&text, &vision, case.vb()).unwrap();
+    let (enc, model) = (&ocr.vision, &ocr.text);
     let glob = case.input("global");
     compare(
         "ocr global view features",
@@ -322,16 +322,6 @@ fn ocr_end_to_end_mha_matches_remote_code() {
         TOL,
     );
     let crop: Vec<i64> = case.input("crop").flatten_all().unwrap().to_vec1().unwrap();
-    let rows = enc
-        .encode_image(
-            glob,
-            Some(LocalTiles {
-                pixels: case.input("tiles"),
-                width_crop_num: crop[0] as usize,
-                height_crop_num: crop[1] as usize,
-            }),
-        )
-        .unwrap();
     let ids = case.input("ids").to_dtype(DType::U32).unwrap();
     let mask: Vec<bool> = case
         .input("mask")
@@ -342,15 +332,16 @@ fn ocr_end_to_end_mha_matches_remote_code() {
         .into_iter()
         .map(|m| m != 0)
         .collect();
-    let embeds = merge_image_features(
-        &model.embed(&ids).unwrap().squeeze(0).unwrap(),
-        &mask,
-        &rows,
-    )
-    .unwrap()
-    .unsqueeze(0)
-    .unwrap();
-    check_decoder("ocr", &model, &case, embeds.clone(), TOL);
+    let image = ImageInput {
+        global: glob,
+        local: Some(LocalTiles {
+            pixels: case.input("tiles"),
+            width_crop_num: crop[0] as usize,
+            height_crop_num: crop[1] as usize,
+        }),
+    };
+    let embeds = ocr.prompt_embeds(&ids, &mask, &[image]).unwrap();
+    check_decoder("ocr", model, &case, embeds.clone(), TOL);
 
     // Greedy generation through `generate` with the cached session reproduces Python's tokens.
     let mut cache = model.new_cache();
