@@ -343,6 +343,42 @@ fn ocr_end_to_end_mha_matches_remote_code() {
     let embeds = ocr.prompt_embeds(&ids, &mask, &[image]).unwrap();
     check_decoder("ocr", model, &case, embeds.clone(), TOL);
 
+    // The global view alone (Base/Tiny-like layout: rows + newlines + separator).
+    let ids2 = case.input("global_only_ids").to_dtype(DType::U32).unwrap();
+    let mask2: Vec<bool> = case
+        .input("global_only_mask")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap()
+        .into_iter()
+        .map(|m| m != 0)
+        .collect();
+    let e2 = ocr
+        .prompt_embeds(
+            &ids2,
+            &mask2,
+            &[ImageInput {
+                global: glob,
+                local: None,
+            }],
+        )
+        .unwrap();
+    let o2 = model
+        .forward_embeds(&e2, &mut model.new_cache(), false)
+        .unwrap();
+    let l2 = model
+        .logits(&o2.last_hidden_state)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    compare(
+        "ocr global-only logits",
+        &l2,
+        case.output("global_only_logits"),
+        TOL,
+    );
+
     // Greedy generation through `generate` with the cached session reproduces Python's tokens.
     let mut cache = model.new_cache();
     let out = model.forward_embeds(&embeds, &mut cache, false).unwrap();

@@ -58,7 +58,9 @@ impl NoRepeatNgram {
         }
     }
 
-    /// Tokens banned as the next one after `history`.
+    /// Tokens banned as the next one after `history`. (For `n == 1` this bans every token in
+    /// the window, as transformers does; DeepSeek's processor would ban nothing there because
+    /// `input_ids[-0:]` is the whole list. Nobody runs n=1.)
     pub fn banned(&self, history: &[u32]) -> Vec<u32> {
         let n = self.n;
         if n == 0 || history.len() < n {

@@ -14,9 +14,11 @@ writes OUT_DIR/<case>.safetensors holding the weights under the checkpoint's own
 Run with the transformers the code was written for (4.46.3) and torch (CPU).
 """
 
+import atexit
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 
@@ -29,6 +31,7 @@ torch.Tensor.cuda = lambda self, *a, **k: self
 
 def import_upstream(upstream):
     pkg_root = tempfile.mkdtemp(prefix="ocr_ref_pkg_")
+    atexit.register(shutil.rmtree, pkg_root, True)
     pkg = os.path.join(pkg_root, "ocr_upstream")
     os.mkdir(pkg)
     open(os.path.join(pkg, "__init__.py"), "w").close()
@@ -208,8 +211,17 @@ def case_ocr(de, v2, cfgmod, ocr, out):
         outputs["global_view"] = model.model.projector(torch.cat(
             (model.model.vision_model(glob, model.model.sam_model(glob))[:, 1:],
              model.model.sam_model(glob).flatten(2).permute(0, 2, 1)), dim=-1))
+    # The global view alone (all-zero tiles: `torch.sum(patches) == 0`): 21 image tokens.
+    ids2 = torch.cat([pre, torch.full((4 * 5 + 1,), image_token), post]).unsqueeze(0)
+    mask2 = ids2 == image_token
+    with torch.no_grad():
+        res2 = model(input_ids=ids2, images=[(torch.zeros(1, 3, 128, 128), glob)],
+                     images_seq_mask=mask2, images_spatial_crop=torch.tensor([[1, 1]]),
+                     return_dict=True)
+    outputs["global_only_logits"] = res2.logits[0]
     inputs = {"ids": ids, "mask": mask.to(torch.uint8), "global": glob, "tiles": tiles,
-              "crop": crop, "step_tokens": toks}
+              "crop": crop, "step_tokens": toks, "global_only_ids": ids2,
+              "global_only_mask": mask2.to(torch.uint8)}
     cfg = {"language": lang, "clip": clip_cfg, "image_token": image_token,
            "sam": dict(img_size=256, embed_dim=64, depth=2, num_heads=4, global_attn_indexes=[1])}
     save(out, "ocr_e2e_mha", model.state_dict(), inputs, outputs, cfg)
