@@ -82,7 +82,8 @@ impl DeepseekOcr {
     }
 
     /// `DeepseekOCRModel.forward` up to the decoder's input: embeds `input_ids` `(1, t)` and
-    /// scatters the images' rows (in image order) into the positions where `image_mask` is true.
+    /// scatters the images' rows into the positions where `image_mask` is true. Python takes
+    /// one image per batch row; several images here fill the mask one after the other.
     pub fn prompt_embeds(
         &self,
         input_ids: &Tensor,
