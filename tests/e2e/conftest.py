@@ -43,25 +43,34 @@ def all_envs():
 
 
 @pytest.fixture(scope="session")
-def weights(work_root):
-    """Synthetic weights for the fixture, made once per session by the reference release."""
-    env = reference_env()
-    if env is None:
-        pytest.skip(f"transformers {support.REFERENCE} is not installed (run tests/e2e/setup_matrix.sh)")
-    out = work_root / "model.safetensors"
-    proc = support.run_python(
-        env, support.REFERENCE, work_root / "weights_hf_home",
-        [support.HERE / "make_weights.py", support.FIXTURE, out], cwd=work_root,
-    )
-    if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"make_weights.py failed:\n{proc.stdout}\n{proc.stderr[-6000:]}")
-    return out
+def hub_files_for(work_root):
+    """hub_files_for(attn) -> name -> bytes of the fixture repo (variant `attn`: 'mha' or
+    'mla') as the hub cache holds it; synthetic weights made once per variant by 4.46.3."""
+    made = {}
+
+    def get(attn="mha"):
+        if attn not in made:
+            env = reference_env()
+            if env is None:
+                pytest.skip(f"transformers {support.REFERENCE} is not installed (run tests/e2e/setup_matrix.sh)")
+            folder = support.fixture_folder(attn, work_root / f"fixture-{attn}")
+            out = work_root / f"model-{attn}.safetensors"
+            proc = support.run_python(
+                env, support.REFERENCE, work_root / f"weights_hf_home-{attn}",
+                [support.HERE / "make_weights.py", folder, out], cwd=work_root,
+            )
+            if proc.returncode != 0 or not out.exists():
+                raise AssertionError(f"make_weights.py ({attn}) failed:\n{proc.stdout}\n{proc.stderr[-6000:]}")
+            made[attn] = support.model_files(folder, out)
+        return made[attn]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def hub_files(weights):
-    """name -> bytes of the fixture repo as the hub cache holds it."""
-    return support.model_files(support.FIXTURE, weights)
+def hub_files(hub_files_for):
+    """name -> bytes of the (MHA) fixture repo as the hub cache holds it."""
+    return hub_files_for("mha")
 
 
 def apply_patch(hf_home):
@@ -83,18 +92,19 @@ MODES = {
 
 
 @pytest.fixture(scope="session")
-def run_model(work_root, hub_files):
-    """run_model(version, mode, env=None) -> RunResult, memoised for the session."""
+def run_model(work_root, hub_files_for):
+    """run_model(version, mode, env=None, attn="mha") -> RunResult, memoised for the session."""
 
-    def run(version, mode, env=None):
+    def run(version, mode, env=None, attn="mha"):
         env = env or support.env_for(version)
-        key = (version, mode, env.name)
+        key = (version, mode, env.name, attn)
         if key not in _RUNS:
             if not env.has(version):
                 pytest.skip(f"transformers {version} is not installed under {env.tf_root} for {env.python}")
             args, before = MODES[mode]
-            work = work_root / f"{env.name}-{version}-{mode}"
-            _RUNS[key] = support.run_child(env, version, work, hub_files, mode, args, before)
+            work = work_root / f"{env.name}-{version}-{mode}-{attn}"
+            _RUNS[key] = support.run_child(env, version, work, hub_files_for(attn), mode, args, before)
+            _RUNS[key].logits()  # kept in memory for the report, after the work folder is gone
         return _RUNS[key]
 
     return run
@@ -106,18 +116,22 @@ def pytest_sessionfinish(session, exitstatus):
     if not target or not _RUNS:
         return
     lines = [
-        "| transformers | env | torch | mode | outcome | breakage | tokens |",
-        "|---|---|---|---|---|---|---|",
+        "| transformers | env | torch | attention | mode | outcome | breakage | max \\|Δlogit\\| vs 4.46.3 | tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (version, mode, env_name), run in sorted(_RUNS.items(), key=lambda kv: (support.version_tuple(kv[0][0]), kv[0][1])):
+    for (version, mode, env_name, attn), run in sorted(_RUNS.items(), key=lambda kv: (support.version_tuple(kv[0][0]), kv[0][3], kv[0][1])):
         failure = run.first_failure
         if failure is None:
             breakage = ""
         elif mode in ("plain", "shims"):
-            breakage = breakage_of(failure, version, mode)
+            breakage = breakage_of(failure, version, mode, attn)
         else:
             breakage = {"no-cuda-noop": "hard-coded .cuda()"}.get(mode, "?")
         outcome = run.summary().replace("|", "\\|")[:160]
         torch_version = run.data.get("torch", "?")
-        lines.append(f"| {version} | {env_name} | {torch_version} | {mode} | {outcome} | {breakage} | {run.data.get('tokens')} |")
+        ref = _RUNS.get((support.REFERENCE, "reference", env_name, attn))
+        diff = ""
+        if ref is not None and ref is not run and run.logits() is not None:
+            diff = f"{support.max_abs_diff(run.logits(), ref.logits()):.2g}"
+        lines.append(f"| {version} | {env_name} | {torch_version} | {attn} | {mode} | {outcome} | {breakage} | {diff} | {run.data.get('tokens')} |")
     Path(target).write_text("\n".join(lines) + "\n")

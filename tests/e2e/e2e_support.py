@@ -7,6 +7,7 @@ Environment (shared by CI and local runs; tests/e2e/setup_matrix.sh prints these
     OCR_PATCH_E2E_PYTHON_NEW    python with torch >= 2.7, for releases from 5.10 on
     OCR_PATCH_E2E_TF_ROOT_NEW   folder of `<version>/transformers` installs for that python
     OCR_PATCH_E2E_VERSIONS      optional comma list replacing the default release list
+    OCR_PATCH_E2E_MLA_VERSIONS  optional comma list of releases that also run the MLA variant
     OCR_PATCH_BIN               the ocr-patch binary (default target/debug/ocr-patch)
     OCR_PATCH_E2E_KEEP          keep the temporary folders (prints where they are)
 
@@ -31,6 +32,16 @@ HUB_REPO = "ocrpatch/tiny-ocr"
 DEFAULT_VERSIONS = (
     "4.46.3", "4.48.0", "4.49.0", "4.54.0", "4.57.1", "5.0.0", "5.3.0", "5.4.0", "5.24.0",
 )
+# The fixture runs MHA (use_mla false), as the real model does. The "mla" variant writes the same
+# files with an MLA config, so the remote DeepseekV2Attention (G-usable, N) runs too; it runs on
+# fewer releases to keep the matrix short: the reference, G (4.54), the 5.0 breaks, 5.24.
+ATTENTION_VARIANTS = ("mha", "mla")
+DEFAULT_MLA_VERSIONS = ("4.46.3", "4.54.0", "5.0.0", "5.24.0")
+# The sizes the fixture's DeepseekV2Attention reads (it has no q_lora_rank path: q_proj only).
+MLA_CONFIG = {
+    "use_mla": True, "q_lora_rank": None, "kv_lora_rank": 32,
+    "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32,
+}
 # Releases from this one on need torch >= 2.7 (the "new" environment).
 NEW_TORCH_FROM = (5, 10, 0)
 CHILD_TIMEOUT_S = 300
@@ -46,6 +57,43 @@ def versions():
     listed = os.environ.get("OCR_PATCH_E2E_VERSIONS")
     chosen = [v.strip() for v in listed.split(",") if v.strip()] if listed else list(DEFAULT_VERSIONS)
     return sorted(set(chosen), key=version_tuple)
+
+
+def mla_versions():
+    """The releases that also run the MLA variant (a subset of versions()), oldest first."""
+    listed = os.environ.get("OCR_PATCH_E2E_MLA_VERSIONS")
+    chosen = [v.strip() for v in listed.split(",") if v.strip()] if listed else list(DEFAULT_MLA_VERSIONS)
+    return [v for v in versions() if v in chosen]
+
+
+def config_variant(config, attn, mla_config=None):
+    """The config dict for `attn` ('mha' leaves it as is; 'mla' sets use_mla and the MLA sizes
+    at the top level and in language_config)."""
+    if attn == "mha":
+        return config
+    if attn != "mla":
+        raise ValueError(f"unknown attention variant {attn}")
+    out = json.loads(json.dumps(config))
+    overrides = mla_config or MLA_CONFIG
+    out.update(overrides)
+    if isinstance(out.get("language_config"), dict):
+        out["language_config"].update(overrides)
+    return out
+
+
+def fixture_folder(attn, dest):
+    """The fixture folder for `attn`: the fixture itself for MHA, else a copy in `dest` whose
+    config.json is the variant (the .py files are byte-identical, so the lock still pins them)."""
+    if attn == "mha":
+        return FIXTURE
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted(FIXTURE.iterdir()):
+        if path.suffix == ".py":
+            shutil.copyfile(path, dest / path.name)
+    config = json.loads((FIXTURE / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps(config_variant(config, attn), indent=2) + "\n")
+    return dest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +274,7 @@ class RunResult:
     out_dir: Path
     data: dict
     log: str
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def first_failure(self):
@@ -241,10 +290,13 @@ class RunResult:
         return all(self.stage(s) == "ok" for s in STAGES[: STAGES.index(name) + 1])
 
     def logits(self):
+        """The forward logits (read once, then kept: the work folder may be gone by the report)."""
         import numpy as np
 
-        path = self.out_dir / "logits.npy"
-        return np.load(path) if path.exists() else None
+        if "logits" not in self._cache:
+            path = self.out_dir / "logits.npy"
+            self._cache["logits"] = np.load(path) if path.exists() else None
+        return self._cache["logits"]
 
     def summary(self):
         failure = self.first_failure

@@ -11,6 +11,11 @@ A prediction is a list of allowed outcomes: None means "runs through generate", 
 (stage, exception type, message fragment, breakage id) means "fails there like this".
 Releases between two tested ones that the breakage table does not pin get every outcome
 the neighbours allow.
+
+The attention variant matters only before 5.0 with the shims: MHA runs transformers'
+LlamaAttention, which breaks first (C, 4.48); MLA runs the remote DeepseekV2Attention, so
+the run goes on to generate and meets D (4.49) or G (4.54) in prepare_inputs_for_generation.
+From 5.0 the vision tower (L) or the config (Q) fails before any attention runs.
 """
 from e2e_support import version_tuple
 
@@ -21,10 +26,15 @@ T_MODULE = ("load", "ModuleNotFoundError", "transformers.modeling_attn_mask_util
 C_ROPE = ("forward", "TypeError", "position_embeddings", "C")
 L_POSITION_IDS = ("forward", "IndexError", "index out of range", "L")
 Q_CONFIG = ("load", "AttributeError", "pad_token_id", "Q")
+D_MAX_LENGTH = ("generate", "AttributeError", "get_max_length", "D")
+G_SEEN_TOKENS = ("generate", "AttributeError", "seen_tokens", "G")
 
 
-def predict(version, mode):
-    """Allowed outcomes of an unpatched run of `version` in `mode` ('plain' or 'shims')."""
+def predict(version, mode, attn="mha"):
+    """Allowed outcomes of an unpatched run of `version` in `mode` ('plain' or 'shims'), with
+    the fixture's attention variant `attn` ('mha', as the real model, or 'mla')."""
+    if attn not in ("mha", "mla"):
+        raise ValueError(f"unknown attention variant {attn}")
     v = version_tuple(version)
     if v < (4, 48, 0):
         return [OK]  # 4.46.3 is the reference; 4.47.x runs the original unchanged
@@ -35,8 +45,14 @@ def predict(version, mode):
             return [A_IMPORT, T_MODULE]  # T was first seen at 5.24.0; 5.5 still had the module
         return [T_MODULE]
     if mode == "shims":
-        if v < (5, 0, 0):
+        if v < (5, 0, 0) and attn == "mha":
             return [C_ROPE]
+        if v < (4, 49, 0):
+            return [OK]  # MLA: the remote attention needs nothing 4.48 removed
+        if v < (4, 54, 0):
+            return [D_MAX_LENGTH]
+        if v < (5, 0, 0):
+            return [G_SEEN_TOKENS]
         if v < (5, 4, 0):
             return [L_POSITION_IDS]  # the vision tower runs before the decoder's J and C
         return [Q_CONFIG]
@@ -68,9 +84,9 @@ def describe(outcomes):
     return " or ".join(parts)
 
 
-def breakage_of(failure, version, mode):
+def breakage_of(failure, version, mode, attn="mha"):
     """The breakage id a failure corresponds to, or '?' when it was not predicted."""
-    for outcome in predict(version, mode):
+    for outcome in predict(version, mode, attn):
         if outcome is not OK and matches(outcome, failure):
             return outcome[3]
     return "?"

@@ -1,0 +1,207 @@
+//! CLIP-L/14 as DeepEncoder uses it (`deepencoder.py`: `VitModel`, `CLIPVisionEmbeddings`,
+//! `NoTPTransformer`): it takes SAM's features as its patch embeddings, adds a class token and
+//! positions (bicubic-resized by `get_abs_pos` when the grid is not 16x16), applies the pre-LN
+//! and 24 pre-norm blocks with quick-GELU. Checkpoint prefix: `model.vision_model`.
+//!
+//! Owns: `(b, 1024, h, w)` SAM features -> `(b, 1 + h*w, 1024)`. The checkpoint's
+//! `embeddings.patch_embedding.weight` is never used (DeepSeek-OCR always passes SAM's
+//! features), so it is not loaded; nor is the `position_ids` buffer (it is `arange`).
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+
+use super::interp;
+use super::sam::sdpa;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipConfig {
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub ffn_hidden_size: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub layernorm_epsilon: f64,
+    pub pre_layernorm_epsilon: f64,
+}
+
+impl ClipConfig {
+    /// `vit_model_cfg` of deepencoder.py.
+    pub fn clip_l() -> Self {
+        Self {
+            num_layers: 24,
+            hidden_size: 1024,
+            num_attention_heads: 16,
+            ffn_hidden_size: 4096,
+            image_size: 224,
+            patch_size: 14,
+            layernorm_epsilon: 1e-5,
+            pre_layernorm_epsilon: 1e-5,
+        }
+    }
+
+    /// `num_positions = (image_size // patch_size) ** 2 + 1`
+    pub fn num_positions(&self) -> usize {
+        let g = self.image_size / self.patch_size;
+        g * g + 1
+    }
+}
+
+fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    // x * torch.sigmoid(1.702 * x)
+    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+}
+
+struct Attention {
+    qkv_proj: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    span: tracing::Span,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let (b, s, c) = x.dims3()?;
+        let nh = self.num_heads;
+        let hd = c / nh;
+        // xqkv.view(bsz, seqlen, 3, num_heads, head_dim); split on dim 2; permute(0, 2, 1, 3)
+        let qkv = self
+            .qkv_proj
+            .forward(x)?
+            .reshape((b, s, 3, nh, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let o = sdpa(&q, &k, &v, None)?;
+        let o = o.permute((0, 2, 1, 3))?.reshape((b, s, c))?;
+        self.out_proj.forward(&o)
+    }
+}
+
+struct Block {
+    layer_norm1: LayerNorm,
+    self_attn: Attention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    span: tracing::Span,
+}
+
+impl Block {
+    fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            layer_norm1: layer_norm(h, cfg.layernorm_epsilon, vb.pp("layer_norm1"))?,
+            self_attn: Attention {
+                qkv_proj: linear(h, 3 * h, vb.pp("self_attn.qkv_proj"))?,
+                out_proj: linear(h, h, vb.pp("self_attn.out_proj"))?,
+                num_heads: cfg.num_attention_heads,
+                span: tracing::span!(tracing::Level::TRACE, "clip-attn"),
+            },
+            layer_norm2: layer_norm(h, cfg.layernorm_epsilon, vb.pp("layer_norm2"))?,
+            fc1: linear(h, cfg.ffn_hidden_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(cfg.ffn_hidden_size, h, vb.pp("mlp.fc2"))?,
+            span: tracing::span!(tracing::Level::TRACE, "clip-block"),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let h = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
+        let m = self.fc2.forward(&quick_gelu(
+            &self.fc1.forward(&self.layer_norm2.forward(&h)?)?,
+        )?)?;
+        h + m
+    }
+}
+
+/// `VitModel` (CLIP-L) fed with SAM features.
+pub struct VitModel {
+    class_embedding: Tensor,
+    position_embedding: Embedding,
+    pre_layrnorm: LayerNorm,
+    layers: Vec<Block>,
+    span: tracing::Span,
+}
+
+impl VitModel {
+    pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let emb = vb.pp("embeddings");
+        let layers = (0..cfg.num_layers)
+            .map(|i| Block::new(cfg, vb.pp(format!("transformer.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            class_embedding: emb.get(h, "class_embedding")?,
+            position_embedding: embedding(cfg.num_positions(), h, emb.pp("position_embedding"))?,
+            pre_layrnorm: layer_norm(h, cfg.pre_layernorm_epsilon, vb.pp("pre_layrnorm"))?,
+            layers,
+            span: tracing::span!(tracing::Level::TRACE, "clip"),
+        })
+    }
+
+    /// `get_abs_pos(self.position_embedding(self.position_ids), n)`: `(1, n, c)`; the 16x16 grid
+    /// is bicubic-resized to `int(sqrt(n))` squared when that differs.
+    pub fn abs_pos(&self, n: usize) -> Result<Tensor> {
+        let table = self.position_embedding.embeddings();
+        let (l, c) = table.dims2()?;
+        let src = ((l - 1) as f64).sqrt() as usize;
+        let tgt = (n as f64).sqrt() as usize;
+        if src == tgt {
+            return table.unsqueeze(0);
+        }
+        let dtype = table.dtype();
+        let cls = table.narrow(0, 0, 1)?;
+        // old_pos_embed.view(1, src, src, dim).permute(0, 3, 1, 2), interpolated in f32
+        let chw: Vec<f32> = table
+            .narrow(0, 1, l - 1)?
+            .to_dtype(DType::F32)?
+            .reshape((src, src, c))?
+            .permute((2, 0, 1))?
+            .flatten_all()?
+            .to_vec1()?;
+        let out = interp::bicubic_aa_chw(&chw, c, (src, src), (tgt, tgt));
+        let new = Tensor::from_vec(out, (c, tgt * tgt), table.device())?
+            .t()?
+            .to_dtype(dtype)?;
+        Tensor::cat(&[&cls, &new], 0)?.unsqueeze(0)
+    }
+
+    /// `forward(x, patch_embeds)` with SAM features `(b, c, h, w)`: `(b, 1 + h*w, c)`.
+    pub fn forward(&self, patch_embeds: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let (b, c, _, _) = patch_embeds.dims4()?;
+        // patch_embeds.flatten(2).transpose(1, 2)
+        let patches = patch_embeds.flatten_from(2)?.transpose(1, 2)?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, c))?
+            .broadcast_as((b, 1, c))?;
+        let x = Tensor::cat(&[&cls, &patches], 1)?;
+        let n = x.dim(1)?;
+        let x = x.broadcast_add(&self.abs_pos(n)?)?;
+        let mut h = self.pre_layrnorm.forward(&x)?;
+        for layer in &self.layers {
+            h = layer.forward(&h)?;
+        }
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn quick_gelu_hand_values() {
+        let x = Tensor::new(&[0f32, 1.0, -2.0], &Device::Cpu).unwrap();
+        let y = quick_gelu(&x).unwrap().to_vec1::<f32>().unwrap();
+        let f = |v: f32| v / (1.0 + (-1.702 * v).exp());
+        for (a, v) in y.iter().zip([0f32, 1.0, -2.0]) {
+            assert!((a - f(v)).abs() < 1e-6);
+        }
+    }
+}

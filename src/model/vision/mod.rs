@@ -1,0 +1,150 @@
+//! DeepEncoder: SAM ViT-B and CLIP-L in series, the linear projector, and the layout of one
+//! image's vision tokens as `DeepseekOCRModel.forward` assembles them (global view rows each
+//! followed by `image_newline`, local tiles stitched row-major likewise, then `view_seperator`).
+//!
+//! Owns: normalised pixels -> the `(n, 1280)` rows that replace the image tokens. Does not own:
+//! image decoding, resizing and tiling (preprocessing), nor the merge into the token embeddings
+//! (`decoder`).
+
+pub mod clip;
+pub mod interp;
+pub mod sam;
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{linear, Linear, VarBuilder};
+
+pub use clip::{ClipConfig, VitModel};
+pub use sam::{ImageEncoderViT, SamConfig};
+
+/// The vision sizes; deepencoder.py hard-codes them, `DeepseekOCRModel.__init__` hard-codes
+/// `n_embed = 1280` and the `linear` projector of 2048 inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisionConfig {
+    pub sam: SamConfig,
+    pub clip: ClipConfig,
+    pub n_embed: usize,
+}
+
+impl VisionConfig {
+    pub fn deepseek_ocr() -> Self {
+        Self {
+            sam: SamConfig::vit_b(),
+            clip: ClipConfig::clip_l(),
+            n_embed: 1280,
+        }
+    }
+}
+
+/// The local tiles of one image: pixels `(p, 3, h, w)` with `p = width_crop_num * height_crop_num`,
+/// row-major (`images_spatial_crop` = `[width_crop_num, height_crop_num]`).
+#[derive(Clone, Copy)]
+pub struct LocalTiles<'a> {
+    pub pixels: &'a Tensor,
+    pub width_crop_num: usize,
+    pub height_crop_num: usize,
+}
+
+/// SAM + CLIP + projector + the two learned separators (`model.sam_model`, `model.vision_model`,
+/// `model.projector`, `model.image_newline`, `model.view_seperator`).
+pub struct DeepEncoder {
+    pub sam: ImageEncoderViT,
+    pub clip: VitModel,
+    projector: Linear,
+    image_newline: Tensor,
+    view_seperator: Tensor,
+    span: tracing::Span,
+}
+
+impl DeepEncoder {
+    /// `vb` is rooted at `model`.
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let in_dim = cfg.clip.hidden_size + cfg.sam.downsample_channels[1];
+        Ok(Self {
+            sam: ImageEncoderViT::new(&cfg.sam, vb.pp("sam_model"))?,
+            clip: VitModel::new(&cfg.clip, vb.pp("vision_model"))?,
+            projector: linear(in_dim, cfg.n_embed, vb.pp("projector.layers"))?,
+            image_newline: vb.get(cfg.n_embed, "image_newline")?,
+            view_seperator: vb.get(cfg.n_embed, "view_seperator")?,
+            span: tracing::span!(tracing::Level::TRACE, "deep-encoder"),
+        })
+    }
+
+    /// One view through SAM, CLIP and the projector: pixels `(b, 3, H, W)` -> `(b, h*w, n_embed)`.
+    pub fn encode_views(&self, pixels: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let f1 = self.sam.forward(pixels)?;
+        let f2 = self.clip.forward(&f1)?;
+        // torch.cat((features_2[:, 1:], features_1.flatten(2).permute(0, 2, 1)), dim=-1)
+        let n = f2.dim(1)?;
+        let clip_part = f2.narrow(1, 1, n - 1)?;
+        let sam_part = f1.flatten_from(2)?.permute((0, 2, 1))?;
+        let feats = Tensor::cat(&[&clip_part, &sam_part], 2)?;
+        self.projector.forward(&feats)
+    }
+
+    /// `(h*w, n)` features of a square grid -> rows each followed by `image_newline`:
+    /// `(h*(w+1), n)`.
+    fn with_newlines(&self, grid: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        let n = grid.dim(1)?;
+        let grid = grid.reshape((h, w, n))?;
+        // torch.cat([features, self.image_newline[None, None, :].expand(h, 1, n_dim)], dim=1)
+        let nl = self
+            .image_newline
+            .reshape((1, 1, n))?
+            .broadcast_as((h, 1, n))?;
+        Tensor::cat(&[&grid, &nl], 1)?.reshape((h * (w + 1), n))
+    }
+
+    /// All vision rows of one image, in the order they fill its image tokens:
+    /// `[local rows..., global rows..., view_seperator]` (local only when tiles are given;
+    /// Python decides that by `torch.sum(patches) != 0`).
+    pub fn encode_image(&self, global: &Tensor, local: Option<LocalTiles<'_>>) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let g = self.encode_views(global)?;
+        let (_, hw, n) = g.dims3()?;
+        // h = w = int(hw ** 0.5)
+        let h = (hw as f64).sqrt() as usize;
+        let global_rows = self.with_newlines(&g.squeeze(0)?, h, h)?;
+        let sep = self.view_seperator.unsqueeze(0)?;
+        let Some(local) = local else {
+            return Tensor::cat(&[&global_rows, &sep], 0);
+        };
+        let l = self.encode_views(local.pixels)?;
+        let (_, hw2, n2) = l.dims3()?;
+        let h2 = (hw2 as f64).sqrt() as usize;
+        let (wc, hc) = (local.width_crop_num, local.height_crop_num);
+        // local_features.view(hc, wc, h2, w2, n).permute(0, 2, 1, 3, 4).reshape(hc*h2, wc*w2, n)
+        let l = l
+            .reshape((hc, wc, h2, h2, n2))?
+            .permute((0, 2, 1, 3, 4))?
+            .reshape((hc * h2 * wc * h2, n2))?;
+        let local_rows = self.with_newlines(&l, hc * h2, wc * h2)?;
+        debug_assert_eq!(n, n2);
+        Tensor::cat(&[&local_rows, &global_rows, &sep], 0)
+    }
+}
+
+/// How many image tokens one image takes: `(h+1)*h + 1` for the global view plus
+/// `(hc*h2) * (wc*h2 + 1)` for the tiles (`h`, `h2` = view size / 64).
+pub fn image_token_count(global_size: usize, local: Option<(usize, usize, usize)>) -> usize {
+    let h = global_size / 64;
+    let mut n = h * (h + 1) + 1;
+    if let Some((tile_size, wc, hc)) = local {
+        let h2 = tile_size / 64;
+        n += hc * h2 * (wc * h2 + 1);
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_counts_match_the_modes() {
+        assert_eq!(image_token_count(1024, None), 273); // Base: (16+1)*16 + 1
+        assert_eq!(image_token_count(512, None), 8 * 9 + 1); // Tiny
+                                                             // Gundam 2x3 tiles of 640 + one 1024 global view
+        assert_eq!(image_token_count(1024, Some((640, 2, 3))), 273 + 30 * 21);
+    }
+}
