@@ -80,6 +80,12 @@ pub fn guard_file(engine: &Engine, path: &Path, allow_unpinned: bool) -> Result<
     if std::fs::symlink_metadata(path).is_err() {
         return Ok(Guarded::Outside); // not there (yet): the open will fail on its own.
     }
+    // The common case, nothing to do: our pinned result already. One read and one hash, no lock.
+    if let Ok(bytes) = std::fs::read(path) {
+        if matches!(engine.classify(file, &bytes), crate::patch::Status::Patched(_)) {
+            return Ok(Guarded::AlreadyPatched);
+        }
+    }
     let opts = Options { allow_unpinned, force: false, fork: None };
     let pb = ProgressBar::hidden();
     // A snapshot file that is still huggingface_hub's symlink: hold its download lock.
