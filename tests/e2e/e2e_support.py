@@ -10,6 +10,7 @@ Environment (shared by CI and local runs; tests/e2e/setup_matrix.sh prints these
     OCR_PATCH_E2E_MLA_VERSIONS  optional comma list of releases that also run the MLA variant
     OCR_PATCH_BIN               the ocr-patch binary (default target/debug/ocr-patch)
     OCR_PATCH_E2E_KEEP          keep the temporary folders (prints where they are)
+    OCR_PATCH_E2E_CHILD_TIMEOUT seconds one child run may take (default 300; raise it on a busy machine)
 
 Without OCR_PATCH_E2E_PYTHON the defaults are `$OCR_PATCH_E2E_VENV/bin/python` (or
 `.venv-e2e/bin/python`) with `tf/` inside that venv, as setup_matrix.sh makes them.
@@ -44,7 +45,7 @@ MLA_CONFIG = {
 }
 # Releases from this one on need torch >= 2.7 (the "new" environment).
 NEW_TORCH_FROM = (5, 10, 0)
-CHILD_TIMEOUT_S = 300
+CHILD_TIMEOUT_S = int(os.environ.get("OCR_PATCH_E2E_CHILD_TIMEOUT", "300"))
 
 
 def version_tuple(text):
