@@ -9,20 +9,20 @@ use crate::patch::PatchError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("{}: cannot read ({source}); {}", path.display(), read_hint(source))]
-    Read { path: PathBuf, source: io::Error },
+    #[error("{}: cannot read ({err}); {}", path.display(), read_hint(err))]
+    Read { path: PathBuf, err: io::Error },
 
-    #[error("{}: cannot write ({source}); is the cache read-only? run as its owner, or point --cache-dir/--path at a writable copy", path.display())]
-    Write { path: PathBuf, source: io::Error },
+    #[error("{}: cannot write ({err}); is the cache read-only? run as its owner, or point --cache-dir/--path at a writable copy", path.display())]
+    Write { path: PathBuf, err: io::Error },
 
-    #[error("{}: cannot take the lock ({source}); is the folder writable? run as its owner", path.display())]
-    Lock { path: PathBuf, source: io::Error },
+    #[error("{}: cannot take the lock ({err}); is the folder writable? run as its owner", path.display())]
+    Lock { path: PathBuf, err: io::Error },
 
     #[error("{}: timeout waiting for lock after {secs}s; is another ocr-patch process running?", path.display())]
     LockTimeout { path: PathBuf, secs: u64 },
 
-    #[error("{}: {}", path.display(), patch_message(path, source))]
-    Patch { path: PathBuf, source: PatchError },
+    #[error("{}: {}", path.display(), patch_message(path, err))]
+    Patch { path: PathBuf, err: PatchError },
 
     #[error("{}: backup manifest is unreadable ({msg}); move the `.ocr-patch` folder away and delete this folder to let transformers fetch the files again", path.display())]
     Manifest { path: PathBuf, msg: String },
@@ -70,11 +70,11 @@ fn patch_message(path: &std::path::Path, e: &PatchError) -> String {
 }
 
 impl CacheError {
-    pub fn read(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        CacheError::Read { path: path.into(), source }
+    pub fn read(path: impl Into<PathBuf>, err: io::Error) -> Self {
+        CacheError::Read { path: path.into(), err }
     }
-    pub fn write(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        CacheError::Write { path: path.into(), source }
+    pub fn write(path: impl Into<PathBuf>, err: io::Error) -> Self {
+        CacheError::Write { path: path.into(), err }
     }
 }
 

@@ -40,9 +40,9 @@ impl FolderLock {
             // An existing lock file in a folder we may not write: flock works on a read-only fd,
             // and the probe in `check_writable` reports the real problem.
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                File::open(&path).map_err(|_| CacheError::Lock { path: path.clone(), source: e })?
+                File::open(&path).map_err(|_| CacheError::Lock { path: path.clone(), err: e })?
             }
-            Err(e) => return Err(CacheError::Lock { path, source: e }),
+            Err(e) => return Err(CacheError::Lock { path, err: e }),
         };
         let start = Instant::now();
         let mut pause = Duration::from_millis(2);
@@ -51,7 +51,7 @@ impl FolderLock {
                 Ok(true) => return Ok(FolderLock { file, path }),
                 Ok(false) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(CacheError::Lock { path, source: e }),
+                Err(e) => return Err(CacheError::Lock { path, err: e }),
             }
             if start.elapsed() >= timeout {
                 return Err(CacheError::LockTimeout { path, secs: timeout.as_secs() });

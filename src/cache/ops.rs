@@ -125,11 +125,32 @@ pub struct TargetReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     pub files: Vec<FileReport>,
+    /// The manifest as read when planning (to tell, under the lock, whether anything moved).
+    #[serde(skip)]
+    manifest: Option<Manifest>,
 }
 
 impl TargetReport {
     fn new(t: &Target) -> TargetReport {
-        TargetReport { dir: t.dir.clone(), kind: t.kind, model: t.model.clone(), revision: t.revision.clone(), files: vec![] }
+        TargetReport { dir: t.dir.clone(), kind: t.kind, model: t.model.clone(), revision: t.revision.clone(), files: vec![], manifest: None }
+    }
+
+    /// True when every file still has the hash and link it had when planned, and the manifest
+    /// is unchanged: the plan can be written as is.
+    fn still_current(&self) -> bool {
+        let Ok(man) = Manifest::load(&self.dir) else { return false };
+        if self.manifest.as_ref() != Some(&man) {
+            return false;
+        }
+        self.files.iter().all(|f| {
+            let link = fsx::symlink_target(&f.path).ok().flatten();
+            let planned_link = match f.action {
+                // A revert report carries the link it will restore, not the current one.
+                Action::Revert => link.clone(),
+                _ => f.symlink.clone(),
+            };
+            link == planned_link && fsx::read(&f.path).map(|b| sha256_hex(&b) == f.sha256).unwrap_or(false)
+        })
     }
     pub fn changes(&self) -> usize {
         self.files.iter().filter(|f| f.action.changes()).count()
@@ -308,6 +329,7 @@ fn write_change(file: &str, cur: &Current, man: &Manifest, new: Vec<u8>, source:
 fn plan_apply(engine: &Engine, t: &Target, opts: &Options, with_diff: bool) -> Result<TargetReport> {
     let man = Manifest::load(&t.dir)?;
     let mut rep = TargetReport::new(t);
+    rep.manifest = Some(man.clone());
     let popts = PatchOptions { allow_unpinned: opts.allow_unpinned };
     for file in &t.files {
         let cur = read_current(&t.dir, file)?;
@@ -347,10 +369,10 @@ fn plan_apply(engine: &Engine, t: &Target, opts: &Options, with_diff: bool) -> R
                 let Some((orig, _)) = find_original(&t.dir, file, &man, &from) else {
                     return Err(CacheError::NoBackup { path: cur.path.clone(), sha256: from });
                 };
-                let out = engine.patch(file, &orig, &popts).map_err(|e| CacheError::Patch { path: cur.path.clone(), source: e })?;
+                let out = engine.patch(file, &orig, &popts).map_err(|e| CacheError::Patch { path: cur.path.clone(), err: e })?;
                 (Some(orig), out)
             }
-            _ => (None, engine.patch(file, &cur.bytes, &popts).map_err(|e| CacheError::Patch { path: cur.path.clone(), source: e })?),
+            _ => (None, engine.patch(file, &cur.bytes, &popts).map_err(|e| CacheError::Patch { path: cur.path.clone(), err: e })?),
         };
         match outcome {
             Outcome::AlreadyPatched => rep.files.push(base_report(file, &cur, status, Action::AlreadyPatched)),
@@ -394,6 +416,7 @@ fn plan_apply(engine: &Engine, t: &Target, opts: &Options, with_diff: bool) -> R
 fn plan_revert(engine: &Engine, t: &Target, opts: &Options) -> Result<TargetReport> {
     let man = Manifest::load(&t.dir)?;
     let mut rep = TargetReport::new(t);
+    rep.manifest = Some(man.clone());
     let names: BTreeSet<&str> = t.files.iter().map(String::as_str).chain(man.files.keys().map(String::as_str)).collect();
     for file in names {
         let cur = read_current(&t.dir, file)?;
@@ -531,9 +554,14 @@ fn commit(
         fsx::clean_temps(&manifest::dir(dir));
         fsx::check_writable(dir)?;
     }
+    // Re-read and re-hash under the locks; re-plan only what moved since planning.
     let mut fresh = Vec::with_capacity(idx.len());
     for &i in &idx {
-        fresh.push((i, plan(&targets[i])?));
+        if reports[i].still_current() {
+            fresh.push((i, reports[i].clone()));
+        } else {
+            fresh.push((i, plan(&targets[i])?));
+        }
     }
     for (i, rep) in fresh {
         if rep.has_work() {
@@ -579,6 +607,13 @@ pub fn doctor(engine: &Engine, targets: &[Target], version: Option<&Version>, pb
     let mut reps = Vec::new();
     for t in targets {
         let mut rep = TargetReport::new(t);
+        let man = match Manifest::load(&t.dir) {
+            Ok(m) => m,
+            Err(e) => {
+                problems.push(e.to_string());
+                Manifest::default()
+            }
+        };
         for file in &t.files {
             let cur = match read_current(&t.dir, file) {
                 Ok(c) => c,
@@ -587,7 +622,13 @@ pub fn doctor(engine: &Engine, targets: &[Target], version: Option<&Version>, pb
                     continue;
                 }
             };
-            let status = status_of(engine, file, &cur.bytes);
+            let mut status = status_of(engine, file, &cur.bytes);
+            // Our own output for an unpinned file carries the marker but is in no lock: the
+            // manifest says we wrote exactly these bytes.
+            let ours = man.files.get(file.as_str()).is_some_and(|e| e.patched_sha256 == cur.sha);
+            if status == FileStatus::Outdated && ours {
+                status = FileStatus::Patched;
+            }
             let action = match status {
                 FileStatus::Patched | FileStatus::Fork => Action::AlreadyPatched,
                 _ => Action::Patch,
@@ -598,7 +639,7 @@ pub fn doctor(engine: &Engine, targets: &[Target], version: Option<&Version>, pb
                     Ok(hits) => {
                         r.breakages = Some(hits.into_iter().map(|h| BreakageReport { id: h.id.to_string(), title: h.title.to_string() }).collect())
                     }
-                    Err(e) => problems.push(CacheError::Patch { path: cur.path.clone(), source: e }.to_string()),
+                    Err(e) => problems.push(CacheError::Patch { path: cur.path.clone(), err: e }.to_string()),
                 }
             }
             rep.files.push(r);

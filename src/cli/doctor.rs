@@ -3,7 +3,6 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
@@ -84,7 +83,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<Exit> {
         },
     };
     let version = match &version_text {
-        Some(v) => Some(Version::parse(v).with_context(|| format!("transformers {v} (from {source}): cannot compare it with the rules' ranges; pass --transformers-version X.Y.Z"))?),
+        Some(v) => Some(Version::parse(v).map_err(|e| anyhow::anyhow!("transformers version {e} (from {source}); pass --transformers-version X.Y.Z"))?),
         None => None,
     };
     let roots = args.scan.roots();

@@ -21,6 +21,7 @@ pub mod diff;
 pub mod doctor;
 pub mod fetch;
 pub mod hook;
+pub mod lock;
 pub mod mirror;
 pub mod revert;
 
@@ -47,6 +48,7 @@ pub enum Command {
     Diff(diff::DiffArgs),
     Revert(revert::RevertArgs),
     Doctor(doctor::DoctorArgs),
+    Lock(lock::LockArgs),
     Fetch(fetch::FetchArgs),
     Mirror(mirror::MirrorArgs),
     Hook(hook::HookArgs),
@@ -67,6 +69,7 @@ impl Cli {
             Command::Diff(a) => a.out.json,
             Command::Revert(a) => a.out.json,
             Command::Doctor(a) => a.out.json,
+            Command::Lock(_) => false,
             Command::Fetch(a) => a.out.json,
             Command::Mirror(a) => a.out.json,
             Command::Hook(a) => a.json(),
@@ -80,6 +83,7 @@ impl Cli {
             Command::Diff(a) => diff::run(a),
             Command::Revert(a) => revert::run(a),
             Command::Doctor(a) => doctor::run(a),
+            Command::Lock(a) => lock::run(a),
             Command::Fetch(a) => fetch::run(a),
             Command::Mirror(a) => mirror::run(a),
             Command::Hook(a) => hook::run(a),
@@ -126,7 +130,7 @@ impl ScanArgs {
         let mut engine = Engine::embedded().context("the built-in rules do not load; this is a bug, please report it")?;
         for path in &self.locks {
             let text = std::fs::read_to_string(path)
-                .with_context(|| format!("{}: cannot read this lock file; check the path given to --lock", path.display()))?;
+                .map_err(|e| anyhow::anyhow!("{}: cannot read this lock file ({e}); check the path given to --lock", path.display()))?;
             let lock = Lock::parse(&text, &path.display().to_string())?;
             engine = engine.with_lock(lock);
         }
@@ -223,7 +227,7 @@ pub fn nothing_found(roots: &Roots) -> String {
 pub fn file_line(verb: &str, f: &FileReport) -> String {
     let mut details = Vec::new();
     if !f.applied.is_empty() {
-        details.push(format!("{} rules", f.applied.len()));
+        details.push(format!("{} rule{}", f.applied.len(), if f.applied.len() == 1 { "" } else { "s" }));
     }
     if !f.unmatched.is_empty() {
         details.push(format!("{} rules did not match: {}", f.unmatched.len(), f.unmatched.join(", ")));
