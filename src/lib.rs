@@ -2,5 +2,6 @@ pub mod model;
 pub mod patch;
 pub mod cache;
 pub mod cli;
+pub mod verify;
 #[cfg(feature = "python")]
 pub mod hook;

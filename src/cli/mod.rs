@@ -24,6 +24,7 @@ pub mod hook;
 pub mod lock;
 pub mod mirror;
 pub mod revert;
+pub mod verify;
 
 pub const EXIT_CODES: &str = "\
 Exit codes:
@@ -52,6 +53,7 @@ pub enum Command {
     Fetch(fetch::FetchArgs),
     Mirror(mirror::MirrorArgs),
     Hook(hook::HookArgs),
+    Verify(verify::VerifyArgs),
 }
 
 /// What a command ends with; `main` turns it into the process exit code.
@@ -73,6 +75,7 @@ impl Cli {
             Command::Fetch(a) => a.out.json,
             Command::Mirror(a) => a.out.json,
             Command::Hook(a) => a.json(),
+            Command::Verify(a) => a.out.json,
         }
     }
 
@@ -87,6 +90,7 @@ impl Cli {
             Command::Fetch(a) => fetch::run(a),
             Command::Mirror(a) => mirror::run(a),
             Command::Hook(a) => hook::run(a),
+            Command::Verify(a) => verify::run(a),
         }
     }
 }

@@ -94,6 +94,16 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, cache: &mut Option<LayerCache>) -> Result<Tensor> {
+        Ok(self.forward_traced(x, cache, false)?.0)
+    }
+
+    /// The layer's output and, with `routing` on a MoE layer, each position's experts.
+    fn forward_traced(
+        &self,
+        x: &Tensor,
+        cache: &mut Option<LayerCache>,
+        routing: bool,
+    ) -> Result<(Tensor, Option<Routing>)> {
         let _enter = self.span.enter();
         let h = self.input_layernorm.forward(x)?;
         let a = match &self.self_attn {
@@ -102,12 +112,29 @@ impl DecoderLayer {
         };
         let x = (x + a)?;
         let h = self.post_attention_layernorm.forward(&x)?;
+        let mut r = None;
         let m = match &self.mlp {
             Ffn::Dense(m) => m.forward(&h)?,
-            Ffn::Moe(m) => m.forward(&h)?,
+            Ffn::Moe(m) => {
+                if routing {
+                    r = Some(m.route_rows(&h.flatten_to(candle_core::D::Minus2)?)?);
+                }
+                m.forward(&h)?
+            }
         };
-        x + m
+        Ok(((x + m)?, r))
     }
+}
+
+/// Expert ids and weights of each position (batch rows flattened), as `MoEGate` returns them.
+pub type Routing = Vec<(Vec<usize>, Vec<f32>)>;
+
+/// What [`DeepseekV2::forward_embeds_traced`] returns for one layer.
+pub struct LayerTrace {
+    /// The layer's output `(b, t, hidden)` (before the final norm).
+    pub output: Tensor,
+    /// MoE layers only: each position's routing.
+    pub routing: Option<Routing>,
 }
 
 /// The KV cache of every layer; its length is the number of positions already seen.
@@ -220,6 +247,30 @@ impl DeepseekV2 {
             last_hidden_state: h,
             hidden_states: all,
         })
+    }
+
+    /// [`Self::forward_embeds`] keeping each layer's output and MoE routing (for the verifier,
+    /// which compares them with the remote code's layer by layer).
+    pub fn forward_embeds_traced(
+        &self,
+        inputs_embeds: &Tensor,
+        cache: &mut Cache,
+    ) -> Result<(Tensor, Vec<LayerTrace>)> {
+        let _span = tracing::span!(tracing::Level::TRACE, "decoder").entered();
+        if cache.layers.len() != self.layers.len() {
+            *cache = self.new_cache();
+        }
+        let mut trace = Vec::with_capacity(self.layers.len());
+        let mut h = inputs_embeds.clone();
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let (out, routing) = layer.forward_traced(&h, c, true)?;
+            trace.push(LayerTrace {
+                output: out.clone(),
+                routing,
+            });
+            h = out;
+        }
+        Ok((self.norm.forward(&h)?, trace))
     }
 
     /// `lm_head(hidden_states).float()`: `(.., hidden)` -> f32 `(.., vocab)`.

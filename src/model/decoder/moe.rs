@@ -167,16 +167,26 @@ impl Moe {
     }
 }
 
+impl Moe {
+    /// The routing of each row of `x` `(n, hidden)`: expert ids and weights, as `MoEGate`
+    /// returns `topk_idx`, `topk_weight` (the verifier compares them with the golden's).
+    pub fn route_rows(&self, x: &Tensor) -> Result<Vec<(Vec<usize>, Vec<f32>)>> {
+        let scores: Vec<Vec<f32>> = self.scores(x)?.to_vec2()?;
+        Ok(scores
+            .iter()
+            .map(|s| route(s, self.e_score_correction_bias.as_deref(), &self.cfg))
+            .collect())
+    }
+}
+
 impl Module for Moe {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
         let (b, t, h) = x.dims3()?;
         let flat = x.reshape((b * t, h))?;
-        let scores: Vec<Vec<f32>> = self.scores(&flat)?.to_vec2()?;
         // Per expert: which tokens, with which weight.
         let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![]); self.experts.len()];
-        for (tok, s) in scores.iter().enumerate() {
-            let (idx, w) = route(s, self.e_score_correction_bias.as_deref(), &self.cfg);
+        for (tok, (idx, w)) in self.route_rows(&flat)?.into_iter().enumerate() {
             for (e, w) in idx.into_iter().zip(w) {
                 per_expert[e].0.push(tok as u32);
                 per_expert[e].1.push(w);

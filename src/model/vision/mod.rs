@@ -44,6 +44,16 @@ pub struct LocalTiles<'a> {
     pub height_crop_num: usize,
 }
 
+/// The outputs of one [`DeepEncoder::encode_views_staged`] call.
+pub struct ViewStages {
+    /// SAM's `net_3` output `(b, 1024, h, w)`.
+    pub sam: Tensor,
+    /// CLIP's output `(b, 1 + h*w, 1024)`, class token first.
+    pub clip: Tensor,
+    /// The projector's output `(b, h*w, n_embed)`.
+    pub projected: Tensor,
+}
+
 /// SAM + CLIP + projector + the two learned separators (`model.sam_model`, `model.vision_model`,
 /// `model.projector`, `model.image_newline`, `model.view_seperator`).
 pub struct DeepEncoder {
@@ -71,6 +81,11 @@ impl DeepEncoder {
 
     /// One view through SAM, CLIP and the projector: pixels `(b, 3, H, W)` -> `(b, h*w, n_embed)`.
     pub fn encode_views(&self, pixels: &Tensor) -> Result<Tensor> {
+        Ok(self.encode_views_staged(pixels)?.projected)
+    }
+
+    /// [`Self::encode_views`] keeping each stage's output (what the verifier compares).
+    pub fn encode_views_staged(&self, pixels: &Tensor) -> Result<ViewStages> {
         let _enter = self.span.enter();
         let f1 = self.sam.forward(pixels)?;
         let f2 = self.clip.forward(&f1)?;
@@ -78,8 +93,15 @@ impl DeepEncoder {
         let n = f2.dim(1)?;
         let clip_part = f2.narrow(1, 1, n - 1)?;
         let sam_part = f1.flatten_from(2)?.permute((0, 2, 1))?;
-        let feats = Tensor::cat(&[&clip_part, &sam_part], 2)?;
-        self.projector.forward(&feats)
+        // contiguous: with a non-contiguous part, candle's cat on dim 2 returns a transposed
+        // view, which its CUDA matmul refuses for a batch of several views (CPU accepts it).
+        let feats = Tensor::cat(&[&clip_part, &sam_part], 2)?.contiguous()?;
+        let projected = self.projector.forward(&feats)?;
+        Ok(ViewStages {
+            sam: f1,
+            clip: f2,
+            projected,
+        })
     }
 
     /// `(h*w, n)` features of a square grid -> rows each followed by `image_newline`:
@@ -101,6 +123,16 @@ impl DeepEncoder {
     pub fn encode_image(&self, global: &Tensor, local: Option<LocalTiles<'_>>) -> Result<Tensor> {
         let _enter = self.span.enter();
         let g = self.encode_views(global)?;
+        let l = match local {
+            Some(t) => Some((self.encode_views(t.pixels)?, t.width_crop_num, t.height_crop_num)),
+            None => None,
+        };
+        self.layout(&g, l.as_ref().map(|(l, wc, hc)| (l, *wc, *hc)))
+    }
+
+    /// The layout half of [`Self::encode_image`]: projected global features `(1, h*w, n)` and
+    /// optional projected tiles `(wc*hc, h2*w2, n)` with `(wc, hc)` -> the image's rows.
+    pub fn layout(&self, g: &Tensor, local: Option<(&Tensor, usize, usize)>) -> Result<Tensor> {
         let (_, hw, n) = g.dims3()?;
         // h = w = int(hw ** 0.5)
         let h = (hw as f64).sqrt() as usize;
@@ -109,10 +141,9 @@ impl DeepEncoder {
         let Some(local) = local else {
             return Tensor::cat(&[&global_rows, &sep], 0);
         };
-        let l = self.encode_views(local.pixels)?;
+        let (l, wc, hc) = local;
         let (_, hw2, n2) = l.dims3()?;
         let h2 = (hw2 as f64).sqrt() as usize;
-        let (wc, hc) = (local.width_crop_num, local.height_crop_num);
         // local_features.view(hc, wc, h2, w2, n).permute(0, 2, 1, 3, 4).reshape(hc*h2, wc*w2, n)
         let l = l
             .reshape((hc, wc, h2, h2, n2))?
