@@ -23,6 +23,7 @@ pub mod fetch;
 pub mod hook;
 pub mod lock;
 pub mod mirror;
+pub mod ocr;
 pub mod revert;
 pub mod verify;
 
@@ -54,6 +55,7 @@ pub enum Command {
     Mirror(mirror::MirrorArgs),
     Hook(hook::HookArgs),
     Verify(verify::VerifyArgs),
+    Ocr(ocr::OcrArgs),
 }
 
 /// What a command ends with; `main` turns it into the process exit code.
@@ -76,6 +78,7 @@ impl Cli {
             Command::Mirror(a) => a.out.json,
             Command::Hook(a) => a.json(),
             Command::Verify(a) => a.out.json,
+            Command::Ocr(a) => a.out.json,
         }
     }
 
@@ -91,6 +94,7 @@ impl Cli {
             Command::Mirror(a) => mirror::run(a),
             Command::Hook(a) => hook::run(a),
             Command::Verify(a) => verify::run(a),
+            Command::Ocr(a) => ocr::run(a),
         }
     }
 }

@@ -12,7 +12,11 @@
 pub mod config;
 pub mod decoder;
 pub mod generate;
+pub mod grounding;
+pub mod ocr;
+pub mod preprocess;
 pub mod synth;
+pub mod tokenizer;
 pub mod vision;
 pub mod weights;
 
