@@ -198,6 +198,13 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
             .with_context(|| format!("{}: the model failed", path.display()))?;
         if stream {
             println!();
+            eprintln!(
+                "[{}: {} prompt tokens, {} generated, stop: {:?}]",
+                path.display(),
+                out.prompt_tokens,
+                out.tokens.len(),
+                out.stop
+            );
         }
         let boxes = a.grounding.then(|| grounding::parse(&out.text, p.width, p.height));
         if stream {
