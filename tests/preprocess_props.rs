@@ -10,7 +10,10 @@ fn ratio(r: (u32, u32)) -> f64 {
 
 fn noise(w: u32, h: u32, seed: u32) -> RgbImage {
     RgbImage::from_fn(w, h, |x, y| {
-        let v = x.wrapping_mul(2654435761).wrapping_add(y.wrapping_mul(40503)).wrapping_add(seed);
+        let v = x
+            .wrapping_mul(2654435761)
+            .wrapping_add(y.wrapping_mul(40503))
+            .wrapping_add(seed);
         Rgb([v as u8, (v >> 8) as u8, (v >> 16) as u8])
     })
 }

@@ -40,8 +40,10 @@ fn ref_dir() -> Option<PathBuf> {
     if *done {
         return Some(out);
     }
-    let python = std::env::var("OCR_PATCH_REF_PYTHON").unwrap_or_else(|_| "/root/.cache/tf-matrix/venv/bin/python".into());
-    let pythonpath = std::env::var("OCR_PATCH_REF_PYTHONPATH").unwrap_or_else(|_| "/root/.cache/tf-matrix/tf/4.46.3".into());
+    let python = std::env::var("OCR_PATCH_REF_PYTHON")
+        .unwrap_or_else(|_| "/root/.cache/tf-matrix/venv/bin/python".into());
+    let pythonpath = std::env::var("OCR_PATCH_REF_PYTHONPATH")
+        .unwrap_or_else(|_| "/root/.cache/tf-matrix/tf/4.46.3".into());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/preprocess_ref/make_ref.py");
     let run = std::process::Command::new(&python)
         .arg(&script)
@@ -50,7 +52,13 @@ fn ref_dir() -> Option<PathBuf> {
         .env("PYTHONPATH", pythonpath)
         .output()
         .unwrap_or_else(|e| panic!("{python}: cannot run the reference script: {e}"));
-    assert!(run.status.success(), "{}: failed ({}):\n{}", script.display(), run.status, String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}: failed ({}):\n{}",
+        script.display(),
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
     *done = true;
     Some(out)
 }
@@ -69,19 +77,35 @@ fn target_ratios_and_aspect_choices_match_python() {
         .iter()
         .map(|r| (r[0].as_u64().unwrap() as u32, r[1].as_u64().unwrap() as u32))
         .collect();
-    assert_eq!(py, TARGET_RATIOS.to_vec(), "target_ratios order differs from dynamic_preprocess's");
+    assert_eq!(
+        py,
+        TARGET_RATIOS.to_vec(),
+        "target_ratios order differs from dynamic_preprocess's"
+    );
     let choices = idx["choices"].as_array().unwrap();
     let mut bad = vec![];
     for c in choices {
         let (w, h) = (c[0].as_u64().unwrap() as u32, c[1].as_u64().unwrap() as u32);
-        let want = (c[2][0].as_u64().unwrap() as u32, c[2][1].as_u64().unwrap() as u32);
-        let got = preprocess::find_closest_aspect_ratio(w as f64 / h as f64, &TARGET_RATIOS, w, h, 640);
+        let want = (
+            c[2][0].as_u64().unwrap() as u32,
+            c[2][1].as_u64().unwrap() as u32,
+        );
+        let got =
+            preprocess::find_closest_aspect_ratio(w as f64 / h as f64, &TARGET_RATIOS, w, h, 640);
         if got != want {
             bad.push((w, h, want, got));
         }
     }
-    eprintln!("find_closest_aspect_ratio: {} sizes compared (ties included), {} differ", choices.len(), bad.len());
-    assert!(bad.is_empty(), "differs from Python: {:?}", &bad[..bad.len().min(10)]);
+    eprintln!(
+        "find_closest_aspect_ratio: {} sizes compared (ties included), {} differ",
+        choices.len(),
+        bad.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "differs from Python: {:?}",
+        &bad[..bad.len().min(10)]
+    );
 }
 
 fn max_u8_diff(a: &[u8], b: &[u8]) -> (u8, f64) {
@@ -101,12 +125,22 @@ fn flat_u8(t: &Tensor) -> Vec<u8> {
 }
 
 fn flat_f32(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
 
 /// Our f32 pixels as infer() hands them on: `.to(torch.bfloat16)`, read back as f32.
 fn bf16_round(v: &[f32]) -> Vec<f32> {
-    flat_f32(&Tensor::new(v, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap())
+    flat_f32(
+        &Tensor::new(v, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap(),
+    )
 }
 
 #[test]
@@ -122,19 +156,44 @@ fn views_pixels_and_token_layout_match_infer() {
         let image = c["image"].as_str().unwrap();
         let mode: Mode = c["mode"].as_str().unwrap().parse().unwrap();
         let prompt = c["prompt"].as_str().unwrap();
-        let t: HashMap<String, Tensor> = candle_core::safetensors::load(dir.join(format!("{case}.safetensors")), &Device::Cpu).unwrap();
-        let img = preprocess::load_image(&dir.join("images").join(image), preprocess::MAX_IMAGE_PIXELS).unwrap();
+        let t: HashMap<String, Tensor> =
+            candle_core::safetensors::load(dir.join(format!("{case}.safetensors")), &Device::Cpu)
+                .unwrap();
+        let img = preprocess::load_image(
+            &dir.join("images").join(image),
+            preprocess::MAX_IMAGE_PIXELS,
+        )
+        .unwrap();
         let v = preprocess::views(&img, mode);
 
         // token layout, exactly
-        let enc = |s: &str| -> Result<Vec<u32>, ()> { Ok(s.bytes().map(|b| 1000 + b as u32).collect()) };
-        let p = preprocess::build_prompt(prompt, std::slice::from_ref(&v), mode, enc).unwrap().unwrap();
-        let ids: Vec<u32> = t["input_ids"].to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect();
+        let enc =
+            |s: &str| -> Result<Vec<u32>, ()> { Ok(s.bytes().map(|b| 1000 + b as u32).collect()) };
+        let p = preprocess::build_prompt(prompt, std::slice::from_ref(&v), mode, enc)
+            .unwrap()
+            .unwrap();
+        let ids: Vec<u32> = t["input_ids"]
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect();
         assert_eq!(p.input_ids, ids, "{case}: input_ids");
-        let mask: Vec<bool> = flat_u8(&t["images_seq_mask"]).into_iter().map(|x| x != 0).collect();
+        let mask: Vec<bool> = flat_u8(&t["images_seq_mask"])
+            .into_iter()
+            .map(|x| x != 0)
+            .collect();
         assert_eq!(p.images_seq_mask, mask, "{case}: images_seq_mask");
-        let crop = t["images_spatial_crop"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
-        assert_eq!(vec![v.crop.0 as i64, v.crop.1 as i64], crop, "{case}: images_spatial_crop");
+        let crop = t["images_spatial_crop"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap();
+        assert_eq!(
+            vec![v.crop.0 as i64, v.crop.1 as i64],
+            crop,
+            "{case}: images_spatial_crop"
+        );
 
         // views
         let want_g = flat_u8(&t["u8.global"]);
@@ -145,8 +204,14 @@ fn views_pixels_and_token_layout_match_infer() {
         let (gm, gmean) = max_u8_diff(&got_g, &want_g);
         let (tm, tmean) = max_u8_diff(&got_tiles, &want_tiles);
         if image.ends_with(".jpg") {
-            report.push(format!("{case}: uint8 max |d| global {gm} (mean {gmean:.3}), tiles {tm} (mean {tmean:.3})"));
-            if !(gm <= JPEG_MAX_U8 && tm <= JPEG_MAX_U8 && gmean <= JPEG_MEAN_U8 && tmean <= JPEG_MEAN_U8) {
+            report.push(format!(
+                "{case}: uint8 max |d| global {gm} (mean {gmean:.3}), tiles {tm} (mean {tmean:.3})"
+            ));
+            if !(gm <= JPEG_MAX_U8
+                && tm <= JPEG_MAX_U8
+                && gmean <= JPEG_MEAN_U8
+                && tmean <= JPEG_MEAN_U8)
+            {
                 failed.push(format!("{case}: JPEG beyond tolerance"));
             }
             continue;
@@ -159,11 +224,19 @@ fn views_pixels_and_token_layout_match_infer() {
         // float32 after ToTensor + Normalize, and bf16 as passed to generate(): bit for bit
         let f_g = preprocess::to_chw(&v.global);
         assert_eq!(f_g, flat_f32(&t["f32.global"]), "{case}: f32 global");
-        assert_eq!(bf16_round(&f_g), flat_f32(&t["bf16.global"]), "{case}: bf16 global");
+        assert_eq!(
+            bf16_round(&f_g),
+            flat_f32(&t["bf16.global"]),
+            "{case}: bf16 global"
+        );
         if !v.tiles.is_empty() {
             let f_t: Vec<f32> = v.tiles.iter().flat_map(preprocess::to_chw).collect();
             assert_eq!(f_t, flat_f32(&t["f32.tiles"]), "{case}: f32 tiles");
-            assert_eq!(bf16_round(&f_t), flat_f32(&t["bf16.crops"]), "{case}: bf16 tiles");
+            assert_eq!(
+                bf16_round(&f_t),
+                flat_f32(&t["bf16.crops"]),
+                "{case}: bf16 tiles"
+            );
         } else {
             // no crops: infer() passes zeros of (1, 3, base, base)
             let z = flat_f32(&t["bf16.crops"]);
@@ -174,6 +247,14 @@ fn views_pixels_and_token_layout_match_infer() {
     for r in &report {
         eprintln!("{r}");
     }
-    eprintln!("{exact} of {} cases bit-identical (uint8 views, float32, bf16, tokens)", cases.len());
-    assert!(failed.is_empty(), "{} cases differ:\n{}", failed.len(), failed.join("\n"));
+    eprintln!(
+        "{exact} of {} cases bit-identical (uint8 views, float32, bf16, tokens)",
+        cases.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} cases differ:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
 }

@@ -65,7 +65,12 @@ pub struct OcrArgs {
     pub images: Vec<PathBuf>,
 
     /// Model folder: config.json, tokenizer.json and the *.safetensors of DeepSeek-OCR
-    #[arg(long, value_name = "DIR", required_unless_present = "synthetic", conflicts_with = "synthetic")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "synthetic",
+        conflicts_with = "synthetic"
+    )]
     pub model: Option<PathBuf>,
 
     /// Run on synthetic weights (ocrp-synth-v1) made in memory for this config.json instead of
@@ -132,7 +137,12 @@ struct ImageResult {
 pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
     let mode = Mode::from(a.mode);
     let prompt = a.prompt.clone().unwrap_or_else(|| {
-        if a.grounding { GROUNDING_PROMPT } else { FREE_OCR_PROMPT }.to_string()
+        if a.grounding {
+            GROUNDING_PROMPT
+        } else {
+            FREE_OCR_PROMPT
+        }
+        .to_string()
     });
 
     // Everything a user can get wrong is checked before the model loads.
@@ -147,7 +157,10 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
         (None, None) => OcrTokenizer::byte_level(),
     };
     for problem in tokenizer.check_ocr_tokens() {
-        eprintln!("warning: {}: {problem}; prompts will not tokenise as DeepSeek-OCR's", tokenizer.source);
+        eprintln!(
+            "warning: {}: {problem}; prompts will not tokenise as DeepSeek-OCR's",
+            tokenizer.source
+        );
     }
     let config_path = match (&a.model, &a.synthetic) {
         (Some(dir), _) => dir.join("config.json"),
@@ -161,8 +174,14 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
         .iter()
         .zip(&a.images)
         .map(|(img, path)| {
-            ocr::prepare(&tokenizer, text_cfg.max_position_embeddings, img, mode, &prompt)
-                .with_context(|| format!("{}: cannot prepare the prompt", path.display()))
+            ocr::prepare(
+                &tokenizer,
+                text_cfg.max_position_embeddings,
+                img,
+                mode,
+                &prompt,
+            )
+            .with_context(|| format!("{}: cannot prepare the prompt", path.display()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
@@ -206,7 +225,9 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
                 out.stop
             );
         }
-        let boxes = a.grounding.then(|| grounding::parse(&out.text, p.width, p.height));
+        let boxes = a
+            .grounding
+            .then(|| grounding::parse(&out.text, p.width, p.height));
         if stream {
             if let Some(b) = &boxes {
                 let v = serde_json::json!({ "image": path.display().to_string(), "boxes": b });

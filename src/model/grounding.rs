@@ -59,9 +59,21 @@ pub fn parse(text: &str, width: u32, height: u32) -> Vec<Grounded> {
             let px = |v: f64, size: u32| (v / 999.0 * size as f64) as i64;
             let pixels = normalized
                 .iter()
-                .map(|b| [px(b[0], width), px(b[1], height), px(b[2], width), px(b[3], height)])
+                .map(|b| {
+                    [
+                        px(b[0], width),
+                        px(b[1], height),
+                        px(b[2], width),
+                        px(b[3], height),
+                    ]
+                })
                 .collect();
-            Some(Grounded { label: c[2].to_string(), normalized, pixels, span: c[1].to_string() })
+            Some(Grounded {
+                label: c[2].to_string(),
+                normalized,
+                pixels,
+                span: c[1].to_string(),
+            })
         })
         .collect()
 }
@@ -71,13 +83,21 @@ pub fn parse(text: &str, width: u32, height: u32) -> Vec<Grounded> {
 /// (Every span counts here, parsable boxes or not, as in `re_match`.)
 pub fn markdown(text: &str) -> String {
     let mut out = text.trim().to_string();
-    let spans: Vec<String> = pattern().captures_iter(&out.clone()).map(|c| c[1].to_string()).collect();
-    let (images, others): (Vec<_>, Vec<_>) = spans.into_iter().partition(|s| s.contains("<|ref|>image<|/ref|>"));
+    let spans: Vec<String> = pattern()
+        .captures_iter(&out.clone())
+        .map(|c| c[1].to_string())
+        .collect();
+    let (images, others): (Vec<_>, Vec<_>) = spans
+        .into_iter()
+        .partition(|s| s.contains("<|ref|>image<|/ref|>"));
     for (i, s) in images.iter().enumerate() {
         out = out.replace(s.as_str(), &format!("![](images/{i}.jpg)\n"));
     }
     for s in &others {
-        out = out.replace(s.as_str(), "").replace("\\coloneqq", ":=").replace("\\eqqcolon", "=:");
+        out = out
+            .replace(s.as_str(), "")
+            .replace("\\coloneqq", ":=")
+            .replace("\\eqqcolon", "=:");
     }
     out
 }
@@ -104,7 +124,10 @@ mod tests {
         let text = "<|ref|>a<|/ref|><|det|>[[1, 2, 3]]<|/det|><|ref|>b<|/ref|><|det|>oops<|/det|>\
                     <|ref|>c<|/ref|><|det|>[[1,2,3,4]]<|/det|><|ref|>unclosed<|/ref|><|det|>[[1";
         let g = parse(text, 999, 999);
-        assert_eq!(g.iter().map(|g| g.label.as_str()).collect::<Vec<_>>(), vec!["c"]);
+        assert_eq!(
+            g.iter().map(|g| g.label.as_str()).collect::<Vec<_>>(),
+            vec!["c"]
+        );
         assert_eq!(g[0].pixels, vec![[1, 2, 3, 4]]);
     }
 

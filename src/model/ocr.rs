@@ -16,7 +16,10 @@ use image::RgbImage;
 use super::generate::{self, GenerationConfig, NoRepeatNgram, Sampling, StopReason};
 use super::preprocess::{self, Mode, PreprocessError, PromptTokens, Views};
 use super::tokenizer::{OcrTokenizer, StreamDecoder, TokenizerError, EOS_ID};
-use super::{DecoderSession, DeepseekOcr, ImageInput, LocalTiles, ModelError, OcrConfig, TextConfig, VisionConfig};
+use super::{
+    DecoderSession, DeepseekOcr, ImageInput, LocalTiles, ModelError, OcrConfig, TextConfig,
+    VisionConfig,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OcrError {
@@ -30,7 +33,11 @@ pub enum OcrError {
         "the prompt is {tokens} tokens ({image_tokens} of them image tokens), but the model's \
          context is {context} (max_position_embeddings); use a smaller --mode or a shorter prompt"
     )]
-    PromptTooLong { tokens: usize, image_tokens: usize, context: usize },
+    PromptTooLong {
+        tokens: usize,
+        image_tokens: usize,
+        context: usize,
+    },
     #[error("{path}: {message}")]
     Synthetic { path: String, message: String },
     #[error("the model failed while running: {0}")]
@@ -71,29 +78,72 @@ pub struct OcrOutput {
 
 impl OcrEngine {
     /// A checkpoint folder: `config.json`, `*.safetensors`; the tokenizer is passed in.
-    pub fn load(dir: &Path, tokenizer: OcrTokenizer, dtype: DType, device: &Device) -> Result<Self, OcrError> {
-        let text = OcrConfig::from_file(&dir.join("config.json")).map_err(ModelError::from)?.text().map_err(ModelError::from)?;
+    pub fn load(
+        dir: &Path,
+        tokenizer: OcrTokenizer,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, OcrError> {
+        let text = OcrConfig::from_file(&dir.join("config.json"))
+            .map_err(ModelError::from)?
+            .text()
+            .map_err(ModelError::from)?;
         let model = DeepseekOcr::load(dir, dtype, device)?;
-        Ok(Self { model, tokenizer, text, device: device.clone(), dtype, fold_ids: false })
+        Ok(Self {
+            model,
+            tokenizer,
+            text,
+            device: device.clone(),
+            dtype,
+            fold_ids: false,
+        })
     }
 
     /// Synthetic weights (`ocrp-synth-v1`, `seed`) for `config`, generated in memory.
-    pub fn synthetic(config: &Path, seed: u64, tokenizer: OcrTokenizer, dtype: DType, device: &Device) -> Result<Self, OcrError> {
+    pub fn synthetic(
+        config: &Path,
+        seed: u64,
+        tokenizer: OcrTokenizer,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, OcrError> {
         let name = config.display().to_string();
-        let bad = |message: String| OcrError::Synthetic { path: name.clone(), message };
-        let raw = std::fs::read_to_string(config).map_err(|e| bad(format!("cannot read the config ({e}); check the path given to --synthetic")))?;
-        let value: serde_json::Value = serde_json::from_str(&raw).map_err(|e| bad(format!("not JSON ({e}); pass a config.json")))?;
-        let text = OcrConfig::from_json_str(&raw).map_err(ModelError::from)?.text().map_err(ModelError::from)?;
-        let tensors = super::synth::synthesize(&value, seed, super::synth::DType::F32).map_err(|e| bad(e.to_string()))?;
+        let bad = |message: String| OcrError::Synthetic {
+            path: name.clone(),
+            message,
+        };
+        let raw = std::fs::read_to_string(config).map_err(|e| {
+            bad(format!(
+                "cannot read the config ({e}); check the path given to --synthetic"
+            ))
+        })?;
+        let value: serde_json::Value = serde_json::from_str(&raw)
+            .map_err(|e| bad(format!("not JSON ({e}); pass a config.json")))?;
+        let text = OcrConfig::from_json_str(&raw)
+            .map_err(ModelError::from)?
+            .text()
+            .map_err(ModelError::from)?;
+        let tensors = super::synth::synthesize(&value, seed, super::synth::DType::F32)
+            .map_err(|e| bad(e.to_string()))?;
         let mut map = HashMap::with_capacity(tensors.len());
         for (n, t) in tensors {
-            let tensor = Tensor::from_raw_buffer(&t.data, DType::F32, &t.shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+            let tensor = Tensor::from_raw_buffer(&t.data, DType::F32, &t.shape, &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?;
             map.insert(n, tensor);
         }
         let vb = candle_nn::VarBuilder::from_tensors(map, dtype, device);
-        let model = DeepseekOcr::new(&text, &VisionConfig::deepseek_ocr(), vb).map_err(ModelError::from)?;
+        let model =
+            DeepseekOcr::new(&text, &VisionConfig::deepseek_ocr(), vb).map_err(ModelError::from)?;
         let fold_ids = text.vocab_size < 129280;
-        Ok(Self { model, tokenizer, text, device: device.clone(), dtype, fold_ids })
+        Ok(Self {
+            model,
+            tokenizer,
+            text,
+            device: device.clone(),
+            dtype,
+            fold_ids,
+        })
     }
 
     /// `max_position_embeddings`.
@@ -102,31 +152,56 @@ impl OcrEngine {
     }
 
     /// Views and tokens of one image; fails when the prompt does not fit the context.
-    pub fn prepare(&self, image: &RgbImage, mode: Mode, prompt: &str) -> Result<Prepared, OcrError> {
+    pub fn prepare(
+        &self,
+        image: &RgbImage,
+        mode: Mode,
+        prompt: &str,
+    ) -> Result<Prepared, OcrError> {
         prepare(&self.tokenizer, self.context(), image, mode, prompt)
     }
 
     /// Prefill and decode; `on_text` sees the text as it grows (eos not shown).
-    pub fn run(&self, p: &Prepared, max_new_tokens: usize, mut on_text: impl FnMut(&str)) -> Result<OcrOutput, OcrError> {
+    pub fn run(
+        &self,
+        p: &Prepared,
+        max_new_tokens: usize,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<OcrOutput, OcrError> {
         let ids: Vec<u32> = p
             .tokens
             .input_ids
             .iter()
-            .map(|&i| if self.fold_ids { i % self.text.vocab_size as u32 } else { i })
+            .map(|&i| {
+                if self.fold_ids {
+                    i % self.text.vocab_size as u32
+                } else {
+                    i
+                }
+            })
             .collect();
         let n = ids.len();
         let input = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
         let tensor = |img: &RgbImage| -> candle_core::Result<Tensor> {
             let (w, h) = img.dimensions();
-            Tensor::from_vec(preprocess::to_chw(img), (1, 3, h as usize, w as usize), &Device::Cpu)?
-                .to_dtype(self.dtype)?
-                .to_device(&self.device)
+            Tensor::from_vec(
+                preprocess::to_chw(img),
+                (1, 3, h as usize, w as usize),
+                &Device::Cpu,
+            )?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)
         };
         let global = tensor(&p.views.global)?;
         let tiles = if p.views.tiles.is_empty() {
             None
         } else {
-            let t: Vec<Tensor> = p.views.tiles.iter().map(tensor).collect::<candle_core::Result<_>>()?;
+            let t: Vec<Tensor> = p
+                .views
+                .tiles
+                .iter()
+                .map(tensor)
+                .collect::<candle_core::Result<_>>()?;
             Some(Tensor::cat(&t, 0)?)
         };
         let image = ImageInput {
@@ -137,10 +212,23 @@ impl OcrEngine {
                 height_crop_num: p.views.crop.1 as usize,
             }),
         };
-        let embeds = self.model.prompt_embeds(&input, &p.tokens.images_seq_mask, &[image])?;
-        let mut session = DecoderSession { model: &self.model.text, cache: self.model.text.new_cache() };
-        let out = self.model.text.forward_embeds(&embeds, &mut session.cache, false)?;
-        let first: Vec<f32> = self.model.text.logits(&out.last_hidden_state.narrow(1, n - 1, 1)?)?.flatten_all()?.to_vec1()?;
+        let embeds = self
+            .model
+            .prompt_embeds(&input, &p.tokens.images_seq_mask, &[image])?;
+        let mut session = DecoderSession {
+            model: &self.model.text,
+            cache: self.model.text.new_cache(),
+        };
+        let out = self
+            .model
+            .text
+            .forward_embeds(&embeds, &mut session.cache, false)?;
+        let first: Vec<f32> = self
+            .model
+            .text
+            .logits(&out.last_hidden_state.narrow(1, n - 1, 1)?)?
+            .flatten_all()?
+            .to_vec1()?;
         let cfg = GenerationConfig {
             // the context bounds the output: positions past max_position_embeddings are not trained
             max_new_tokens: max_new_tokens.min(self.context().saturating_sub(n)),
@@ -177,18 +265,41 @@ impl OcrEngine {
         }
         let body: Vec<u32> = g.tokens.iter().copied().filter(|&t| t != EOS_ID).collect();
         let text = self.tokenizer.decode(&body, false)?;
-        Ok(OcrOutput { prompt_tokens: n, tokens: g.tokens, text, stop: g.stop })
+        Ok(OcrOutput {
+            prompt_tokens: n,
+            tokens: g.tokens,
+            text,
+            stop: g.stop,
+        })
     }
 }
 
 /// [`OcrEngine::prepare`] without a model (for checks before loading one).
-pub fn prepare(tok: &OcrTokenizer, context: usize, image: &RgbImage, mode: Mode, prompt: &str) -> Result<Prepared, OcrError> {
+pub fn prepare(
+    tok: &OcrTokenizer,
+    context: usize,
+    image: &RgbImage,
+    mode: Mode,
+    prompt: &str,
+) -> Result<Prepared, OcrError> {
     let views = preprocess::views(image, mode);
     let image_tokens = views.token_count(mode);
-    let tokens = preprocess::build_prompt(prompt, std::slice::from_ref(&views), mode, |s| tok.encode(s))??;
+    let tokens = preprocess::build_prompt(prompt, std::slice::from_ref(&views), mode, |s| {
+        tok.encode(s)
+    })??;
     if tokens.input_ids.len() >= context {
-        return Err(OcrError::PromptTooLong { tokens: tokens.input_ids.len(), image_tokens, context });
+        return Err(OcrError::PromptTooLong {
+            tokens: tokens.input_ids.len(),
+            image_tokens,
+            context,
+        });
     }
     let (width, height) = image.dimensions();
-    Ok(Prepared { width, height, mode, views, tokens })
+    Ok(Prepared {
+        width,
+        height,
+        mode,
+        views,
+        tokens,
+    })
 }

@@ -57,15 +57,27 @@ pub enum PreprocessError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not a readable image ({message}); pass a PNG, JPEG, WebP, BMP, TIFF or GIF file")]
+    #[error(
+        "{path}: not a readable image ({message}); pass a PNG, JPEG, WebP, BMP, TIFF or GIF file"
+    )]
     Undecodable { path: String, message: String },
     #[error("{path}: the image is {width}x{height}, it has no pixels; pass a non-empty image")]
-    ZeroSize { path: String, width: u32, height: u32 },
+    ZeroSize {
+        path: String,
+        width: u32,
+        height: u32,
+    },
     #[error(
         "{path}: the image is {width}x{height} = {pixels} pixels, above the limit of {limit} \
          (Pillow's decompression-bomb threshold); downscale it first"
     )]
-    TooLarge { path: String, width: u32, height: u32, pixels: u64, limit: u64 },
+    TooLarge {
+        path: String,
+        width: u32,
+        height: u32,
+        pixels: u64,
+        limit: u64,
+    },
     #[error(
         "the prompt has {placeholders} `<image>` placeholder(s) for {images} image(s); \
          put exactly one `<image>` per image in the prompt (e.g. \"<image>\\nFree OCR.\")"
@@ -87,7 +99,13 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [Mode::Tiny, Mode::Small, Mode::Base, Mode::Large, Mode::Gundam];
+    pub const ALL: [Mode; 5] = [
+        Mode::Tiny,
+        Mode::Small,
+        Mode::Base,
+        Mode::Large,
+        Mode::Gundam,
+    ];
 
     /// `base_size` of `infer()`.
     pub fn base_size(self) -> u32 {
@@ -164,21 +182,37 @@ pub fn queries(size: u32) -> usize {
 /// (`.convert("RGB")`: alpha dropped, grey replicated).
 pub fn load_image(path: &Path, max_pixels: u64) -> Result<RgbImage, PreprocessError> {
     let name = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| PreprocessError::Io { path: name.clone(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| PreprocessError::Io {
+        path: name.clone(),
+        source,
+    })?;
     decode_reader(BufReader::new(file), &name, max_pixels)
 }
 
 /// [`load_image`] on bytes in memory; `name` is used in messages.
-pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<RgbImage, PreprocessError> {
+pub fn decode_image(
+    bytes: &[u8],
+    name: &str,
+    max_pixels: u64,
+) -> Result<RgbImage, PreprocessError> {
     decode_reader(Cursor::new(bytes), name, max_pixels)
 }
 
-fn decode_reader<R: std::io::BufRead + Seek>(r: R, name: &str, max_pixels: u64) -> Result<RgbImage, PreprocessError> {
-    let bad = |e: image::ImageError| PreprocessError::Undecodable { path: name.to_string(), message: e.to_string() };
-    let mut reader = ImageReader::new(r).with_guessed_format().map_err(|source| PreprocessError::Io {
+fn decode_reader<R: std::io::BufRead + Seek>(
+    r: R,
+    name: &str,
+    max_pixels: u64,
+) -> Result<RgbImage, PreprocessError> {
+    let bad = |e: image::ImageError| PreprocessError::Undecodable {
         path: name.to_string(),
-        source,
-    })?;
+        message: e.to_string(),
+    };
+    let mut reader = ImageReader::new(r)
+        .with_guessed_format()
+        .map_err(|source| PreprocessError::Io {
+            path: name.to_string(),
+            source,
+        })?;
     // The crate's default allocation cap (512 MiB) would refuse some images under our pixel
     // limit; ours is set below, once the header's dimensions are known.
     reader.no_limits();
@@ -191,7 +225,11 @@ fn decode_reader<R: std::io::BufRead + Seek>(r: R, name: &str, max_pixels: u64) 
     let mut decoder = reader.into_decoder().map_err(bad)?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
-        return Err(PreprocessError::ZeroSize { path: name.to_string(), width, height });
+        return Err(PreprocessError::ZeroSize {
+            path: name.to_string(),
+            width,
+            height,
+        });
     }
     let pixels = width as u64 * height as u64;
     if pixels > max_pixels {
@@ -208,7 +246,9 @@ fn decode_reader<R: std::io::BufRead + Seek>(r: R, name: &str, max_pixels: u64) 
     limits.max_alloc = Some(pixels * 8 + (64 << 20));
     decoder.set_limits(limits).map_err(bad)?;
     // exif_transpose: a missing or broken EXIF block leaves the image as it is.
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(bad)?;
     img.apply_orientation(orientation);
     Ok(to_rgb(img))
@@ -298,7 +338,11 @@ fn precompute_coeffs(in_size: u32, out_size: u32) -> Coeffs {
         for (x, kx) in k.iter().enumerate().take(n) {
             let v = if ww != 0.0 { kx / ww } else { *kx };
             let f = v * (1u32 << PRECISION_BITS) as f64;
-            kk[xx * ksize + x] = if v < 0.0 { (-0.5 + f) as i32 } else { (0.5 + f) as i32 };
+            kk[xx * ksize + x] = if v < 0.0 {
+                (-0.5 + f) as i32
+            } else {
+                (0.5 + f) as i32
+            };
         }
         bounds.push((xmin, n));
     }
@@ -384,14 +428,22 @@ pub fn resize_bicubic(src: &RgbImage, w: u32, h: u32) -> RgbImage {
         } else {
             (0, sh as usize)
         };
-        let tmp = if need_h { hpass(s, sw as usize, first, rows, &horiz) } else { s.clone() };
+        let tmp = if need_h {
+            hpass(s, sw as usize, first, rows, &horiz)
+        } else {
+            s.clone()
+        };
         if need_v {
             vpass(&tmp, w as usize, &vert, if need_h { first } else { 0 })
         } else {
             tmp
         }
     } else {
-        let tmp = if need_v { vpass(s, sw as usize, &vert, 0) } else { s.clone() };
+        let tmp = if need_v {
+            vpass(s, sw as usize, &vert, 0)
+        } else {
+            s.clone()
+        };
         if need_h {
             hpass(&tmp, sw as usize, 0, h as usize, &horiz)
         } else {
@@ -459,8 +511,28 @@ pub fn pad(src: &RgbImage, w: u32, h: u32, color: [u8; 3]) -> RgbImage {
 /// [`find_closest_aspect_ratio`]. Taken from CPython 3.11 (tuple hashes of small ints do not
 /// depend on the hash seed); `tests/preprocess_ref.rs` checks it against the interpreter.
 pub const TARGET_RATIOS: [(u32, u32); 22] = [
-    (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5), (1, 6), (6, 1),
-    (3, 2), (2, 3), (7, 1), (1, 7), (4, 2), (2, 4), (1, 8), (8, 1), (1, 9), (3, 3), (9, 1),
+    (1, 2),
+    (2, 1),
+    (3, 1),
+    (1, 3),
+    (2, 2),
+    (4, 1),
+    (1, 4),
+    (5, 1),
+    (1, 5),
+    (1, 6),
+    (6, 1),
+    (3, 2),
+    (2, 3),
+    (7, 1),
+    (1, 7),
+    (4, 2),
+    (2, 4),
+    (1, 8),
+    (8, 1),
+    (1, 9),
+    (3, 3),
+    (9, 1),
 ];
 
 /// `find_closest_aspect_ratio`: the `(columns, rows)` whose ratio is nearest `aspect_ratio`; on
@@ -483,7 +555,9 @@ pub fn find_closest_aspect_ratio(
         if diff < best_diff {
             best_diff = diff;
             best = (i, j);
-        } else if diff == best_diff && area > 0.5 * image_size as f64 * image_size as f64 * i as f64 * j as f64 {
+        } else if diff == best_diff
+            && area > 0.5 * image_size as f64 * image_size as f64 * i as f64 * j as f64
+        {
             best = (i, j);
         }
     }
@@ -560,8 +634,16 @@ pub fn views(img: &RgbImage, mode: Mode) -> Views {
         };
         let global = pad(img, mode.base_size(), mode.base_size(), PAD_COLOR);
         // if width_crop_num > 1 or height_crop_num > 1: local views
-        let tiles = if crop.0 > 1 || crop.1 > 1 { tiles } else { vec![] };
-        Views { global, tiles, crop }
+        let tiles = if crop.0 > 1 || crop.1 > 1 {
+            tiles
+        } else {
+            vec![]
+        };
+        Views {
+            global,
+            tiles,
+            crop,
+        }
     } else {
         let s = mode.image_size();
         // if image_size <= 640: image = image.resize((image_size, image_size))
@@ -573,7 +655,11 @@ pub fn views(img: &RgbImage, mode: Mode) -> Views {
             img
         };
         let global = pad(img, s, s, PAD_COLOR);
-        Views { global, tiles: vec![], crop: (1, 1) }
+        Views {
+            global,
+            tiles: vec![],
+            crop: (1, 1),
+        }
     }
 }
 
@@ -613,7 +699,10 @@ pub fn build_prompt<E>(
     let text = format_plain(prompt);
     let splits: Vec<&str> = text.split(IMAGE_TOKEN).collect();
     if splits.len() - 1 != images.len() {
-        return Err(PreprocessError::Placeholders { placeholders: splits.len() - 1, images: images.len() });
+        return Err(PreprocessError::Placeholders {
+            placeholders: splits.len() - 1,
+            images: images.len(),
+        });
     }
     Ok((|| {
         let mut ids = vec![BOS_ID];
@@ -631,7 +720,11 @@ pub fn build_prompt<E>(
         let t = encode(splits[splits.len() - 1])?;
         mask.extend(std::iter::repeat(false).take(t.len()));
         ids.extend(t);
-        Ok(PromptTokens { input_ids: ids, images_seq_mask: mask, images_spatial_crop: crops })
+        Ok(PromptTokens {
+            input_ids: ids,
+            images_seq_mask: mask,
+            images_spatial_crop: crops,
+        })
     })())
 }
 
@@ -641,14 +734,21 @@ mod tests {
 
     fn gradient(w: u32, h: u32) -> RgbImage {
         RgbImage::from_fn(w, h, |x, y| {
-            image::Rgb([(x * 255 / w.max(1)) as u8, (y * 255 / h.max(1)) as u8, ((x ^ y) & 255) as u8])
+            image::Rgb([
+                (x * 255 / w.max(1)) as u8,
+                (y * 255 / h.max(1)) as u8,
+                ((x ^ y) & 255) as u8,
+            ])
         })
     }
 
     #[test]
     fn token_counts_per_mode() {
         let img = gradient(300, 200);
-        let counts: Vec<usize> = Mode::ALL.iter().map(|&m| views(&img, m).token_count(m)).collect();
+        let counts: Vec<usize> = Mode::ALL
+            .iter()
+            .map(|&m| views(&img, m).token_count(m))
+            .collect();
         // tiny 73, small 111, base 273, large 421, gundam (small image: global only) 273
         assert_eq!(counts, vec![73, 111, 273, 421, 273]);
         let big = gradient(1500, 1000);
@@ -656,7 +756,10 @@ mod tests {
         assert_eq!(v.crop, (3, 2));
         assert_eq!(v.tiles.len(), 6);
         assert_eq!(v.token_count(Mode::Gundam), 273 + (30 + 1) * 20);
-        assert_eq!(crate::model::vision::image_token_count(1024, Some((640, 3, 2))), 273 + 31 * 20);
+        assert_eq!(
+            crate::model::vision::image_token_count(1024, Some((640, 3, 2))),
+            273 + 31 * 20
+        );
     }
 
     #[test]
@@ -669,7 +772,9 @@ mod tests {
         want.sort();
         got.sort();
         assert_eq!(got, want);
-        assert!(TARGET_RATIOS.windows(2).all(|w| w[0].0 * w[0].1 <= w[1].0 * w[1].1));
+        assert!(TARGET_RATIOS
+            .windows(2)
+            .all(|w| w[0].0 * w[0].1 <= w[1].0 * w[1].1));
     }
 
     #[test]
@@ -715,16 +820,35 @@ mod tests {
     fn prompt_layout_bos_text_image_text() {
         let img = gradient(100, 100);
         let v = views(&img, Mode::Tiny);
-        let enc = |s: &str| -> Result<Vec<u32>, ()> { Ok(s.bytes().map(|b| 1000 + b as u32).collect()) };
-        let p = build_prompt("  ab<image>\ncd ", &[v], Mode::Tiny, enc).unwrap().unwrap();
+        let enc =
+            |s: &str| -> Result<Vec<u32>, ()> { Ok(s.bytes().map(|b| 1000 + b as u32).collect()) };
+        let p = build_prompt("  ab<image>\ncd ", &[v], Mode::Tiny, enc)
+            .unwrap()
+            .unwrap();
         assert_eq!(p.input_ids.len(), 1 + 2 + 73 + 3);
-        assert_eq!(&p.input_ids[..3], &[0, 1000 + b'a' as u32, 1000 + b'b' as u32]);
+        assert_eq!(
+            &p.input_ids[..3],
+            &[0, 1000 + b'a' as u32, 1000 + b'b' as u32]
+        );
         assert!(p.images_seq_mask[3..76].iter().all(|&m| m));
         assert_eq!(p.images_seq_mask.iter().filter(|&&m| m).count(), 73);
-        assert_eq!(&p.input_ids[76..], &[1000 + b'\n' as u32, 1000 + b'c' as u32, 1000 + b'd' as u32]);
+        assert_eq!(
+            &p.input_ids[76..],
+            &[1000 + b'\n' as u32, 1000 + b'c' as u32, 1000 + b'd' as u32]
+        );
         assert_eq!(p.images_spatial_crop, vec![(1, 1)]);
-        let e = build_prompt("no placeholder", &[views(&img, Mode::Tiny)], Mode::Tiny, enc).unwrap_err();
-        assert!(e.to_string().contains("0 `<image>` placeholder(s) for 1 image"), "{e}");
+        let e = build_prompt(
+            "no placeholder",
+            &[views(&img, Mode::Tiny)],
+            Mode::Tiny,
+            enc,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("0 `<image>` placeholder(s) for 1 image"),
+            "{e}"
+        );
     }
 
     #[test]

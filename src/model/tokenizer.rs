@@ -65,16 +65,29 @@ impl OcrTokenizer {
         let name = path.display().to_string();
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(TokenizerError::Missing { path: name }),
-            Err(e) => return Err(TokenizerError::Unreadable { path: name, message: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(TokenizerError::Missing { path: name })
+            }
+            Err(e) => {
+                return Err(TokenizerError::Unreadable {
+                    path: name,
+                    message: e.to_string(),
+                })
+            }
         };
         Self::from_json(&text, &name)
     }
 
     pub fn from_json(json: &str, name: &str) -> Result<Self, TokenizerError> {
-        let inner = Tokenizer::from_bytes(json.as_bytes())
-            .map_err(|e| TokenizerError::Unreadable { path: name.to_string(), message: e.to_string() })?;
-        Ok(Self { inner, source: name.to_string() })
+        let inner =
+            Tokenizer::from_bytes(json.as_bytes()).map_err(|e| TokenizerError::Unreadable {
+                path: name.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            inner,
+            source: name.to_string(),
+        })
     }
 
     /// The built-in byte-level stand-in (see the module docs).
@@ -97,7 +110,9 @@ impl OcrTokenizer {
 
     /// `tokenizer.decode(ids, skip_special_tokens=...)`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| TokenizerError::Decode(e.to_string()))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -134,14 +149,21 @@ pub struct StreamDecoder<'t> {
 
 impl<'t> StreamDecoder<'t> {
     pub fn new(tok: &'t OcrTokenizer) -> Self {
-        Self { tok, ids: vec![], printed: 0 }
+        Self {
+            tok,
+            ids: vec![],
+            printed: 0,
+        }
     }
 
     /// Adds a token, returns the new text that can be shown now.
     pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
         let text = self.tok.decode(&self.ids, false)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.printed || !text.is_char_boundary(self.printed) {
+        if text.ends_with('\u{FFFD}')
+            || text.len() < self.printed
+            || !text.is_char_boundary(self.printed)
+        {
             return Ok(String::new());
         }
         let new = text[self.printed..].to_string();
@@ -166,7 +188,8 @@ fn byte_chars() -> Vec<char> {
     let mut out = vec!['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         out[b as usize] = if printable {
             char::from_u32(b).unwrap_or('?')
         } else {
@@ -212,7 +235,11 @@ mod tests {
     #[test]
     fn the_built_in_tokenizer_has_the_ocr_tokens_and_round_trips_bytes() {
         let t = OcrTokenizer::byte_level();
-        assert!(t.check_ocr_tokens().is_empty(), "{:?}", t.check_ocr_tokens());
+        assert!(
+            t.check_ocr_tokens().is_empty(),
+            "{:?}",
+            t.check_ocr_tokens()
+        );
         let ids = t.encode("\n<|grounding|>Héllo 文").unwrap();
         assert_eq!(ids[0], 3 + b'\n' as u32);
         assert_eq!(ids[1], 128820);
