@@ -113,21 +113,22 @@ pub fn tolerance(stage: &str) -> Tolerance {
 
 /// Runs every golden of `opts` and compares.
 pub fn verify(opts: &Options) -> Result<Report, VerifyError> {
+    // The goldens given, in order, then the vision goldens they bring along.
     let mut goldens: Vec<Golden> = Vec::new();
     let mut seen = std::collections::HashSet::new();
+    let mut brought = Vec::new();
     for p in &opts.goldens {
-        let g = Golden::open(p)?;
-        let mut more = vec![];
-        if g.kind == Kind::Language {
-            if let Some(v) = g.vision_golden_path() {
-                more.push(v);
+        if seen.insert(p.canonicalize().unwrap_or(p.clone())) {
+            let g = Golden::open(p)?;
+            if g.kind == Kind::Language {
+                brought.extend(g.vision_golden_path());
             }
+            goldens.push(g);
         }
-        for q in std::iter::once(p.clone()).chain(more) {
-            let key = q.canonicalize().unwrap_or(q.clone());
-            if seen.insert(key) {
-                goldens.push(if &q == p { g.clone() } else { Golden::open(&q)? });
-            }
+    }
+    for p in brought {
+        if seen.insert(p.canonicalize().unwrap_or(p.clone())) {
+            goldens.push(Golden::open(&p)?);
         }
     }
     if goldens.is_empty() {
