@@ -94,20 +94,20 @@ pub struct Report {
     pub passed: bool,
 }
 
-/// The tolerance of each stage (CPU, float32). The reasons are in README.md ("Verify").
+/// The tolerance of each stage (CPU, float32); README.md ("Verify") gives the reasons.
+///
+/// Every stage but the logits: `1e-5 + 2e-5 * max |golden|`. Both sides are float32 and run
+/// the same operations in a different order (candle's gemm against PyTorch's MKL/oneDNN
+/// blocking, a different softmax and LayerNorm reduction order), so the error is rounding,
+/// relative to the stage's scale: measured at most 2.5e-6 of it over all 12 goldens; the
+/// bound leaves 8x for other CPUs' SIMD paths. A real bug (a 0.1% weight change, a swapped
+/// layer, a missing newline) is orders of magnitude above it (tests/verify.rs).
+/// Logits: `1e-3` absolute, the project's CPU f32 requirement (issue 5); measured 1.1e-5.
 pub fn tolerance(stage: &str) -> Tolerance {
-    let base = stage.split('.').next().unwrap_or(stage);
-    match base {
-        // ~25 layers of float32 matmuls at 1024-wide rows: accumulation order differs between
-        // candle's gemm and MKL/oneDNN; measured <= 2e-5 relative to the stage's scale.
-        "sam" | "clip" | "projector" => Tolerance::new(1e-4, 1e-4),
-        // The merge copies rows: exactly the projector's output plus the newline/separator.
-        "inputs_embeds" => Tolerance::new(1e-4, 1e-4),
-        "layer" if stage.ends_with(".routing") => Tolerance::new(1e-4, 0.0),
-        "layer" | "final_norm" => Tolerance::new(1e-4, 1e-4),
-        // Issue 5: CPU f32 max |d logit| <= 1e-3.
-        "logits" | "greedy" => Tolerance::new(1e-3, 0.0),
-        _ => Tolerance::new(1e-4, 1e-4),
+    if stage == "logits" || stage.starts_with("logits.") || stage.starts_with("greedy") {
+        Tolerance::new(1e-3, 0.0)
+    } else {
+        Tolerance::new(1e-5, 2e-5)
     }
 }
 
