@@ -1,7 +1,9 @@
+#[cfg(feature = "model")]
 pub mod model;
 pub mod patch;
 pub mod cache;
 pub mod cli;
+#[cfg(feature = "model")]
 pub mod verify;
 #[cfg(feature = "python")]
 pub mod hook;

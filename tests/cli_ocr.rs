@@ -1,5 +1,6 @@
 //! `ocr-patch ocr`: bad inputs are clear errors (exit 2, no panic), and a run on synthetic
 //! weights goes end to end (image file -> views -> prompt -> model -> streamed text / JSON).
+#![cfg(feature = "model")]
 
 use std::path::{Path, PathBuf};
 

@@ -23,8 +23,10 @@ pub mod fetch;
 pub mod hook;
 pub mod lock;
 pub mod mirror;
+#[cfg(feature = "model")]
 pub mod ocr;
 pub mod revert;
+#[cfg(feature = "model")]
 pub mod verify;
 
 pub const EXIT_CODES: &str = "\
@@ -54,7 +56,9 @@ pub enum Command {
     Fetch(fetch::FetchArgs),
     Mirror(mirror::MirrorArgs),
     Hook(hook::HookArgs),
+    #[cfg(feature = "model")]
     Verify(verify::VerifyArgs),
+    #[cfg(feature = "model")]
     Ocr(ocr::OcrArgs),
 }
 
@@ -77,7 +81,9 @@ impl Cli {
             Command::Fetch(a) => a.out.json,
             Command::Mirror(a) => a.out.json,
             Command::Hook(a) => a.json(),
+            #[cfg(feature = "model")]
             Command::Verify(a) => a.out.json,
+            #[cfg(feature = "model")]
             Command::Ocr(a) => a.out.json,
         }
     }
@@ -93,7 +99,9 @@ impl Cli {
             Command::Fetch(a) => fetch::run(a),
             Command::Mirror(a) => mirror::run(a),
             Command::Hook(a) => hook::run(a),
+            #[cfg(feature = "model")]
             Command::Verify(a) => verify::run(a),
+            #[cfg(feature = "model")]
             Command::Ocr(a) => ocr::run(a),
         }
     }
