@@ -173,9 +173,55 @@ fn cli_exit_codes() {
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains("built without cuda"));
     }
-    let out = bin().args(["verify", "--against-python"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not yet"));
     let out = bin().args(["verify", "--golden", "Cargo.toml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A golden's header names the sha256 of the weights it was made with; verify refuses other
+/// weights (exit 2) before running anything.
+#[test]
+fn a_golden_made_with_other_weights_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(golden("cpu-tiny.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = meta.metadata().clone().unwrap();
+    let right = meta["weights.sha256"].clone();
+    meta.insert("weights.sha256".into(), "0".repeat(64));
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    let p = dir.path().join("cpu-tiny.safetensors");
+    safetensors::serialize_to_file(views, Some(meta), &p).unwrap();
+    let opts = Options { goldens: vec![p.clone()], weights: None, device: candle_core::Device::Cpu, perturb: vec![] };
+    let err = verify::verify(&opts).err().expect("a weights mismatch is an error").to_string();
+    assert!(err.contains(&"0".repeat(64)) && err.contains(&right), "{err}");
+    assert!(err.contains("not the weights the golden was made with"), "{err}");
+    let out = Command::cargo_bin("ocr-patch").unwrap().args(["verify", "--golden"]).arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not the weights the golden was made with"));
+}
+
+/// `--weights DIR`: a checkpoint folder (here the synthetic one the goldens were made with,
+/// written as a file, as an HF snapshot holds its weights) is loaded instead of regenerating
+/// the weights; its sha256 is the golden's. Another seed's checkpoint is refused.
+#[test]
+fn weights_from_a_checkpoint_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden("configs/mla.json")).unwrap()).unwrap();
+    std::fs::copy(golden("configs/mla.json"), dir.path().join("config.json")).unwrap();
+    let w = dir.path().join("model-00001-of-000001.safetensors");
+    ocr_patch::model::synth::write_safetensors(&w, &cfg, 1, ocr_patch::model::synth::DType::Bf16).unwrap();
+    let opts = Options {
+        goldens: vec![golden("vision-tiny.safetensors")],
+        weights: Some(dir.path().to_path_buf()),
+        device: candle_core::Device::Cpu,
+        perturb: vec![],
+    };
+    let r = verify::verify(&opts).expect("verify runs");
+    assert!(r.passed, "{}", table(&r));
+    assert_eq!(r.weights, dir.path().display().to_string());
+
+    ocr_patch::model::synth::write_safetensors(&w, &cfg, 2, ocr_patch::model::synth::DType::Bf16).unwrap();
+    let err = verify::verify(&opts).err().expect("another seed is refused").to_string();
+    assert!(err.contains(&format!("the weights in {}", dir.path().display())), "{err}");
 }
