@@ -1,9 +1,10 @@
 //! The MLA decoder's KV cache is latent: per token and layer it holds the normalised compressed
-//! kv (`kv_lora_rank`) and the rotated shared RoPE key (`qk_rope_head_dim`), not the expanded
-//! per-head keys and values that the remote code's `DynamicCache` holds
-//! (`num_heads * (qk_nope_head_dim + qk_rope_head_dim)` + `num_heads * v_head_dim`). Measured
-//! here from the cache tensors themselves after a prompt (golden/configs/mla.json, and the MHA
-//! cache of cpu.json for comparison); docs/model-reference.md records the numbers.
+//! kv (`kv_lora_rank`) and the rotated shared RoPE key (`qk_rope_head_dim`), as the remote
+//! code's absorbed MLA does, never the expanded per-head keys and values
+//! (`num_heads * (qk_nope_head_dim + qk_rope_head_dim)` + `num_heads * v_head_dim`) that a
+//! plain attention cache would hold. Measured here from the cache tensors themselves after a
+//! prompt (golden/configs/mla.json, and the MHA cache of cpu.json for comparison);
+//! docs/model-reference.md records the numbers, with transformers' cache measured on the GPU.
 
 use candle_core::{DType, Device, Tensor};
 use ocr_patch::model::decoder::attention::LayerCache;
@@ -61,8 +62,7 @@ fn mla_cache_is_latent_and_ten_times_smaller_than_expanded_kv() {
             // measured: (256 + 64) values per token per layer
             assert_eq!(*b, (rank + rope) * size);
         }
-        // what the remote code's DynamicCache holds for the same layer: per-head keys
-        // (nope + rope) and values
+        // what a cache of expanded keys (nope + rope per head) and values would hold
         let expanded = heads * (nope + rope) * size + heads * v * size;
         assert_eq!(expanded, 3200 * size);
         assert_eq!(expanded / bytes[0], 10, "latent {} B vs expanded {expanded} B per token per layer", bytes[0]);

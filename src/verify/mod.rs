@@ -166,9 +166,10 @@ pub fn verify(opts: &Options) -> Result<Report, VerifyError> {
     }
     let goldens: Vec<GoldenReport> = reports.into_iter().flatten().collect();
     Ok(Report {
-        device: match &opts.device {
-            Device::Cpu => "cpu".into(),
-            d => format!("{:?}", d.location()).to_lowercase(),
+        device: match opts.device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            l => format!("{l:?}").to_lowercase(),
         },
         weights: match &opts.weights {
             Some(d) => d.display().to_string(),
