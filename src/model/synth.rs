@@ -924,6 +924,19 @@ pub fn write_specs(
 /// the `ocrp.synth.tool` metadata value (the file records the writer's version, so a golden made
 /// by another version names it); `None` keeps this build's.
 pub fn file_sha256(config: &Value, seed: u64, dtype: DType, tool: Option<&str>) -> Result<String, SynthError> {
+    file_sha256_with(config, seed, dtype, tool, |s, buf| fill(s, seed, dtype, buf))
+}
+
+/// [`file_sha256`] with the tensors' bytes supplied by `bytes_of(spec, buf)` (which must fill
+/// `buf`, `numel * dtype.size()` bytes, with what [`fill`] would write): lets a caller that
+/// keeps the generated tensors anyway hash them without generating them twice.
+pub fn file_sha256_with(
+    config: &Value,
+    seed: u64,
+    dtype: DType,
+    tool: Option<&str>,
+    mut bytes_of: impl FnMut(&TensorSpec, &mut [u8]),
+) -> Result<String, SynthError> {
     let specs = plan(config)?;
     let mut meta = metadata(config, seed, dtype);
     if let Some(t) = tool {
@@ -939,7 +952,7 @@ pub fn file_sha256(config: &Value, seed: u64, dtype: DType, tool: Option<&str>) 
     for s in order {
         let n = s.numel() * dtype.size();
         buf.resize(n, 0);
-        fill(s, seed, dtype, &mut buf[..n]);
+        bytes_of(s, &mut buf[..n]);
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))

@@ -103,6 +103,10 @@ impl Source {
 /// `(seed, dtype, name, shape, init)` -> the generated tensor (f32, CPU).
 type MemoKey = (u64, String, String, Vec<usize>, String);
 
+fn memo_key(seed: u64, dtype: synth::DType, spec: &TensorSpec) -> MemoKey {
+    (seed, dtype.to_string(), spec.name.clone(), spec.shape.clone(), format!("{:?}", spec.init))
+}
+
 /// Generated tensors are kept for the life of the process: the vision tower (400M values, the
 /// bulk of the time) is the same for every config and case of a seed, so one `verify` run and
 /// a test binary generate it once. Costs its size in memory (1.6 GB f32 at the real vision
@@ -136,7 +140,7 @@ impl SimpleBackend for SynthBackend {
         let Some(spec) = self.specs.get(name) else {
             candle_core::bail!("tensor `{name}` is not in the synthetic plan of this config")
         };
-        let key = (self.seed, self.dtype.to_string(), spec.name.clone(), spec.shape.clone(), format!("{:?}", spec.init));
+        let key = memo_key(self.seed, self.dtype, spec);
         let cached = memo().lock().ok().and_then(|m| m.get(&key).cloned());
         let t = match cached {
             Some(t) => t,
@@ -256,7 +260,37 @@ pub fn synth_sha256(config: &serde_json::Value, seed: u64, dtype: synth::DType, 
     if let Some(s) = MEMO.get_or_init(Default::default).lock().ok().and_then(|m| m.get(&key).cloned()) {
         return Ok(s);
     }
-    let sha = synth::file_sha256(config, seed, dtype, tool).map_err(|e| VerifyError::Weights(e.to_string()))?;
+    // One pass: each tensor is generated once (or taken from the memo), hashed, and kept in
+    // the memo for the model that is built next.
+    let sha = synth::file_sha256_with(config, seed, dtype, tool, |spec, buf| {
+        let key = memo_key(seed, dtype, spec);
+        let cached = memo().lock().ok().and_then(|m| m.get(&key).cloned());
+        let values = cached.and_then(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok());
+        match values {
+            Some(v) if v.len() * dtype.size() == buf.len() => match dtype {
+                synth::DType::Bf16 => {
+                    for (dst, x) in buf.chunks_exact_mut(2).zip(v) {
+                        dst.copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
+                    }
+                }
+                synth::DType::F32 => {
+                    for (dst, x) in buf.chunks_exact_mut(4).zip(v) {
+                        dst.copy_from_slice(&x.to_le_bytes());
+                    }
+                }
+            },
+            _ => {
+                synth::fill(spec, seed, dtype, buf);
+                let data = synth::TensorData { dtype, shape: spec.shape.clone(), data: buf.to_vec() };
+                if let Ok(t) = Tensor::from_vec(data.to_f32(), spec.shape.as_slice(), &Device::Cpu) {
+                    if let Ok(mut m) = memo().lock() {
+                        m.insert(key, t);
+                    }
+                }
+            }
+        }
+    })
+    .map_err(|e| VerifyError::Weights(e.to_string()))?;
     if let Ok(mut m) = MEMO.get_or_init(Default::default).lock() {
         m.insert(key, sha.clone());
     }
