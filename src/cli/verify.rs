@@ -24,7 +24,12 @@ Tolerances and their reasons: README.md, section \"Verify\".";
 /// logits, and 32 greedy steps (teacher-forced with the golden's tokens).
 ///
 /// With no --golden: the committed goldens of --golden-dir whose case is in the default set
-/// (tiny and base: about a minute on 2 cores); --all adds gundam (several minutes).
+/// (tiny and base: about a minute on 2 cores); --all adds gundam (several minutes). GPU
+/// summaries (golden/gpu/: the full-size model on an H100, bf16 and f32, kept as tokens, top-8
+/// logits and norms) are checked with --golden and --device cuda.
+///
+/// Each golden's weights sha256 is checked first: the synthetic weights are hashed in memory,
+/// --weights DIR is hashed as it is; a mismatch is refused (exit 2).
 #[derive(Debug, Clone, Args)]
 #[command(after_help = VERIFY_EXIT_CODES)]
 pub struct VerifyArgs {
