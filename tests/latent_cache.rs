@@ -5,6 +5,7 @@
 //! plain attention cache would hold. Measured here from the cache tensors themselves after a
 //! prompt (golden/configs/mla.json, and the MHA cache of cpu.json for comparison);
 //! docs/model-reference.md records the numbers, with transformers' cache measured on the GPU.
+#![cfg(feature = "model")]
 
 use candle_core::{DType, Device, Tensor};
 use ocr_patch::model::decoder::attention::LayerCache;

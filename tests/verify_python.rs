@@ -15,6 +15,7 @@
 //! the remote code is copied to a temp folder, patched with `ocr-patch apply --path`, and the
 //! `cpu` config's tiny case runs through transformers and the Rust model (a few minutes on 2
 //! cores).
+#![cfg(feature = "model")]
 
 use std::path::{Path, PathBuf};
 
