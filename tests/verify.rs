@@ -195,9 +195,7 @@ fn a_golden_made_with_other_weights_is_refused() {
     let err = verify::verify(&opts).err().expect("a weights mismatch is an error").to_string();
     assert!(err.contains(&"0".repeat(64)) && err.contains(&right), "{err}");
     assert!(err.contains("not the weights the golden was made with"), "{err}");
-    let out = Command::cargo_bin("ocr-patch").unwrap().args(["verify", "--golden"]).arg(&p).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not the weights the golden was made with"));
+    // (every verify error exits 2: `cli_exit_codes`; not run again here, hashing takes a while)
 }
 
 /// `--weights DIR`: a checkpoint folder (here the synthetic one the goldens were made with,
