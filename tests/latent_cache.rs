@@ -13,29 +13,53 @@ use ocr_patch::model::{synth, DeepseekV2, OcrConfig};
 use ocr_patch::verify::weights::Source;
 
 fn config(name: &str) -> serde_json::Value {
-    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden/configs").join(name);
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("golden/configs")
+        .join(name);
     serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
 }
 
 /// Bytes per token per layer of every layer's cache after a `t`-token prompt, in `dtype`.
 fn cache_bytes(cfg: &serde_json::Value, t: usize, dtype: DType) -> (Vec<usize>, Vec<LayerCache>) {
-    let text = OcrConfig::from_json_str(&cfg.to_string()).unwrap().text().unwrap();
-    let vb = Source::synth(cfg, 1, synth::DType::Bf16).unwrap().var_builder(&[], dtype, &Device::Cpu);
+    let text = OcrConfig::from_json_str(&cfg.to_string())
+        .unwrap()
+        .text()
+        .unwrap();
+    let vb = Source::synth(cfg, 1, synth::DType::Bf16)
+        .unwrap()
+        .var_builder(&[], dtype, &Device::Cpu);
     let model = DeepseekV2::new(&text, vb).unwrap();
-    let ids: Vec<u32> = (0..t as u32).map(|i| (i * 37 + 5) % text.vocab_size as u32).collect();
-    let e = model.embed(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
+    let ids: Vec<u32> = (0..t as u32)
+        .map(|i| (i * 37 + 5) % text.vocab_size as u32)
+        .collect();
+    let e = model
+        .embed(
+            &Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap();
     let mut cache = model.new_cache();
     model.forward_embeds(&e, &mut cache, false).unwrap();
     assert_eq!(cache.seq_len(), t);
-    let layers: Vec<LayerCache> = (0..text.num_hidden_layers).map(|i| cache.layer(i).unwrap().clone()).collect();
+    let layers: Vec<LayerCache> = (0..text.num_hidden_layers)
+        .map(|i| cache.layer(i).unwrap().clone())
+        .collect();
     let bytes = layers
         .iter()
         .map(|l| {
             let ts: Vec<&Tensor> = match l {
                 LayerCache::Mha { k, v } => vec![k, v],
-                LayerCache::Mla { compressed_kv, k_pe } => vec![compressed_kv, k_pe],
+                LayerCache::Mla {
+                    compressed_kv,
+                    k_pe,
+                } => vec![compressed_kv, k_pe],
             };
-            ts.iter().map(|x| x.elem_count() * x.dtype().size_in_bytes()).sum::<usize>() / t
+            ts.iter()
+                .map(|x| x.elem_count() * x.dtype().size_in_bytes())
+                .sum::<usize>()
+                / t
         })
         .collect();
     (bytes, layers)
@@ -45,8 +69,13 @@ fn cache_bytes(cfg: &serde_json::Value, t: usize, dtype: DType) -> (Vec<usize>, 
 fn mla_cache_is_latent_and_ten_times_smaller_than_expanded_kv() {
     let cfg = config("mla.json");
     let g = |k: &str| cfg[k].as_u64().unwrap() as usize;
-    let (heads, rank, rope, nope, v) =
-        (g("num_attention_heads"), g("kv_lora_rank"), g("qk_rope_head_dim"), g("qk_nope_head_dim"), g("v_head_dim"));
+    let (heads, rank, rope, nope, v) = (
+        g("num_attention_heads"),
+        g("kv_lora_rank"),
+        g("qk_rope_head_dim"),
+        g("qk_nope_head_dim"),
+        g("v_head_dim"),
+    );
     // f32 (candle's CPU matmul has no bf16); the cache holds `dtype` values, so bf16 halves
     // both sides and the ratio is the same.
     for dtype in [DType::F32] {
@@ -54,7 +83,10 @@ fn mla_cache_is_latent_and_ten_times_smaller_than_expanded_kv() {
         let size = dtype.size_in_bytes();
         for (l, b) in layers.iter().zip(&bytes) {
             match l {
-                LayerCache::Mla { compressed_kv, k_pe } => {
+                LayerCache::Mla {
+                    compressed_kv,
+                    k_pe,
+                } => {
                     assert_eq!(compressed_kv.dims(), [1, 12, rank]);
                     assert_eq!(k_pe.dims(), [1, 1, 12, rope]);
                 }
@@ -66,7 +98,12 @@ fn mla_cache_is_latent_and_ten_times_smaller_than_expanded_kv() {
         // what a cache of expanded keys (nope + rope per head) and values would hold
         let expanded = heads * (nope + rope) * size + heads * v * size;
         assert_eq!(expanded, 3200 * size);
-        assert_eq!(expanded / bytes[0], 10, "latent {} B vs expanded {expanded} B per token per layer", bytes[0]);
+        assert_eq!(
+            expanded / bytes[0],
+            10,
+            "latent {} B vs expanded {expanded} B per token per layer",
+            bytes[0]
+        );
     }
 }
 

@@ -58,7 +58,15 @@ fn no_interpreter() {
     let dir = tempfile::tempdir().unwrap();
     let r = fake_remote(dir.path());
     fails_with(
-        bin().args(["verify", "--against-python", "--python", "/nonexistent/python3", "--remote-code"]).arg(&r),
+        bin()
+            .args([
+                "verify",
+                "--against-python",
+                "--python",
+                "/nonexistent/python3",
+                "--remote-code",
+            ])
+            .arg(&r),
         "cannot run `/nonexistent/python3`",
     );
 }
@@ -71,7 +79,11 @@ fn interpreter_without_transformers() {
     let r = fake_remote(dir.path());
     let shim = dir.path().join("shim");
     std::fs::create_dir_all(&shim).unwrap();
-    std::fs::write(shim.join("transformers.py"), "raise ModuleNotFoundError(\"No module named 'transformers'\")\n").unwrap();
+    std::fs::write(
+        shim.join("transformers.py"),
+        "raise ModuleNotFoundError(\"No module named 'transformers'\")\n",
+    )
+    .unwrap();
     std::fs::write(shim.join("torch.py"), "").unwrap();
     fails_with(
         bin().env("PYTHONPATH", &shim).args(["verify", "--against-python", "--python", "python3", "--remote-code"]).arg(&r),
@@ -83,25 +95,36 @@ fn interpreter_without_transformers() {
 fn missing_remote_code() {
     let dir = tempfile::tempdir().unwrap();
     fails_with(
-        bin().args(["verify", "--against-python", "--remote-code"]).arg(dir.path().join("nope")),
+        bin()
+            .args(["verify", "--against-python", "--remote-code"])
+            .arg(dir.path().join("nope")),
         "no such folder",
     );
     let r = fake_remote(dir.path());
     std::fs::remove_file(r.join("deepencoder.py")).unwrap();
     fails_with(
-        bin().args(["verify", "--against-python", "--remote-code"]).arg(&r),
+        bin()
+            .args(["verify", "--against-python", "--remote-code"])
+            .arg(&r),
         "no DeepSeek-OCR remote code here (deepencoder.py missing)",
     );
     // No --remote-code: the hub cache's snapshot, and this cache has none.
     let cache = dir.path().join("hub");
     std::fs::create_dir_all(&cache).unwrap();
     fails_with(
-        bin().args(["verify", "--against-python", "--cache-dir"]).arg(&cache),
+        bin()
+            .args(["verify", "--against-python", "--cache-dir"])
+            .arg(&cache),
         "no cached snapshot of deepseek-ai/DeepSeek-OCR",
     );
     // --golden and --against-python do not mix.
     fails_with(
-        bin().args(["verify", "--against-python", "--golden", "golden/cpu-tiny.safetensors"]),
+        bin().args([
+            "verify",
+            "--against-python",
+            "--golden",
+            "golden/cpu-tiny.safetensors",
+        ]),
         "leave out --golden",
     );
 }
@@ -109,7 +132,10 @@ fn missing_remote_code() {
 /// The real thing (gated): transformers on the patched real remote code against Rust.
 #[test]
 fn against_transformers_on_the_patched_real_code() {
-    let (Some(upstream), Some(python)) = (std::env::var_os("OCR_PATCH_UPSTREAM"), std::env::var_os("OCR_PATCH_PYTHON")) else {
+    let (Some(upstream), Some(python)) = (
+        std::env::var_os("OCR_PATCH_UPSTREAM"),
+        std::env::var_os("OCR_PATCH_PYTHON"),
+    ) else {
         eprintln!("skipped: set OCR_PATCH_UPSTREAM and OCR_PATCH_PYTHON (see the file's docs)");
         return;
     };
@@ -121,13 +147,26 @@ fn against_transformers_on_the_patched_real_code() {
     }
     // Unpatched, on a transformers that needs the patch: refused before anything runs.
     fails_with(
-        bin().args(["verify", "--against-python", "--python"]).arg(&python).arg("--remote-code").arg(&r),
+        bin()
+            .args(["verify", "--against-python", "--python"])
+            .arg(&python)
+            .arg("--remote-code")
+            .arg(&r),
         "not patched",
     );
     bin().args(["apply", "--path"]).arg(&r).assert().success();
     let keep = dir.path().join("goldens");
     let out = bin()
-        .args(["verify", "--against-python", "--configs", "cpu", "--cases", "tiny", "--verbose", "--python"])
+        .args([
+            "verify",
+            "--against-python",
+            "--configs",
+            "cpu",
+            "--cases",
+            "tiny",
+            "--verbose",
+            "--python",
+        ])
         .arg(&python)
         .arg("--remote-code")
         .arg(&r)
@@ -140,9 +179,18 @@ fn against_transformers_on_the_patched_real_code() {
     println!("{stdout}");
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("verify: 2 goldens pass on cpu"), "{stdout}");
-    assert!(stdout.contains("cpu-tiny.safetensors  (language golden"), "{stdout}");
+    assert!(
+        stdout.contains("cpu-tiny.safetensors  (language golden"),
+        "{stdout}"
+    );
     assert!(stdout.contains("greedy.tokens"), "{stdout}");
-    assert!(keep.join("goldens/cpu-tiny.safetensors").exists() && keep.join("goldens/vision-tiny.safetensors").exists());
+    assert!(
+        keep.join("goldens/cpu-tiny.safetensors").exists()
+            && keep.join("goldens/vision-tiny.safetensors").exists()
+    );
     // The goldens it made are the transformers of that interpreter, not the committed 4.46.3.
-    assert!(!stdout.contains("transformers 4.46.3,") || stderr.contains("transformers 4.46.3 "), "{stdout}");
+    assert!(
+        !stdout.contains("transformers 4.46.3,") || stderr.contains("transformers 4.46.3 "),
+        "{stdout}"
+    );
 }

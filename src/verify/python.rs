@@ -53,7 +53,11 @@ pub fn probe(python: &Path) -> Result<Interpreter, VerifyError> {
         })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message");
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no message");
         return Err(VerifyError::Python(format!(
             "`{}` cannot import transformers and torch ({last}); install them in that environment \
              (pip install transformers torch) or pass --python PATH",
@@ -65,7 +69,12 @@ pub fn probe(python: &Path) -> Result<Interpreter, VerifyError> {
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
-        .ok_or_else(|| VerifyError::Python(format!("`{}` printed no versions: {line}", python.display())))?;
+        .ok_or_else(|| {
+            VerifyError::Python(format!(
+                "`{}` printed no versions: {line}",
+                python.display()
+            ))
+        })?;
     Ok(Interpreter {
         python: python.to_path_buf(),
         transformers: v.first().cloned().unwrap_or_default(),
@@ -75,7 +84,13 @@ pub fn probe(python: &Path) -> Result<Interpreter, VerifyError> {
 
 /// `major.minor` of a version string (`4.46.3`, `5.4.0.dev0`).
 fn major_minor(v: &str) -> (u64, u64) {
-    let mut it = v.split('.').map(|p| p.chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap_or(0));
+    let mut it = v.split('.').map(|p| {
+        p.chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap_or(0)
+    });
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
@@ -88,7 +103,11 @@ pub fn check_remote_files(dir: &Path) -> Result<(), VerifyError> {
             dir.display()
         )));
     }
-    let missing: Vec<&str> = REMOTE_FILES.iter().copied().filter(|f| !dir.join(f).is_file()).collect();
+    let missing: Vec<&str> = REMOTE_FILES
+        .iter()
+        .copied()
+        .filter(|f| !dir.join(f).is_file())
+        .collect();
     if !missing.is_empty() {
         return Err(VerifyError::Python(format!(
             "{}: no DeepSeek-OCR remote code here ({} missing); pass --remote-code DIR, or fetch it with \
@@ -109,9 +128,13 @@ pub fn check_patched(dir: &Path, transformers: &str) -> Result<(), VerifyError> 
     let engine = Engine::embedded().map_err(|e| VerifyError::Python(e.to_string()))?;
     let mut unpatched = Vec::new();
     for f in REMOTE_FILES.iter().filter(|f| engine.targets(f)) {
-        let bytes = std::fs::read(dir.join(f))
-            .map_err(|e| VerifyError::Python(format!("{}: cannot read ({e})", dir.join(f).display())))?;
-        if matches!(engine.classify(f, &bytes), Status::Original(_) | Status::Unknown) {
+        let bytes = std::fs::read(dir.join(f)).map_err(|e| {
+            VerifyError::Python(format!("{}: cannot read ({e})", dir.join(f).display()))
+        })?;
+        if matches!(
+            engine.classify(f, &bytes),
+            Status::Original(_) | Status::Unknown
+        ) {
             unpatched.push(*f);
         }
     }
@@ -146,7 +169,10 @@ pub fn make_goldens(o: &PythonOptions) -> Result<(Vec<PathBuf>, String), VerifyE
     let io = |p: &Path, e: std::io::Error| VerifyError::Python(format!("{}: {e}", p.display()));
     let config: Value = std::fs::read(&o.config)
         .map_err(|e| io(&o.config, e))
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| VerifyError::Python(format!("{}: not JSON ({e})", o.config.display()))))?;
+        .and_then(|b| {
+            serde_json::from_slice(&b)
+                .map_err(|e| VerifyError::Python(format!("{}: not JSON ({e})", o.config.display())))
+        })?;
     let weights = match &o.weights {
         Some(d) => d.clone(),
         None => {
@@ -162,9 +188,17 @@ pub fn make_goldens(o: &PythonOptions) -> Result<(Vec<PathBuf>, String), VerifyE
     std::fs::write(&script, GENERATE_PY).map_err(|e| io(&script, e))?;
     let out_dir = o.workdir.join("goldens");
     std::fs::create_dir_all(&out_dir).map_err(|e| io(&out_dir, e))?;
-    let name = o.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "config".into());
+    let name = o
+        .config
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "config".into());
     // A name without a dash: the golden file names are `<config>-<case>`.
-    let name = if name == "config" { "python".to_string() } else { name.replace('-', "_") };
+    let name = if name == "config" {
+        "python".to_string()
+    } else {
+        name.replace('-', "_")
+    };
     let cfg_copy = o.workdir.join(format!("{name}.json"));
     std::fs::copy(&o.config, &cfg_copy).map_err(|e| io(&cfg_copy, e))?;
     let out = Command::new(&o.interpreter.python)
@@ -181,10 +215,26 @@ pub fn make_goldens(o: &PythonOptions) -> Result<(Vec<PathBuf>, String), VerifyE
         .arg(&out_dir)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| VerifyError::Python(format!("cannot run `{}` ({e})", o.interpreter.python.display())))?;
-    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        .map_err(|e| {
+            VerifyError::Python(format!(
+                "cannot run `{}` ({e})",
+                o.interpreter.python.display()
+            ))
+        })?;
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if !out.status.success() {
-        let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: Vec<&str> = log
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         return Err(VerifyError::Python(format!(
             "transformers {} failed on {} (exit {}):\n{}\ncheck that the remote code is patched (`ocr-patch apply --path DIR`) and fits the weights",
             o.interpreter.transformers,
@@ -193,9 +243,16 @@ pub fn make_goldens(o: &PythonOptions) -> Result<(Vec<PathBuf>, String), VerifyE
             tail.join("\n")
         )));
     }
-    let mut goldens: Vec<PathBuf> = o.cases.iter().map(|c| out_dir.join(format!("{name}-{c}.safetensors"))).collect();
+    let mut goldens: Vec<PathBuf> = o
+        .cases
+        .iter()
+        .map(|c| out_dir.join(format!("{name}-{c}.safetensors")))
+        .collect();
     if let Some(p) = goldens.iter().find(|p| !p.exists()) {
-        return Err(VerifyError::Python(format!("the script wrote no {}:\n{log}", p.display())));
+        return Err(VerifyError::Python(format!(
+            "the script wrote no {}:\n{log}",
+            p.display()
+        )));
     }
     goldens.sort();
     Ok((goldens, log))

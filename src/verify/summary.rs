@@ -48,17 +48,29 @@ pub fn summary_tolerance(stage: &str, dtype: DType) -> Tolerance {
 
 fn l2(t: &Tensor) -> candle_core::Result<f64> {
     let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Ok(v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt())
+    Ok(v.iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt())
 }
 
 /// One summary golden: vision, prefill (norms of every hidden state), then the greedy steps
 /// teacher-forced with the summary's tokens, their top-k logits compared by id.
-pub fn run_summary(g: &Golden, dir: Option<&Source>, opts: &Options) -> Result<GoldenReport, VerifyError> {
+pub fn run_summary(
+    g: &Golden,
+    dir: Option<&Source>,
+    opts: &Options,
+) -> Result<GoldenReport, VerifyError> {
     let t0 = Instant::now();
     let dev = &opts.device;
     let dtype = summary_dtype(g)?;
-    let bad = |message: String| VerifyError::Golden { path: g.path.display().to_string(), message };
-    let text = OcrConfig::from_json_str(&g.config_json).and_then(|c| c.text()).map_err(|e| bad(e.to_string()))?;
+    let bad = |message: String| VerifyError::Golden {
+        path: g.path.display().to_string(),
+        message,
+    };
+    let text = OcrConfig::from_json_str(&g.config_json)
+        .and_then(|c| c.text())
+        .map_err(|e| bad(e.to_string()))?;
     let src = source_for(g, dir)?;
     let vb = src.var_builder(&opts.perturb, dtype, dev);
     let mut stages: Vec<Stage> = Vec::new();
@@ -66,10 +78,17 @@ pub fn run_summary(g: &Golden, dir: Option<&Source>, opts: &Options) -> Result<G
     let page = match g.meta("pixels.variant") {
         "page" => true,
         "golden" | "?" => false,
-        v => return Err(bad(format!("`pixels.variant` is `{v}` (expected page or golden)"))),
+        v => {
+            return Err(bad(format!(
+                "`pixels.variant` is `{v}` (expected page or golden)"
+            )))
+        }
     };
     let px = golden::Pixels::of_variant(&g.case, page);
-    for (k, v) in [("pixels.global.sha256", Some(&px.global)), ("pixels.tiles.sha256", px.tiles.as_ref())] {
+    for (k, v) in [
+        ("pixels.global.sha256", Some(&px.global)),
+        ("pixels.tiles.sha256", px.tiles.as_ref()),
+    ] {
         if let Some(v) = v {
             let want = g.meta(k);
             let got = golden::Pixels::sha256(v);
@@ -84,11 +103,15 @@ pub fn run_summary(g: &Golden, dir: Option<&Source>, opts: &Options) -> Result<G
         let encoder = DeepEncoder::new(&VisionConfig::deepseek_ocr(), vb.pp("model"))
             .map_err(|e| VerifyError::Weights(src.take_error().unwrap_or_else(|| e.to_string())))?;
         let s = g.case.global_size;
-        let global = Tensor::from_vec(px.global.clone(), (1, 3, s, s), &Device::Cpu)?.to_device(dev)?.to_dtype(dtype)?;
+        let global = Tensor::from_vec(px.global.clone(), (1, 3, s, s), &Device::Cpu)?
+            .to_device(dev)?
+            .to_dtype(dtype)?;
         let gl = encoder.encode_views_staged(&global)?.projected;
         let local = match (g.case.tiles, &px.tiles) {
             (Some((t, wc, hc)), Some(v)) => {
-                let tiles = Tensor::from_vec(v.clone(), (wc * hc, 3, t, t), &Device::Cpu)?.to_device(dev)?.to_dtype(dtype)?;
+                let tiles = Tensor::from_vec(v.clone(), (wc * hc, 3, t, t), &Device::Cpu)?
+                    .to_device(dev)?
+                    .to_dtype(dtype)?;
                 Some((encoder.encode_views_staged(&tiles)?.projected, wc, hc))
             }
             _ => None,
@@ -96,18 +119,43 @@ pub fn run_summary(g: &Golden, dir: Option<&Source>, opts: &Options) -> Result<G
         encoder.layout(&gl, local.as_ref().map(|(l, wc, hc)| (l, *wc, *hc)))?
     };
     let norm_stage = |stages: &mut Vec<Stage>, name: &str, ours: f64, gold: f32| {
-        let s = compare::compare(name, &[1], &[ours as f32], &[gold], summary_tolerance(name, dtype), None);
+        let s = compare::compare(
+            name,
+            &[1],
+            &[ours as f32],
+            &[gold],
+            summary_tolerance(name, dtype),
+            None,
+        );
         stages.push(s);
     };
     let (_, vn) = g.f32_tensor("norms.vision_rows")?;
-    norm_stage(&mut stages, "vision_rows.norm", l2(&rows)?, vn.first().copied().unwrap_or(f32::NAN));
+    norm_stage(
+        &mut stages,
+        "vision_rows.norm",
+        l2(&rows)?,
+        vn.first().copied().unwrap_or(f32::NAN),
+    );
 
     // ---- prefill ----
-    let model = DeepseekV2::new(&text, vb).map_err(|e| VerifyError::Weights(src.take_error().unwrap_or_else(|| e.to_string())))?;
-    let ids: Vec<u32> = g.int_tensor("input_ids")?.iter().map(|&i| i as u32).collect();
-    let mask: Vec<bool> = g.int_tensor("images_seq_mask")?.iter().map(|&m| m != 0).collect();
+    let model = DeepseekV2::new(&text, vb)
+        .map_err(|e| VerifyError::Weights(src.take_error().unwrap_or_else(|| e.to_string())))?;
+    let ids: Vec<u32> = g
+        .int_tensor("input_ids")?
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
+    let mask: Vec<bool> = g
+        .int_tensor("images_seq_mask")?
+        .iter()
+        .map(|&m| m != 0)
+        .collect();
     let input = Tensor::new(ids.as_slice(), dev)?.unsqueeze(0)?;
-    let merged = crate::model::decoder::merge_image_features(&model.embed(&input)?.squeeze(0)?, &mask, &rows.to_dtype(dtype)?)?;
+    let merged = crate::model::decoder::merge_image_features(
+        &model.embed(&input)?.squeeze(0)?,
+        &mask,
+        &rows.to_dtype(dtype)?,
+    )?;
     let mut cache = model.new_cache();
     let out = model.forward_embeds(&merged.unsqueeze(0)?, &mut cache, true)?;
     let hidden = out.hidden_states.unwrap_or_default();
@@ -135,15 +183,23 @@ pub fn run_summary(g: &Golden, dir: Option<&Source>, opts: &Options) -> Result<G
     let gold_ids = g.int_tensor("greedy.topk_ids")?;
     let k = shape.last().copied().unwrap_or(0);
     if k < 2 || gold_vals.len() != gold_tokens.len() * k || gold_ids.len() != gold_vals.len() {
-        return Err(bad("`greedy.topk_values` / `greedy.topk_ids` do not match `greedy.tokens`".into()));
+        return Err(bad(
+            "`greedy.topk_values` / `greedy.topk_ids` do not match `greedy.tokens`".into(),
+        ));
     }
-    let last = out.last_hidden_state.i((.., out.last_hidden_state.dim(1)? - 1.., ..))?;
+    let last = out
+        .last_hidden_state
+        .i((.., out.last_hidden_state.dim(1)? - 1.., ..))?;
     let mut cur = model.logits(&last)?.flatten_all()?.to_vec1::<f32>()?;
     let mut mine = Vec::with_capacity(gold_vals.len());
     let mut argmax = Vec::with_capacity(gold_tokens.len());
     for (i, &tok) in gold_tokens.iter().enumerate() {
         for j in 0..k {
-            mine.push(cur.get(gold_ids[i * k + j] as usize).copied().unwrap_or(f32::NAN));
+            mine.push(
+                cur.get(gold_ids[i * k + j] as usize)
+                    .copied()
+                    .unwrap_or(f32::NAN),
+            );
         }
         argmax.push(compare::argmax(&cur) as i64);
         if i + 1 == gold_tokens.len() {
@@ -151,12 +207,26 @@ pub fn run_summary(g: &Golden, dir: Option<&Source>, opts: &Options) -> Result<G
         }
         let e = model.embed(&Tensor::new(&[[tok as u32]], dev)?)?;
         let o = model.forward_embeds(&e, &mut cache, false)?;
-        cur = model.logits(&o.last_hidden_state)?.flatten_all()?.to_vec1::<f32>()?;
+        cur = model
+            .logits(&o.last_hidden_state)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
     }
     let name = "greedy.topk_values";
-    let mut s = compare::compare(name, shape, &mine, gold_vals, summary_tolerance(name, dtype), None);
+    let mut s = compare::compare(
+        name,
+        shape,
+        &mine,
+        gold_vals,
+        summary_tolerance(name, dtype),
+        None,
+    );
     let bound = s.tolerance.bound(s.ref_max);
-    let same = argmax.iter().zip(&gold_tokens).filter(|(a, b)| a == b).count();
+    let same = argmax
+        .iter()
+        .zip(&gold_tokens)
+        .filter(|(a, b)| a == b)
+        .count();
     s.top1 = Some((same, gold_tokens.len()));
     stages.push(s);
 
@@ -183,13 +253,20 @@ pub fn run_summary(g: &Golden, dir: Option<&Source>, opts: &Options) -> Result<G
         ref_max: 0.0,
         top1: Some((same, n)),
         tolerance: Tolerance::new(0.0, 0.0),
-        verdict: if hard.is_empty() { Verdict::Pass } else { Verdict::Fail },
+        verdict: if hard.is_empty() {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        },
         note: Some(if let Some(h) = hard.first() {
             format!("first difference at {h}")
         } else if !ties.is_empty() {
             format!("near-ties flipped, teacher-forced: {}", ties.join(", "))
         } else {
-            format!("tokens {:?}", gold_tokens.iter().take(8).collect::<Vec<_>>())
+            format!(
+                "tokens {:?}",
+                gold_tokens.iter().take(8).collect::<Vec<_>>()
+            )
         }),
     });
     drop(model);
