@@ -5,7 +5,7 @@
 //           weighted sum of the experts' outputs, shared experts with weight 1)
 //   resid <- x (modes 1, 2); out = bf16(bf16(x / sqrt(mean(x^2) + eps)) * weight)
 // resid, delta, out: (rows, h) bf16; slot_out: (rows*k, h) f32; slot_w: (rows*k) f32;
-// weight: (h) bf16. Grid: rows blocks of 256 threads; dynamic shared memory h floats.
+// weight: (h) bf16. Grid: rows blocks of 512 threads; dynamic shared memory h floats.
 #include "common.cuh"
 
 extern "C" __global__ void add_rmsnorm(bf16* __restrict__ resid, const bf16* __restrict__ delta,
@@ -25,6 +25,7 @@ extern "C" __global__ void add_rmsnorm(bf16* __restrict__ resid, const bf16* __r
       x[i] = f2bf(v);
     } else if (mode == 2) {
       float d = 0.f;
+#pragma unroll 8
       for (int j = 0; j < k; ++j)
         d = fmaf(slot_w[r * k + j], slot_out[((size_t)r * k + j) * h + i], d);
       v = round_bf16(v + round_bf16(d));

@@ -15,7 +15,20 @@ extern "C" __global__ void greedy_next(const bf16* __restrict__ logits, int voca
   const bf16* l = logits + (size_t)r * vocab;
   float best = -INFINITY;
   int idx = 0x7fffffff;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+  // 8 logits per load (rows start 16-byte aligned when vocab % 8 == 0; else scalar)
+  int nv = (vocab % 8 == 0) ? vocab / 8 : 0;
+  const uint4* l8 = reinterpret_cast<const uint4*>(l);
+#pragma unroll 4
+  for (int c = threadIdx.x; c < nv; c += blockDim.x) {
+    uint4 u = l8[c];
+    const bf16* b = reinterpret_cast<const bf16*>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float v = bf(b[i]);
+      if (v > best || idx == 0x7fffffff) { best = v; idx = 8 * c + i; }
+    }
+  }
+  for (int i = 8 * nv + threadIdx.x; i < vocab; i += blockDim.x) {
     float v = bf(l[i]);
     if (v > best || idx == 0x7fffffff) { best = v; idx = i; }
   }

@@ -30,6 +30,7 @@ extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16*
     float acc[CHUNK];
 #pragma unroll
     for (int t = 0; t < CHUNK; ++t) acc[t] = 0.f;
+#pragma unroll 4
     for (int c = lane; c < nc; c += 32) {
       uint4 wv = w[c];
 #pragma unroll

@@ -34,6 +34,7 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf
     float ag[CHUNK], au[CHUNK];
 #pragma unroll
     for (int t = 0; t < CHUNK; ++t) ag[t] = au[t] = 0.f;
+#pragma unroll 4
     for (int c = lane; c < nc; c += 32) {
       uint4 g = wg[c], u = wu[c];
 #pragma unroll

@@ -7,7 +7,9 @@
 // topk..k are the fixed experts e_routed + s with weight 1 (the shared experts, split into
 // moe_intermediate_size-wide pieces; the dense MLP is one fixed expert).
 // x: (rows, h) bf16; gate_w: (e, h) bf16; bias: (e) f32 or null; slot_expert: (rows*k) i32;
-// slot_w: (rows*k) f32. Grid: rows blocks of 256 threads. e <= 512, topk <= 32.
+// slot_w: (rows*k) f32. Grid: rows blocks of 512 threads. e <= 512, topk <= 32.
+// Greedy routing (DeepSeek-OCR's) picks with one warp's shuffles; the group methods, rarer, with
+// one thread.
 #include "common.cuh"
 
 #define MAX_E 512
@@ -26,11 +28,74 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, const bf16* __r
   for (int ex = warp; ex < e; ex += nw) {
     const uint4* wr = reinterpret_cast<const uint4*>(gate_w + (size_t)ex * h);
     float acc = 0.f;
+#pragma unroll 5
     for (int c = lane; c < h / 8; c += 32) acc += dot8(wr[c], xr[c]);
     acc = warp_sum(acc);
     if (lane == 0) s[ex] = acc;
   }
   __syncthreads();
+  int k = topk + n_fixed;
+  int* se = slot_expert + (size_t)r * k;
+  float* sw = slot_w + (size_t)r * k;
+  if (method == 0) {
+    // greedy: one warp, each lane holding experts lane, lane+32, ...; softmax and k rounds of
+    // a warp argmax (value desc, id asc)
+    if (warp != 0) return;
+    const int PER = MAX_E / 32;
+    float v[PER];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      int ex = lane + 32 * i;
+      v[i] = ex < e ? s[ex] : -INFINITY;
+      mx = fmaxf(mx, v[i]);
+    }
+    if (scoring == 0) {
+      mx = warp_max(mx);
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        v[i] = lane + 32 * i < e ? expf(v[i] - mx) : 0.f;
+        sum += v[i];
+      }
+      sum = warp_sum(sum);
+#pragma unroll
+      for (int i = 0; i < PER; ++i) v[i] = lane + 32 * i < e ? v[i] / sum : -INFINITY;
+    } else {
+#pragma unroll
+      for (int i = 0; i < PER; ++i) v[i] = lane + 32 * i < e ? 1.f / (1.f + expf(-v[i])) : -INFINITY;
+    }
+    unsigned taken = 0;  // bit i: v[i] chosen
+    float wsum = 0.f;
+    for (int t = 0; t < topk; ++t) {
+      float bv = -INFINITY;
+      int bi = 0x7fffffff;
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        int ex = lane + 32 * i;
+        if (ex < e && !(taken >> i & 1u) && (v[i] > bv || bi == 0x7fffffff)) { bv = v[i]; bi = ex; }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+      }
+      if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+      if (lane == 0) { se[t] = bi; sw[t] = bv; }
+      wsum += bv;
+    }
+    if (lane == 0) {
+      if (topk > 1 && norm_topk) {
+        float denom = wsum + 1e-20f;
+        for (int t = 0; t < topk; ++t) sw[t] = sw[t] / denom * scale;
+      } else {
+        for (int t = 0; t < topk; ++t) sw[t] *= scale;
+      }
+      for (int f = 0; f < n_fixed; ++f) { se[topk + f] = e + f; sw[topk + f] = 1.f; }
+    }
+    return;
+  }
   if (threadIdx.x != 0) return;
   if (scoring == 0) {
     float m = -INFINITY;
@@ -71,9 +136,6 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, const bf16* __r
     for (int i = 0; i < e; ++i) if (!used[i / per]) tmp[i] = 0.f;
     for (int i = 0; i < e; ++i) used[i] = 0;
   }
-  int k = topk + n_fixed;
-  int* se = slot_expert + (size_t)r * k;
-  float* sw = slot_w + (size_t)r * k;
   float sum = 0.f;
   for (int t = 0; t < topk; ++t) {
     int best = -1;

@@ -58,7 +58,7 @@ k, t, rd, wr = (h.index(c) for c in ("Kernel Name", "gpu__time_duration.sum", "d
 agg = collections.defaultdict(lambda: [0, 0.0, 0.0])
 num = lambda s: float(s.replace(",", "")) if s else 0.0
 unit = rows[head + 1]
-tf = {"nsecond": 1.0, "usecond": 1e3, "msecond": 1e6}.get(unit[t], 1.0)
+tf = {"ns": 1.0, "nsecond": 1.0, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6}.get(unit[t], 1.0)
 bf = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(unit[rd], 1.0)
 for r in data:
     a = agg[r[k][:60]]; a[0] += 1; a[1] += num(r[t]) * tf; a[2] += (num(r[rd]) + num(r[wr])) * bf

@@ -115,6 +115,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Exit> {
         Some(r) => c.peer_attn.iter().map(|attn| bench::run_peer(&c, r, attn)).collect(),
         None => vec![],
     };
+    if let Some(p) = &a.out_file {
+        // kept if the Rust side fails
+        let partial = serde_json::json!({"gpu": a.gpu, "peers": peers, "rust": null});
+        std::fs::write(p, serde_json::to_string_pretty(&partial)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
     let rust = rust_side(&c)?;
     let report = bench::report(&c, &cfg, &a.gpu, &rust, &peers);
     if let Some(p) = &a.out_file {

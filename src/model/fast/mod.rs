@@ -77,6 +77,7 @@ pub struct FastDecoder {
     h: Buf<bf16>,
     qkv: Buf<bf16>,
     attn: Buf<bf16>,
+    attn_part: Buf<f32>,
     delta: Buf<bf16>,
     slot_expert: Buf<i32>,
     slot_w: Buf<f32>,
@@ -242,6 +243,7 @@ impl FastDecoder {
             h: Buf::zeros(dev, r * hs)?,
             qkv: Buf::zeros(dev, r * (nh + 2 * nkv) * hd)?,
             attn: Buf::zeros(dev, r * nh * hd)?,
+            attn_part: Buf::zeros(dev, s * nh * crate::model::kernels::attn::split_count(opts.max_t) * (hd + 2))?,
             delta: Buf::zeros(dev, r * hs)?,
             slot_expert: Buf::zeros(dev, r * kmax)?,
             slot_w: Buf::zeros(dev, r * kmax)?,
@@ -286,7 +288,7 @@ impl FastDecoder {
 
     /// The layers over `n` rows of `x` at positions `pos` in slots `slot` (device u32 arrays):
     /// appends their k/v to the cache; leaves the final norm's output in `h`.
-    fn forward_rows(&self, n: usize, pos: u64, slot: u64) -> Result<()> {
+    fn forward_rows(&self, n: usize, pos: u64, slot: u64, decode: bool) -> Result<()> {
         let k = &self.k;
         let (hs, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
         let s = self.shape;
@@ -298,7 +300,9 @@ impl FastDecoder {
             k.linear(self.h.ptr, l.wqkv.ptr, self.qkv.ptr, n, hs, width)?;
             let (kc, vc) = (self.kc[li].ptr, self.vc[li].ptr);
             k.rope_kv(self.qkv.ptr, pos, slot, kc, vc, n, s, self.cfg.rope_theta)?;
-            k.decode_attn(self.qkv.ptr, pos, slot, kc, vc, self.attn.ptr, n, s)?;
+            // decode (few rows): keys split over more blocks; prefill: one block per row and head
+            let split = decode.then_some(self.attn_part.ptr);
+            k.decode_attn(self.qkv.ptr, pos, slot, kc, vc, self.attn.ptr, n, s, split)?;
             k.linear(self.attn.ptr, l.wo.ptr, self.delta.ptr, n, s.heads * s.head_dim, hs)?;
             k.add_rmsnorm(self.x.ptr, Delta::Rows(self.delta.ptr), l.ln2.ptr, self.h.ptr, n, hs, eps)?;
             let f = &l.ffn;
@@ -347,7 +351,7 @@ impl FastDecoder {
             copy_d2d(&self.k.stream, self.x.ptr, src + (start * hs * 2) as u64, c * hs * 2)?;
             self.row_pos.upload(&self.k.stream, 0, &(start as u32..(start + c) as u32).collect::<Vec<_>>())?;
             self.row_slot.upload(&self.k.stream, 0, &vec![slot as u32; c])?;
-            self.forward_rows(c, self.row_pos.ptr, self.row_slot.ptr)?;
+            self.forward_rows(c, self.row_pos.ptr, self.row_slot.ptr, false)?;
             last = c - 1;
             start += c;
         }
@@ -383,7 +387,7 @@ impl FastDecoder {
     fn step_launches(&self, n: usize) -> Result<()> {
         let (hs, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         self.k.embed(self.embed.ptr, self.token.ptr, self.x.ptr, n, hs)?;
-        self.forward_rows(n, self.pos.ptr, self.slot_ids.ptr)?;
+        self.forward_rows(n, self.pos.ptr, self.slot_ids.ptr, true)?;
         self.k.linear(self.h.ptr, self.lm_head_ptr(), self.logits.ptr, n, hs, v)?;
         let st = self.state(0);
         if let Some(g) = &self.opts.no_repeat {

@@ -21,8 +21,8 @@ pub struct AttnShape {
 
 impl AttnShape {
     fn check(&self) -> Result<()> {
-        if self.head_dim % 8 != 0 || self.head_dim > 256 || self.heads % self.kv_heads != 0 {
-            candle_core::bail!("attention kernels: unsupported shape {self:?} (head_dim a multiple of 8 up to 256, heads a multiple of kv_heads)");
+        if self.head_dim % 32 != 0 || self.head_dim > 256 || self.heads % self.kv_heads != 0 {
+            candle_core::bail!("attention kernels: unsupported shape {self:?} (head_dim a multiple of 32 up to 256, heads a multiple of kv_heads)");
         }
         Ok(())
     }
@@ -54,6 +54,9 @@ impl Kernels {
     }
 
     /// `out (rows, heads * head_dim)`: each row's attention over keys `0..=pos[r]` of its slot.
+    /// `split`: `None` runs one block per row and head (prefill: many rows); `Some(part)` splits
+    /// the keys into chunks of [`SPLIT_CHUNK`] over more blocks (decode: few rows), `part` holding
+    /// `rows * heads * split_count(max_t) * (head_dim + 2)` f32, merged by a second kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attn(
         &self,
@@ -65,19 +68,43 @@ impl Kernels {
         out: u64,
         rows: usize,
         s: AttnShape,
+        split: Option<u64>,
     ) -> Result<()> {
         s.check()?;
         let stride = (s.heads + 2 * s.kv_heads) * s.head_dim;
-        let shared = ((s.head_dim + s.max_t + 512) * 4) as u32;
         let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let (chunk, splits, part) = match split {
+            None => (s.max_t, 1, 0u64),
+            Some(p) => (SPLIT_CHUNK, split_count(s.max_t), p),
+        };
+        let groups = 256 / (s.head_dim / 8);
+        let shared = ((s.head_dim + chunk + groups * s.head_dim) * 4) as u32;
         launch!(
             self,
             self.decode_attn,
-            cfg((rows as u32, s.heads as u32, 1), 256, shared),
-            qkv, stride as i32, pos, slot, k_cache, v_cache, out, s.heads as i32,
-            s.kv_heads as i32, s.head_dim as i32, s.max_t as i32, scale
-        )
+            cfg((rows as u32, s.heads as u32, splits as u32), 256, shared),
+            qkv, stride as i32, pos, slot, k_cache, v_cache, out, part, s.heads as i32,
+            s.kv_heads as i32, s.head_dim as i32, s.max_t as i32, chunk as i32, scale
+        )?;
+        if splits > 1 {
+            launch!(
+                self,
+                self.decode_attn_combine,
+                cfg((rows as u32, s.heads as u32, 1), s.head_dim as u32, 0),
+                part, pos, out, s.heads as i32, s.head_dim as i32, s.max_t as i32, chunk as i32,
+                splits as i32
+            )?;
+        }
+        Ok(())
     }
+}
+
+/// Keys per block of the split attention (decode).
+pub const SPLIT_CHUNK: usize = 64;
+
+/// Splits of the split attention for a cache of `max_t` positions.
+pub fn split_count(max_t: usize) -> usize {
+    max_t.div_ceil(SPLIT_CHUNK)
 }
 
 #[cfg(test)]
@@ -95,13 +122,14 @@ mod tests {
     fn rope_kv_and_decode_attn_match_the_reference() {
         let (dev, cd) = device();
         let k = Kernels::load(&cd).unwrap();
-        let s = AttnShape { heads: 4, kv_heads: 2, head_dim: 128, max_t: 64 };
+        let s = AttnShape { heads: 4, kv_heads: 2, head_dim: 128, max_t: 256 };
         let (nh, nkv, hd) = (s.heads, s.kv_heads, s.head_dim);
         let width = (nh + 2 * nkv) * hd;
         let theta = 10000.0;
-        // sequence A (slot 1): 37 tokens; sequence B (slot 0): 20 tokens. All rows in one call:
+        // sequence A (slot 1): 150 tokens (3 chunks of 64 in the split form); sequence B (slot 0):
+        // 20 tokens. All rows in one call:
         // the prefill of both at once (rows carry their own slot and position).
-        let lens = [(1u32, 37usize), (0u32, 20usize)];
+        let lens = [(1u32, 150usize), (0u32, 20usize)];
         let rows: usize = lens.iter().map(|l| l.1).sum();
         let qkv = rand_bf16(&[rows, width], 2.0, 11);
         let (mut pos, mut slot) = (vec![], vec![]);
@@ -120,7 +148,14 @@ mod tests {
         let p = |t: &Tensor| tensor_ptr::<bf16>(t).unwrap();
         let pu = |t: &Tensor| tensor_ptr::<u32>(t).unwrap();
         k.rope_kv(p(&g_qkv), pu(&g_pos), pu(&g_slot), p(&kc), p(&vc), rows, s, theta).unwrap();
-        k.decode_attn(p(&g_qkv), pu(&g_pos), pu(&g_slot), p(&kc), p(&vc), p(&out), rows, s).unwrap();
+        k.decode_attn(p(&g_qkv), pu(&g_pos), pu(&g_slot), p(&kc), p(&vc), p(&out), rows, s, None).unwrap();
+        // the split form (decode's), merged by the second kernel
+        let split_out = Tensor::zeros((rows, nh * hd), DType::BF16, &dev).unwrap();
+        let part = Tensor::zeros(rows * nh * split_count(s.max_t) * (hd + 2), DType::F32, &dev).unwrap();
+        k.decode_attn(p(&g_qkv), pu(&g_pos), pu(&g_slot), p(&kc), p(&vc), p(&split_out), rows, s, Some(tensor_ptr::<f32>(&part).unwrap())).unwrap();
+        let split_diff = max_diff(&split_out, &out);
+        eprintln!("decode_attn split vs one block: max |diff| {split_diff:.3e}");
+        assert!(split_diff <= 8e-3, "split attention: {split_diff}");
 
         let mut start = 0;
         let (mut worst_q, mut worst_k, mut worst_o) = (0f32, 0f32, 0f32);

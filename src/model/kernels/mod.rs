@@ -44,6 +44,7 @@ mod ptx {
     ptx!(MOE_DOWN, "moe_down");
     ptx!(NGRAM_BAN, "ngram_ban");
     ptx!(GREEDY_NEXT, "greedy_next");
+    ptx!(LINEAR, "linear");
 }
 
 pub(crate) fn cuda_err(e: impl std::fmt::Display) -> candle_core::Error {
@@ -139,12 +140,14 @@ pub struct Kernels {
     add_rmsnorm: CudaFunction,
     rope_kv: CudaFunction,
     decode_attn: CudaFunction,
+    decode_attn_combine: CudaFunction,
     moe_route: CudaFunction,
     moe_plan: CudaFunction,
     moe_gate_up: CudaFunction,
     moe_down: CudaFunction,
     ngram_ban: CudaFunction,
     greedy_next: CudaFunction,
+    linear_rows: CudaFunction,
 }
 
 fn cfg(grid: (u32, u32, u32), block: u32, shared: u32) -> LaunchConfig {
@@ -181,18 +184,38 @@ impl Kernels {
             add_rmsnorm: f("add_rmsnorm", ptx::ADD_RMSNORM)?,
             rope_kv: f("rope_kv", ptx::ROPE_KV)?,
             decode_attn: f("decode_attn", ptx::DECODE_ATTN)?,
+            decode_attn_combine: dev
+                .get_or_load_custom_func("decode_attn_combine", "ocr_patch_decode_attn", ptx::DECODE_ATTN)?
+                .into_cuda_function(),
             moe_route: f("moe_route", ptx::MOE_ROUTE)?,
             moe_plan: f("moe_plan", ptx::MOE_PLAN)?,
             moe_gate_up: f("moe_gate_up", ptx::MOE_GATE_UP)?,
             moe_down: f("moe_down", ptx::MOE_DOWN)?,
             ngram_ban: f("ngram_ban", ptx::NGRAM_BAN)?,
             greedy_next: f("greedy_next", ptx::GREEDY_NEXT)?,
+            linear_rows: f("linear", ptx::LINEAR)?,
             stream,
         })
     }
 
-    /// Row-major `y (n, out) = x (n, k) . w (out, k)^T` in bf16 with f32 accumulation (cuBLAS).
+    /// Row-major `y (n, out) = x (n, k) . w (out, k)^T` in bf16 with f32 accumulation: the
+    /// `linear` kernel for a few rows of a projection (decode), cuBLAS otherwise (prefill,
+    /// lm_head).
     pub fn linear(&self, x: u64, w: u64, y: u64, n: usize, k: usize, out: usize) -> Result<()> {
+        if n <= LINEAR_KERNEL_MAX_ROWS && out <= 16384 && k % 8 == 0 {
+            self.linear_kernel(x, w, y, n, k, out)
+        } else {
+            self.gemm(x, w, y, n, k, out)
+        }
+    }
+
+    /// [`Self::linear`] by the `linear` kernel.
+    pub fn linear_kernel(&self, x: u64, w: u64, y: u64, n: usize, k: usize, out: usize) -> Result<()> {
+        launch!(self, self.linear_rows, cfg((out.div_ceil(8) as u32, 1, 1), 256, 0), x, w, y, n as i32, k as i32, out as i32)
+    }
+
+    /// [`Self::linear`] by cuBLAS (`cublasGemmEx`, bf16 in and out, f32 compute).
+    pub fn gemm(&self, x: u64, w: u64, y: u64, n: usize, k: usize, out: usize) -> Result<()> {
         use cudarc::cublas::sys::{
             cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
         };
@@ -223,6 +246,9 @@ impl Kernels {
         }
     }
 }
+
+/// Rows up to which [`Kernels::linear`] uses the `linear` kernel rather than cuBLAS.
+pub const LINEAR_KERNEL_MAX_ROWS: usize = 8;
 
 /// Pushes the arguments and launches (the arguments are plain values: addresses and sizes).
 macro_rules! launch {
@@ -271,5 +297,36 @@ pub(crate) mod testutil {
         let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
         assert_eq!(a.dims(), b.dims(), "shapes differ");
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+    use candle_core::DType;
+    use half::bf16;
+
+    /// The `linear` kernel and the cuBLAS path against candle's matmul (what the reference
+    /// path's `Linear` runs), for 1, 5 and 8 rows.
+    #[test]
+    fn linear_kernel_and_gemm_match_candle() {
+        let (dev, cd) = device();
+        let k = Kernels::load(&cd).unwrap();
+        let (kk, out) = (1280usize, 3840usize);
+        let w = rand_bf16(&[out, kk], 0.05, 31).to_device(&dev).unwrap();
+        for n in [1usize, 5, 8] {
+            let x = rand_bf16(&[n, kk], 1.0, 32 + n as u64).to_device(&dev).unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let y1 = Tensor::zeros((n, out), DType::BF16, &dev).unwrap();
+            let y2 = Tensor::zeros((n, out), DType::BF16, &dev).unwrap();
+            let p = |t: &Tensor| tensor_ptr::<bf16>(t).unwrap();
+            k.linear_kernel(p(&x), p(&w), p(&y1), n, kk, out).unwrap();
+            k.gemm(p(&x), p(&w), p(&y2), n, kk, out).unwrap();
+            let (d1, d2) = (max_diff(&y1, &want), max_diff(&y2, &want));
+            eprintln!("linear, {n} rows: kernel max |diff| {d1:.3e}, cuBLAS max |diff| {d2:.3e}");
+            // |y| < 4: one bf16 ulp is 2^-6 (sums in another order may round the other way)
+            assert!(d1 <= 1.6e-2 && d2 <= 1.6e-2, "{n} rows: kernel {d1}, cuBLAS {d2}");
+        }
     }
 }

@@ -74,7 +74,7 @@ impl Kernels {
         launch!(
             self,
             self.moe_route,
-            cfg((rows as u32, 1, 1), 256, 0),
+            cfg((rows as u32, 1, 1), 512, 0),
             x, gate_w, bias, h as i32, p.experts as i32, p.topk as i32, p.n_fixed as i32,
             p.method, p.scoring, p.n_group as i32, p.topk_group as i32, p.norm_topk as i32,
             p.scale, slot_expert, slot_w
@@ -267,8 +267,9 @@ mod tests {
             d.push(tensors["shared_experts.down_proj.weight"].narrow(1, s * inter, inter).unwrap().contiguous().unwrap());
         }
         let (wg, wu, wd) = (stack(g).to_device(&dev).unwrap(), stack(u).to_device(&dev).unwrap(), stack(d).to_device(&dev).unwrap());
+        // the reference experts run on the GPU too (candle's CPU matmul has no bf16)
         let mlp = |name: &str, i: usize| {
-            let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::BF16, &Device::Cpu);
+            let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::BF16, &dev);
             Mlp::new(h, i, vb.pp(name)).unwrap()
         };
         let shared = mlp("shared_experts", 2 * inter);
@@ -280,15 +281,15 @@ mod tests {
             let scores: Vec<Vec<f32>> = candle_nn::ops::softmax_last_dim(&logits).unwrap().to_vec2().unwrap();
             let mut want = vec![];
             for r in 0..rows {
-                let xr = x.narrow(0, r, 1).unwrap();
+                let xr = x.narrow(0, r, 1).unwrap().to_device(&dev).unwrap();
                 let (idx, w) = route(&scores[r], None, &c);
-                let mut acc = Tensor::zeros((1, h), DType::F32, &Device::Cpu).unwrap();
+                let mut acc = Tensor::zeros((1, h), DType::F32, &dev).unwrap();
                 for (&ei, &wi) in idx.iter().zip(&w) {
                     let o = mlp(&format!("experts.{ei}"), inter).forward(&xr).unwrap().to_dtype(DType::F32).unwrap();
                     acc = (acc + (o * wi as f64).unwrap()).unwrap();
                 }
                 let y = (acc.to_dtype(DType::BF16).unwrap() + shared.forward(&xr).unwrap()).unwrap();
-                want.push((resid.narrow(0, r, 1).unwrap() + y).unwrap());
+                want.push((resid.narrow(0, r, 1).unwrap().to_device(&dev).unwrap() + y).unwrap());
             }
             let want = Tensor::cat(&want, 0).unwrap();
             // kernels

@@ -46,7 +46,7 @@ impl Kernels {
         launch!(
             self,
             self.add_rmsnorm,
-            cfg((rows as u32, 1, 1), 256, (h * 4) as u32),
+            cfg((rows as u32, 1, 1), 512, (h * 4) as u32),
             resid, d, so, sw, k, mode, weight, out, h as i32, eps as f32
         )
     }
