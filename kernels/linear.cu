@@ -22,7 +22,6 @@ extern "C" __global__ void linear(const bf16* __restrict__ x, const bf16* __rest
     float acc[CHUNK];
 #pragma unroll
     for (int t = 0; t < CHUNK; ++t) acc[t] = 0.f;
-#pragma unroll 4
     for (int c = lane; c < nc; c += 32) {
       uint4 wv = wr[c];
 #pragma unroll

@@ -41,7 +41,10 @@ case " $STEPS " in *" bench "*)
   echo "== ocr-patch bench"
   timeout 480 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --remote-code .gpu/remote \
     --peer-script "$G/tf_peer.py" --gpu "$GPU" --out-file "$OUT/bench.json" 2> "$OUT/bench.log"
-  echo "rc=$?"; tail -c 3000 "$OUT/bench.log" ;;
+  echo "rc=$?"; tail -c 3000 "$OUT/bench.log"
+  echo "== the Rust side again, every projection through cuBLAS (OCR_PATCH_LINEAR=cublas)"
+  OCR_PATCH_LINEAR=cublas timeout 200 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --gpu "$GPU" \
+    --out-file "$OUT/bench-cublas.json" 2> "$OUT/bench-cublas.log" | grep -E "decode|memory" ;;
 esac
 case " $STEPS " in *" profile "*)
   echo "== ncu: 2 eager batch-1 decode steps"

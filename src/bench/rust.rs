@@ -156,6 +156,8 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
         Ok(())
     })?;
 
+    let peak_prompt = sampler.finish();
+    let sampler = MemSampler::start(cd);
     // ---- batch-1 decode: eager launches, then the CUDA graph ----
     start_batch(&mut fast, &embeds, 1, vocab)?;
     decode_run(&fast, 1, c.warmup_steps)?;
@@ -227,6 +229,7 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
     let graph_tokens = graph.as_ref().ok().map(|g| g.1.clone());
     Ok(json!({
         "engine": "rust fast path (src/model/fast: kernels/*.cu + cuBLAS, bf16)",
+        "linear": if std::env::var("OCR_PATCH_LINEAR").is_ok_and(|v| v == "cublas") { "cublas" } else { "kernel up to 8 rows, cublas above" },
         "load_s": load_s,
         "vision_base_ms": stats(&vb),
         "vision_gundam_ms": {"median_ms": median(&vg), "runs_ms": vg, "rows": grows},
@@ -247,7 +250,9 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
         "decode_batched": batched,
         "memory": {
             "baseline_used_gib": gib(baseline),
-            "peak_used_gib_batch1": gib(peak_b1),
+            "peak_used_gib_batch1": gib(peak_b1.max(peak_prompt)),
+            "peak_used_gib_batch1_decode": gib(peak_b1),
+            "peak_used_gib_batch1_vision_prefill": gib(peak_prompt),
             "peak_used_gib_batched": gib(peak_batched),
             "batch1_cache_positions": b1_opts.max_t,
             "batched_cache": format!("{max_b} slots x {max_t} positions"),

@@ -22,7 +22,7 @@ use half::bf16;
 use crate::model::config::{TextConfig, TopkMethod};
 use crate::model::generate::NoRepeatNgram;
 use crate::model::kernels::attn::AttnShape;
-use crate::model::kernels::moe::RouteParams;
+use crate::model::kernels::moe::{Groups, RouteParams};
 use crate::model::kernels::norm::Delta;
 use crate::model::kernels::sample::{NgramParams, StepState};
 use crate::model::kernels::{copy_d2d, cuda_err, tensor_ptr, Buf, Kernels};
@@ -85,6 +85,8 @@ pub struct FastDecoder {
     ones: Buf<f32>,
     offsets: Buf<i32>,
     list: Buf<i32>,
+    active: Buf<i32>,
+    n_active: Buf<i32>,
     act: Buf<bf16>,
     slot_out: Buf<f32>,
     logits: Buf<bf16>,
@@ -251,6 +253,8 @@ impl FastDecoder {
             ones,
             offsets: Buf::zeros(dev, e_max + 1)?,
             list: Buf::zeros(dev, r * kmax)?,
+            active: Buf::zeros(dev, e_max)?,
+            n_active: Buf::zeros(dev, 1)?,
             act: Buf::zeros(dev, r * act_row)?,
             slot_out: Buf::zeros(dev, r * kmax * hs)?,
             logits: Buf::zeros(dev, s * v)?,
@@ -301,7 +305,8 @@ impl FastDecoder {
             let (kc, vc) = (self.kc[li].ptr, self.vc[li].ptr);
             k.rope_kv(self.qkv.ptr, pos, slot, kc, vc, n, s, self.cfg.rope_theta)?;
             // decode (few rows): keys split over more blocks; prefill: one block per row and head
-            let split = decode.then_some(self.attn_part.ptr);
+            // (from 16 rows on, rows x heads blocks fill the GPU without splitting)
+            let split = (decode && n < 16).then_some(self.attn_part.ptr);
             k.decode_attn(self.qkv.ptr, pos, slot, kc, vc, self.attn.ptr, n, s, split)?;
             k.linear(self.attn.ptr, l.wo.ptr, self.delta.ptr, n, s.heads * s.head_dim, hs)?;
             k.add_rmsnorm(self.x.ptr, Delta::Rows(self.delta.ptr), l.ln2.ptr, self.h.ptr, n, hs, eps)?;
@@ -314,9 +319,16 @@ impl FastDecoder {
                 }
                 None => (self.dense_expert.ptr, self.ones.ptr),
             };
-            k.moe_plan(se, n * f.k, f.e_total, self.offsets.ptr, self.list.ptr)?;
-            k.moe_gate_up(f.w_gate.ptr, f.w_up.ptr, self.h.ptr, self.offsets.ptr, self.list.ptr, f.k, f.e_total, f.inter, hs, self.act.ptr)?;
-            k.moe_down(f.w_down.ptr, self.act.ptr, self.offsets.ptr, self.list.ptr, f.e_total, f.inter, hs, self.slot_out.ptr)?;
+            let g = Groups {
+                offsets: self.offsets.ptr,
+                list: self.list.ptr,
+                active: self.active.ptr,
+                n_active: self.n_active.ptr,
+            };
+            let ns = n * f.k;
+            k.moe_plan(se, ns, f.e_total, &g)?;
+            k.moe_gate_up(f.w_gate.ptr, f.w_up.ptr, self.h.ptr, &g, ns, f.k, f.e_total, f.inter, hs, self.act.ptr)?;
+            k.moe_down(f.w_down.ptr, self.act.ptr, &g, ns, f.e_total, f.inter, hs, self.slot_out.ptr)?;
             let next = self.layers.get(li + 1).map_or(self.norm.ptr, |l| l.ln1.ptr);
             k.add_rmsnorm(self.x.ptr, Delta::Slots { slot_out: self.slot_out.ptr, w: sw, k: f.k }, next, self.h.ptr, n, hs, eps)?;
         }

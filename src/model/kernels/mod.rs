@@ -148,6 +148,8 @@ pub struct Kernels {
     ngram_ban: CudaFunction,
     greedy_next: CudaFunction,
     linear_rows: CudaFunction,
+    /// `OCR_PATCH_LINEAR=cublas`: every projection through cuBLAS (to compare).
+    cublas_only: bool,
 }
 
 fn cfg(grid: (u32, u32, u32), block: u32, shared: u32) -> LaunchConfig {
@@ -194,6 +196,7 @@ impl Kernels {
             ngram_ban: f("ngram_ban", ptx::NGRAM_BAN)?,
             greedy_next: f("greedy_next", ptx::GREEDY_NEXT)?,
             linear_rows: f("linear", ptx::LINEAR)?,
+            cublas_only: std::env::var("OCR_PATCH_LINEAR").is_ok_and(|v| v == "cublas"),
             stream,
         })
     }
@@ -202,7 +205,7 @@ impl Kernels {
     /// `linear` kernel for a few rows of a projection (decode), cuBLAS otherwise (prefill,
     /// lm_head).
     pub fn linear(&self, x: u64, w: u64, y: u64, n: usize, k: usize, out: usize) -> Result<()> {
-        if n <= LINEAR_KERNEL_MAX_ROWS && out <= 16384 && k % 8 == 0 {
+        if n <= LINEAR_KERNEL_MAX_ROWS && out <= 16384 && k % 8 == 0 && !self.cublas_only {
             self.linear_kernel(x, w, y, n, k, out)
         } else {
             self.gemm(x, w, y, n, k, out)

@@ -81,13 +81,14 @@ impl Kernels {
         )
     }
 
-    /// Groups `n_slots` slots by expert (`offsets` `(e_total + 1)`, `list` `(n_slots)`, i32).
-    pub fn moe_plan(&self, slot_expert: u64, n_slots: usize, e_total: usize, offsets: u64, list: u64) -> Result<()> {
+    /// Groups `n_slots` slots by expert (`offsets` `(e_total + 1)`, `list` `(n_slots)`, i32) and
+    /// lists the experts that have slots (`active` `(e_total)`, `n_active` `(1)`, i32).
+    pub fn moe_plan(&self, slot_expert: u64, n_slots: usize, e_total: usize, g: &Groups) -> Result<()> {
         launch!(
             self,
             self.moe_plan,
             cfg((1, 1, 1), 1024, (e_total * 4) as u32),
-            slot_expert, n_slots as i32, e_total as i32, offsets, list
+            slot_expert, n_slots as i32, e_total as i32, g.offsets, g.list, g.active, g.n_active
         )
     }
 
@@ -98,8 +99,8 @@ impl Kernels {
         w_gate: u64,
         w_up: u64,
         x: u64,
-        offsets: u64,
-        list: u64,
+        g: &Groups,
+        n_slots: usize,
         k: usize,
         e_total: usize,
         inter: usize,
@@ -112,8 +113,9 @@ impl Kernels {
         launch!(
             self,
             self.moe_gate_up,
-            cfg((e_total as u32, inter.div_ceil(8) as u32, 1), 256, 0),
-            w_gate, w_up, x, offsets, list, k as i32, inter as i32, h as i32, act
+            cfg((e_total.min(n_slots) as u32, inter.div_ceil(8 * 2) as u32, 1), 256, 0),
+            w_gate, w_up, x, g.offsets, g.list, g.active, g.n_active, k as i32, inter as i32,
+            h as i32, act
         )
     }
 
@@ -123,8 +125,8 @@ impl Kernels {
         &self,
         w_down: u64,
         act: u64,
-        offsets: u64,
-        list: u64,
+        g: &Groups,
+        n_slots: usize,
         e_total: usize,
         inter: usize,
         h: usize,
@@ -133,10 +135,19 @@ impl Kernels {
         launch!(
             self,
             self.moe_down,
-            cfg((e_total as u32, h.div_ceil(8) as u32, 1), 256, 0),
-            w_down, act, offsets, list, inter as i32, h as i32, slot_out
+            cfg((e_total.min(n_slots) as u32, h.div_ceil(8 * 4) as u32, 1), 256, 0),
+            w_down, act, g.offsets, g.list, g.active, g.n_active, inter as i32, h as i32, slot_out
         )
     }
+}
+
+/// `moe_plan`'s output, read by the grouped kernels (device addresses of i32 arrays).
+#[derive(Debug, Clone, Copy)]
+pub struct Groups {
+    pub offsets: u64,
+    pub list: u64,
+    pub active: u64,
+    pub n_active: u64,
 }
 
 #[cfg(test)]
@@ -300,6 +311,8 @@ mod tests {
             let sw = Tensor::zeros(rows * kk, DType::F32, &dev).unwrap();
             let offsets = Tensor::zeros(e_total + 1, DType::U32, &dev).unwrap();
             let list = Tensor::zeros(rows * kk, DType::U32, &dev).unwrap();
+            let active = Tensor::zeros(e_total, DType::U32, &dev).unwrap();
+            let n_active = Tensor::zeros(1, DType::U32, &dev).unwrap();
             let act = Tensor::zeros((rows * kk, inter), DType::BF16, &dev).unwrap();
             let so = Tensor::zeros((rows * kk, h), DType::F32, &dev).unwrap();
             let normed = Tensor::zeros((rows, h), DType::BF16, &dev).unwrap();
@@ -308,9 +321,14 @@ mod tests {
             let pu = |t: &Tensor| tensor_ptr::<u32>(t).unwrap();
             let pf = |t: &Tensor| tensor_ptr::<f32>(t).unwrap();
             k.moe_route(pb(&gx), pb(&ggw), 0, rows, h, &p, pu(&se), pf(&sw)).unwrap();
-            k.moe_plan(pu(&se), rows * kk, e_total, pu(&offsets), pu(&list)).unwrap();
-            k.moe_gate_up(pb(&wg), pb(&wu), pb(&gx), pu(&offsets), pu(&list), kk, e_total, inter, h, pb(&act)).unwrap();
-            k.moe_down(pb(&wd), pb(&act), pu(&offsets), pu(&list), e_total, inter, h, pf(&so)).unwrap();
+            let g = Groups { offsets: pu(&offsets), list: pu(&list), active: pu(&active), n_active: pu(&n_active) };
+            let ns = rows * kk;
+            k.moe_plan(pu(&se), ns, e_total, &g).unwrap();
+            k.moe_gate_up(pb(&wg), pb(&wu), pb(&gx), &g, ns, kk, e_total, inter, h, pb(&act)).unwrap();
+            k.moe_down(pb(&wd), pb(&act), &g, ns, e_total, inter, h, pf(&so)).unwrap();
+            // one row: its 4 routed experts and the 2 shared pieces are all that run
+            let na: Vec<u32> = n_active.to_vec1().unwrap();
+            assert!(rows > 1 || na[0] == 6, "active experts for one row: {}", na[0]);
             k.add_rmsnorm(pb(&gr), Delta::Slots { slot_out: pf(&so), w: pf(&sw), k: kk }, pb(&ones), pb(&normed), rows, h, 1e-6).unwrap();
             let diff = max_diff(&gr, &want);
             let scale = want.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
