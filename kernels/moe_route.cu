@@ -7,14 +7,15 @@
 // topk..k are the fixed experts e_routed + s with weight 1 (the shared experts, split into
 // moe_intermediate_size-wide pieces; the dense MLP is one fixed expert).
 // x: (rows, h) bf16; gate_w: (e, h) bf16; bias: (e) f32 or null; slot_expert: (rows*k) i32;
-// slot_w: (rows*k) f32. Grid: rows blocks of 512 threads. e <= 512, topk <= 32.
+// slot_w: (rows*k) f32. Grid: rows blocks of 1024 threads (a warp per 1/32 of the gate's rows).
+// e <= 512, topk <= 32.
 // Greedy routing (DeepSeek-OCR's) picks with one warp's shuffles; the group methods, rarer, with
 // one thread.
 #include "common.cuh"
 
 #define MAX_E 512
 
-extern "C" __global__ void moe_route(const bf16* __restrict__ x, const bf16* __restrict__ gate_w,
+extern "C" __global__ void __launch_bounds__(1024) moe_route(const bf16* __restrict__ x, const bf16* __restrict__ gate_w,
                                      const float* __restrict__ bias, int h, int e, int topk,
                                      int n_fixed, int method, int scoring, int n_group,
                                      int topk_group, int norm_topk, float scale,

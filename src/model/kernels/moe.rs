@@ -74,7 +74,7 @@ impl Kernels {
         launch!(
             self,
             self.moe_route,
-            cfg((rows as u32, 1, 1), 512, 0),
+            cfg((rows as u32, 1, 1), 1024, 0),
             x, gate_w, bias, h as i32, p.experts as i32, p.topk as i32, p.n_fixed as i32,
             p.method, p.scoring, p.n_group as i32, p.topk_group as i32, p.norm_topk as i32,
             p.scale, slot_expert, slot_w
