@@ -76,6 +76,19 @@ lock: build
     cargo build
 
 # Speed of `apply` on a cold and on an already patched cache (see docs/benchmarks.md).
-bench: 
+bench-apply:
     cargo build --release
     tests/bench/apply.sh target/release/ocr-patch
+
+# The GPU fast path against transformers (patched remote code, eager and sdpa) on this machine's
+# GPU: needs the CUDA toolkit, torch + transformers in python3, the Hub's config.json and the
+# patched remote code in REMOTE (`ocr-patch apply --path`). Synthetic weights of the real config.
+# On the lent device (no cargo there) use bench/gpu/fast.sh. See docs/benchmarks.md.
+bench config="../shared/data/deepseek-ocr/config.json" remote=".gpu/remote" *args="":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build --release --features cuda --bin ocr-patch --bin ocr-patch-synth
+    w="target/bench-weights"; mkdir -p "$w"; cp "{{config}}" "$w/config.json"
+    [ -s "$w/model.safetensors" ] || target/release/ocr-patch-synth --config "$w/config.json" --seed 1 -o "$w/model.safetensors" --dtype bf16
+    target/release/ocr-patch bench --model-dir "$w" --remote-code "{{remote}}" \
+      --gpu "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --out-file target/bench.json {{args}}

@@ -1,4 +1,6 @@
 #[cfg(feature = "model")]
+pub mod bench;
+#[cfg(feature = "model")]
 pub mod model;
 pub mod patch;
 pub mod cache;

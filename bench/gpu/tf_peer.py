@@ -71,7 +71,7 @@ def run(args):
     used0 = torch.cuda.mem_get_info() if cuda else (0, 0)
     t = time.perf_counter()
     model, info = AutoModel.from_pretrained(
-        mdir, trust_remote_code=True, dtype=dtype, attn_implementation="eager",
+        mdir, trust_remote_code=True, dtype=dtype, attn_implementation=args.attn,
         output_loading_info=True, **({"device_map": {"": 0}} if cuda else {}),
     )
     model.eval()
@@ -127,7 +127,8 @@ def run(args):
         return m.projector(torch.cat((f2[:, 1:], f1.flatten(2).permute(0, 2, 1)), dim=-1))
 
     report = {
-        "engine": f"transformers {transformers.__version__} + patched remote code, eager",
+        "engine": f"transformers {transformers.__version__} + patched remote code, {args.attn}",
+        "attn": args.attn,
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
         "tf32": False,
@@ -223,6 +224,9 @@ def run(args):
                 g = gi
             else:
                 identical &= torch.equal(g.sequences, gi.sequences)
+        used_b1 = torch.cuda.mem_get_info() if cuda else (0, 0)
+        batched = [batched_decode(b, args.steps, parent, model, embeds, vocab, dev, sync)
+                   for b in args.batches]
     tokens = g.sequences[0, ids.shape[1]:].cpu()
     logits = torch.stack([l[0] for l in g.logits]).float().cpu()
     if not torch.equal(logits.argmax(-1), tokens):
@@ -247,6 +251,7 @@ def run(args):
             "step_ms": step_ms,
         },
         "greedy_tokens": tokens.tolist(),
+        "decode_batched": batched,
         "step0_vs_forward_maxdiff": (logits[0] - fwd_logits.cpu()).abs().max().item(),
         "prefill_vs_forward_maxdiff": (pf_logits.flatten() - fwd_logits.cpu()).abs().max().item(),
         "memory": {
@@ -254,6 +259,7 @@ def run(args):
             "torch_max_reserved_gib": gib(torch.cuda.max_memory_reserved()) if cuda else None,
             "device_used_before_load_gib": gib(used0[1] - used0[0]),
             "device_used_end_gib": gib(total - free),
+            "device_used_before_batched_gib": gib(used_b1[1] - used_b1[0]),
             "note": "torch's caching allocator keeps what it reserved: device_used_end ~ peak",
         },
     })
@@ -266,6 +272,47 @@ def run(args):
         with open(args.json, "w") as f:
             f.write(s)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def batched_decode(b, steps, parent, model, embeds, vocab, dev, sync):
+    """`b` sequences decoded together by the decoder (DeepseekV2Model.forward with its KV cache,
+    lm_head, greedy argmax read back every step): the Base prompt's embeddings for all, then
+    sequence i > 0 starts from its own token (so that the sequences route to different experts,
+    as different prompts would; the Rust side does the same). Tokens/s over `steps` steps after
+    3 untimed ones."""
+    import torch
+
+    def run(n):
+        e = embeds.expand(b, -1, -1).contiguous()
+        t0 = e.shape[1]
+        out = parent.forward(input_ids=None, attention_mask=torch.ones(b, t0, dtype=torch.long, device=dev),
+                             inputs_embeds=e, use_cache=True, return_dict=True)
+        pkv = out.past_key_values
+        first = model.lm_head(out[0][:, -1:]).argmax(-1)
+        tok = (first + 7919 * torch.arange(b, device=dev).view(b, 1)) % vocab
+        tok[0] = first[0]
+        times = []
+        for s in range(n):
+            sync()
+            t = time.perf_counter()
+            pos = torch.full((b, 1), t0 + s, dtype=torch.long, device=dev)
+            o = parent.forward(input_ids=tok, attention_mask=torch.ones(b, t0 + s + 1, dtype=torch.long, device=dev),
+                               position_ids=pos, past_key_values=pkv, use_cache=True, return_dict=True)
+            pkv = o.past_key_values
+            tok = model.lm_head(o[0][:, -1:]).argmax(-1)
+            tok.cpu()
+            times.append(time.perf_counter() - t)
+        return times
+
+    try:
+        with torch.no_grad():
+            run(3)
+            times = run(steps)
+        total = sum(times)
+        return {"batch": b, "steps": steps, "ms_per_step": total * 1e3 / steps,
+                "tokens_per_s": b * steps / total}
+    except Exception as e:  # reported, the other measurements stand
+        return {"batch": b, "error": f"{type(e).__name__}: {e}"}
 
 
 def pair(a, b):
@@ -384,6 +431,9 @@ def main():
     r.add_argument("--repeat", type=int, default=5)
     r.add_argument("--decode-runs", type=int, default=3)
     r.add_argument("--pixels", default="page", choices=["page", "golden"])
+    r.add_argument("--attn", default="eager", help="attn_implementation (eager, sdpa)")
+    r.add_argument("--batches", default="", type=lambda v: [int(x) for x in v.split(",") if x],
+                   help="also decode this many sequences together, comma-separated (8,32,64)")
     r.add_argument("--json")
     r.add_argument("--logits")
     c = sub.add_parser("compare")

@@ -16,6 +16,8 @@ use crate::cache::ops::{Action, FileReport, Report, TargetReport};
 use crate::patch::{Engine, Lock};
 
 pub mod apply;
+#[cfg(feature = "model")]
+pub mod bench;
 pub mod check;
 pub mod diff;
 pub mod doctor;
@@ -60,6 +62,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     #[cfg(feature = "model")]
     Ocr(ocr::OcrArgs),
+    #[cfg(feature = "model")]
+    Bench(bench::BenchArgs),
 }
 
 /// What a command ends with; `main` turns it into the process exit code.
@@ -85,6 +89,8 @@ impl Cli {
             Command::Verify(a) => a.out.json,
             #[cfg(feature = "model")]
             Command::Ocr(a) => a.out.json,
+            #[cfg(feature = "model")]
+            Command::Bench(a) => a.out.json,
         }
     }
 
@@ -103,6 +109,8 @@ impl Cli {
             Command::Verify(a) => verify::run(a),
             #[cfg(feature = "model")]
             Command::Ocr(a) => ocr::run(a),
+            #[cfg(feature = "model")]
+            Command::Bench(a) => bench::run(a),
         }
     }
 }

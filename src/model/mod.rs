@@ -11,8 +11,12 @@
 
 pub mod config;
 pub mod decoder;
+#[cfg(feature = "cuda")]
+pub mod fast;
 pub mod generate;
 pub mod grounding;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod ocr;
 pub mod preprocess;
 pub mod synth;

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU fast path on the device machine (docs/benchmarks.md, "The GPU fast path"): the kernel
+# tests, `ocr-patch bench` (Rust fast path vs transformers eager and sdpa, same GPU, same run)
+# and an Nsight Compute profile of batch-1 decode steps. Run from the repository root, with the
+# ignored folder $G (default .gpu/gpu) holding:
+#   bin.tar.gz   ocr-patch, ocr-patch-synth and kernel_tests (the lib's test binary), built here:
+#                eval "$(../shared/tools/cuda-build-env.sh)"
+#                cargo build --release --features cuda --target-dir /work/target-cuda \
+#                  --bin ocr-patch --bin ocr-patch-synth
+#                cargo test --release --features cuda --target-dir /work/target-cuda --lib --no-run
+#   tf_peer.py   bench/gpu/tf_peer.py (the peer), fast.sh (this file)
+# and .gpu/config.json + .gpu/remote/ (the patched remote code) as bench/gpu/run.sh describes,
+# .whl/ the wheels the remote code needs. Carry [".gpu", ".whl"].
+# Usage: bash $G/fast.sh [STEPS (default "tests bench profile")]
+# Results go to $OUT: gpu.txt, kernel-tests.log, bench.json, bench.log, profile.csv.
+set -uo pipefail
+G=${G:-.gpu/gpu}
+OUT=${OUT:-/tmp/ocrp-out}
+WORK=${WORK:-/tmp/ocrp-fast}
+STEPS=${1:-tests bench profile}
+mkdir -p "$OUT" "$WORK/w"
+NVPIP=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)/nvidia/cu13/lib
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:$NVPIP:${LD_LIBRARY_PATH:-}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+tar -xzf "$G/bin.tar.gz" -C "$WORK"
+case " $STEPS " in *" tests "*)
+  echo "== kernel tests"
+  timeout 300 "$WORK/kernel_tests" --test-threads=1 --nocapture model::kernels model::fast bench:: \
+    2>&1 | tee "$OUT/kernel-tests.log" | grep -E "^test |max|agree|banned|result|panicked" ;;
+esac
+cp .gpu/config.json "$WORK/w/config.json"
+if [ ! -s "$WORK/w/model.safetensors" ]; then
+  echo "== synthetic weights of the real config"
+  "$WORK/ocr-patch-synth" --config "$WORK/w/config.json" --seed 1 -o "$WORK/w/model.safetensors" --dtype bf16 2>&1 | tail -2
+fi
+case " $STEPS " in *" bench "*)
+  echo "== ocr-patch bench"
+  timeout 480 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --remote-code .gpu/remote \
+    --peer-script "$G/tf_peer.py" --gpu "$GPU" --out-file "$OUT/bench.json" 2> "$OUT/bench.log"
+  echo "rc=$?"; tail -c 3000 "$OUT/bench.log"
+  echo "== the Rust side again, every projection through cuBLAS (OCR_PATCH_LINEAR=cublas)"
+  OCR_PATCH_LINEAR=cublas timeout 200 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --gpu "$GPU" \
+    --out-file "$OUT/bench-cublas.json" 2> "$OUT/bench-cublas.log" | grep -E "decode|memory" ;;
+esac
+case " $STEPS " in *" profile "*)
+  echo "== ncu: 2 eager batch-1 decode steps"
+  timeout 240 ncu --profile-from-start off --clock-control none --csv --page raw \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+    "$WORK/ocr-patch" bench --profile --steps 2 --model-dir "$WORK/w" > "$OUT/profile.csv" 2> "$OUT/profile.log"
+  echo "rc=$?"
+  python3 - "$OUT/profile.csv" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if r]
+head = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
+h = rows[head]; data = rows[head + 2:]
+k, t, rd, wr = (h.index(c) for c in ("Kernel Name", "gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum"))
+agg = collections.defaultdict(lambda: [0, 0.0, 0.0])
+num = lambda s: float(s.replace(",", "")) if s else 0.0
+unit = rows[head + 1]
+tf = {"ns": 1.0, "nsecond": 1.0, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6}.get(unit[t], 1.0)
+bf = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(unit[rd], 1.0)
+for r in data:
+    a = agg[r[k][:60]]; a[0] += 1; a[1] += num(r[t]) * tf; a[2] += (num(r[rd]) + num(r[wr])) * bf
+tot = sum(a[1] for a in agg.values())
+print(f"{'kernel':60s} {'n':>4s} {'us':>9s} {'%':>5s} {'GB/s':>7s}")
+for name, (n, ns, b) in sorted(agg.items(), key=lambda x: -x[1][1]):
+    print(f"{name:60s} {n:4d} {ns/1e3:9.1f} {100*ns/tot:5.1f} {b/ns if ns else 0:7.0f}")
+print(f"total kernel time {tot/1e3:.1f} us over the profiled steps")
+PY
+  ;;
+esac

@@ -1,0 +1,36 @@
+// linear: y (rows, out) = x (rows, k) . w (out, k)^T in bf16 with f32 accumulation, for the
+// decode step's few rows (attention projections), where cuBLAS's GEMM tiles leave HBM
+// bandwidth unused. A warp per output row reads that row of w once for every row of x
+// (rows taken 4 at a time), 8 bf16 per load. k a multiple of 8.
+// Grid: ceil(out / 8) blocks of 256 threads.
+#include "common.cuh"
+
+#define CHUNK 4
+
+extern "C" __global__ void linear(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                  bf16* __restrict__ y, int rows, int k, int out) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int o = blockIdx.x * (blockDim.x >> 5) + warp;
+  if (o >= out) return;
+  const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)o * k);
+  int nc = k / 8;
+  for (int r0 = 0; r0 < rows; r0 += CHUNK) {
+    int nr = min(CHUNK, rows - r0);
+    const uint4* xr[CHUNK];
+#pragma unroll
+    for (int t = 0; t < CHUNK; ++t) xr[t] = reinterpret_cast<const uint4*>(x + (size_t)(r0 + min(t, nr - 1)) * k);
+    float acc[CHUNK];
+#pragma unroll
+    for (int t = 0; t < CHUNK; ++t) acc[t] = 0.f;
+    for (int c = lane; c < nc; c += 32) {
+      uint4 wv = wr[c];
+#pragma unroll
+      for (int t = 0; t < CHUNK; ++t) acc[t] += dot8(wv, xr[t][c]);
+    }
+#pragma unroll
+    for (int t = 0; t < CHUNK; ++t) {
+      float v = warp_sum(acc[t]);
+      if (lane == 0 && t < nr) y[(size_t)(r0 + t) * out + o] = f2bf(v);
+    }
+  }
+}

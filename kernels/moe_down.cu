@@ -1,0 +1,61 @@
+// moe_down: second half of the grouped (fused) MoE: slot_out[slot] = down_proj(act[slot]) of
+// the slot's expert, in f32 rounded to bf16 (the expert's bf16 output); the weighted sum over
+// a row's slots is done by add_rmsnorm (mode 2), fused with the residual add and the next norm.
+// w_down: (e_total, h, inter) bf16; act: (n_slots, inter) bf16; slot_out: (n_slots, h) f32;
+// offsets, list, active, n_active: from moe_plan. inter a multiple of 8.
+// Grid: (min(e_total, n_slots), ceil(h / (8 * RPW))) blocks of 256 threads (a warp per RPW
+// output rows).
+#include "common.cuh"
+
+#define CHUNK 4
+#define RPW 4
+
+extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16* __restrict__ act,
+                                    const int* __restrict__ offsets, const int* __restrict__ list,
+                                    const int* __restrict__ active, const int* __restrict__ n_active,
+                                    int inter, int h, float* __restrict__ slot_out) {
+  if ((int)blockIdx.x >= n_active[0]) return;
+  int ex = active[blockIdx.x];
+  int beg = offsets[ex], end = offsets[ex + 1];
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int row0 = (blockIdx.y * (blockDim.x >> 5) + warp) * RPW;
+  if (row0 >= h) return;
+  const uint4* w[RPW];
+#pragma unroll
+  for (int q = 0; q < RPW; ++q)
+    w[q] = reinterpret_cast<const uint4*>(w_down + ((size_t)ex * h + min(row0 + q, h - 1)) * inter);
+  int nc = inter / 8;
+  for (int s0 = beg; s0 < end; s0 += CHUNK) {
+    int ns = min(CHUNK, end - s0);
+    const uint4* ar[CHUNK];
+    int sl[CHUNK];
+#pragma unroll
+    for (int t = 0; t < CHUNK; ++t) {
+      sl[t] = list[s0 + min(t, ns - 1)];
+      ar[t] = reinterpret_cast<const uint4*>(act + (size_t)sl[t] * inter);
+    }
+    float acc[RPW][CHUNK];
+#pragma unroll
+    for (int q = 0; q < RPW; ++q)
+#pragma unroll
+      for (int t = 0; t < CHUNK; ++t) acc[q][t] = 0.f;
+    for (int c = lane; c < nc; c += 32) {
+      uint4 wv[RPW];
+#pragma unroll
+      for (int q = 0; q < RPW; ++q) wv[q] = w[q][c];
+#pragma unroll
+      for (int t = 0; t < CHUNK; ++t) {
+        uint4 av = ar[t][c];
+#pragma unroll
+        for (int q = 0; q < RPW; ++q) acc[q][t] += dot8(wv[q], av);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < RPW; ++q)
+#pragma unroll
+      for (int t = 0; t < CHUNK; ++t) {
+        float v = warp_sum(acc[q][t]);
+        if (lane == 0 && t < ns && row0 + q < h) slot_out[(size_t)sl[t] * h + row0 + q] = round_bf16(v);
+      }
+  }
+}

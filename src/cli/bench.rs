@@ -1,0 +1,156 @@
+//! `ocr-patch bench`: the GPU fast path against transformers running the patched remote code,
+//! same GPU, same weights, same run; prints a table (or `--json`) and writes the JSON report.
+//! Wiring only: [`crate::bench`] measures and reports.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::bench::{self, BenchConfig};
+use crate::model::OcrConfig;
+
+use super::{print_json, Exit, OutputArgs};
+
+/// Measure the GPU fast path (vision, prefill, decode at batch 1 and 8/32/64, memory) against
+/// transformers running the patched remote code on the same GPU, with ratios and the HBM
+/// roofline (needs a build with --features cuda)
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Folder with config.json and *.safetensors (e.g. `ocr-patch-synth` output of the real
+    /// config)
+    #[arg(long, value_name = "DIR")]
+    pub model_dir: PathBuf,
+
+    /// The remote code (`.py` files + config.json) patched by `ocr-patch apply --path`, for the
+    /// transformers peer; without it only the Rust side runs
+    #[arg(long, value_name = "DIR")]
+    pub remote_code: Option<PathBuf>,
+
+    /// Attention implementations to run transformers with, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "eager,sdpa", value_name = "IMPLS")]
+    pub peer_attn: Vec<String>,
+
+    /// The Python that has torch and transformers
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+
+    /// The peer's script
+    #[arg(long, default_value = "bench/gpu/tf_peer.py", value_name = "FILE")]
+    pub peer_script: PathBuf,
+
+    /// Stop a peer run after this many seconds
+    #[arg(long, default_value_t = 400)]
+    pub peer_timeout_s: u64,
+
+    /// Decode steps per timed run
+    #[arg(long, default_value_t = 64)]
+    pub steps: usize,
+
+    /// Timed decode runs (each from a fresh prefill)
+    #[arg(long, default_value_t = 3)]
+    pub decode_runs: usize,
+
+    /// Timed runs of the vision and prefill measurements (after 2 untimed)
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+
+    /// Concurrent sequences for the batched decode, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "8,32,64", value_name = "N")]
+    pub batches: Vec<usize>,
+
+    /// Cache positions of the batch-1 decoder (its peak memory is reported at this size)
+    #[arg(long, default_value_t = 8192)]
+    pub max_t: usize,
+
+    /// HBM bandwidth for the roofline in GB/s (H100 SXM: 3350)
+    #[arg(long, default_value_t = 3350.0)]
+    pub bandwidth_gbs: f64,
+
+    /// The GPU's name for the report (e.g. from nvidia-smi)
+    #[arg(long, default_value = "unnamed GPU")]
+    pub gpu: String,
+
+    /// Only run --steps eager batch-1 decode steps of the fast path between cuProfilerStart and
+    /// cuProfilerStop (for `ncu --profile-from-start off`), no peer, no report
+    #[arg(long)]
+    pub profile: bool,
+
+    /// Write the JSON report here too
+    #[arg(long, value_name = "FILE")]
+    pub out_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<Exit> {
+    let c = BenchConfig {
+        model_dir: a.model_dir.clone(),
+        remote_code: a.remote_code.clone(),
+        peer_attn: a.peer_attn.clone(),
+        python: a.python.clone(),
+        peer_script: a.peer_script.clone(),
+        peer_timeout: Duration::from_secs(a.peer_timeout_s),
+        steps: a.steps,
+        warmup_steps: 4,
+        decode_runs: a.decode_runs.max(1),
+        warmup: 2,
+        repeat: a.repeat.max(1),
+        batches: a.batches.clone(),
+        max_t_b1: a.max_t,
+        bandwidth_gbs: a.bandwidth_gbs,
+    };
+    if a.profile {
+        let v = profile_side(&c)?;
+        print_json(&v)?;
+        return Ok(Exit::Done);
+    }
+    let cfg = OcrConfig::from_file(&c.model_dir.join("config.json"))
+        .and_then(|c| c.text())
+        .with_context(|| format!("cannot read the model's config in {}; is --model-dir the checkpoint folder?", c.model_dir.display()))?;
+    // the peer first: its process is gone when the Rust side measures device memory
+    let peers: Vec<_> = match &c.remote_code {
+        Some(r) => c.peer_attn.iter().map(|attn| bench::run_peer(&c, r, attn)).collect(),
+        None => vec![],
+    };
+    if let Some(p) = &a.out_file {
+        // kept if the Rust side fails
+        let partial = serde_json::json!({"gpu": a.gpu, "peers": peers, "rust": null});
+        std::fs::write(p, serde_json::to_string_pretty(&partial)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    let rust = rust_side(&c)?;
+    let report = bench::report(&c, &cfg, &a.gpu, &rust, &peers);
+    if let Some(p) = &a.out_file {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if a.out.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", bench::table(&report));
+    }
+    Ok(Exit::Done)
+}
+
+#[cfg(feature = "cuda")]
+fn rust_side(c: &BenchConfig) -> anyhow::Result<serde_json::Value> {
+    bench::rust::run(c)
+}
+
+#[cfg(feature = "cuda")]
+fn profile_side(c: &BenchConfig) -> anyhow::Result<serde_json::Value> {
+    bench::rust::profile(c)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profile_side(c: &BenchConfig) -> anyhow::Result<serde_json::Value> {
+    rust_side(c)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn rust_side(_: &BenchConfig) -> anyhow::Result<serde_json::Value> {
+    anyhow::bail!("this ocr-patch was built without the GPU path; rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit")
+}

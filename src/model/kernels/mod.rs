@@ -1,0 +1,335 @@
+//! The GPU fast path's kernels (`kernels/*.cu` at the repository root, one op per file): their
+//! launches, and for each the reference it must agree with.
+//!
+//! Owns: loading the PTX that `build.rs` compiles with nvcc (compute capability
+//! `CUDA_COMPUTE_CAP`, default 90), the launch of every kernel with its grid and shared memory,
+//! raw device buffers ([`Buf`]) and the bf16 GEMMs (cuBLAS) between the kernels. Does not own
+//! the order of a decoder step ([`crate::model::fast`]) nor the model's semantics: the
+//! references are the reference path's own functions (`RmsNorm`, `moe::route`, `Mlp`,
+//! `rope_tables`, `NoRepeatNgram::banned`), which stay the model's slow path on every device.
+//!
+//! Why nvcc at build time and not NVRTC at run time: the kernels are plain CUDA C++ with
+//! `cuda_bf16.h`; compiling them with the build catches errors before a device is involved, the
+//! binary carries PTX (the driver JITs it once for the card) and nothing compiles at start-up.
+//!
+//! Launches take raw device addresses (`u64`): every buffer lives on the one stream of the
+//! candle device, with cudarc's event tracking off, so the launches can be captured in a CUDA
+//! graph (see [`crate::model::fast`]).
+
+pub mod attn;
+pub mod moe;
+pub mod norm;
+pub mod sample;
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc;
+use candle_core::{CudaDevice, Result, Tensor};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig};
+
+/// The PTX of each kernel, compiled by `build.rs`.
+mod ptx {
+    macro_rules! ptx {
+        ($name:ident, $file:literal) => {
+            pub const $name: &str = include_str!(concat!(env!("OUT_DIR"), "/", $file, ".ptx"));
+        };
+    }
+    ptx!(EMBED, "embed");
+    ptx!(ADD_RMSNORM, "add_rmsnorm");
+    ptx!(ROPE_KV, "rope_kv");
+    ptx!(DECODE_ATTN, "decode_attn");
+    ptx!(MOE_ROUTE, "moe_route");
+    ptx!(MOE_PLAN, "moe_plan");
+    ptx!(MOE_GATE_UP, "moe_gate_up");
+    ptx!(MOE_DOWN, "moe_down");
+    ptx!(NGRAM_BAN, "ngram_ban");
+    ptx!(GREEDY_NEXT, "greedy_next");
+    ptx!(LINEAR, "linear");
+}
+
+pub(crate) fn cuda_err(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuda: {e}"))
+}
+
+/// A device buffer and its address.
+pub struct Buf<T> {
+    _slice: CudaSlice<T>,
+    pub ptr: u64,
+    pub len: usize,
+}
+
+impl<T: DeviceRepr> Buf<T> {
+    /// Zeroed buffer of `len` elements on the device's stream.
+    pub fn zeros(dev: &CudaDevice, len: usize) -> Result<Self>
+    where
+        T: cudarc::driver::ValidAsZeroBits,
+    {
+        let slice = dev.alloc_zeros::<T>(len.max(1))?;
+        let ptr = {
+            let stream = dev.cuda_stream();
+            let (p, _guard) = slice.device_ptr(&stream);
+            p
+        };
+        Ok(Self {
+            _slice: slice,
+            ptr,
+            len,
+        })
+    }
+
+    /// Address of element `i`.
+    pub fn at(&self, i: usize) -> u64 {
+        self.ptr + (i * std::mem::size_of::<T>()) as u64
+    }
+
+    /// Copies `host` into elements `off..off + host.len()` (synchronous).
+    pub fn upload(&self, stream: &CudaStream, off: usize, host: &[T]) -> Result<()> {
+        if off + host.len() > self.len {
+            candle_core::bail!("upload of {} elements at {off} overflows a buffer of {}", host.len(), self.len);
+        }
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(self.at(off), host, stream.cu_stream())
+                .map_err(cuda_err)?;
+        }
+        stream.synchronize().map_err(cuda_err)
+    }
+
+    /// Elements `off..off + n` to the host (synchronises the stream).
+    pub fn download(&self, stream: &CudaStream, off: usize, n: usize) -> Result<Vec<T>>
+    where
+        T: Default + Clone,
+    {
+        let mut out = vec![T::default(); n];
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut out, self.at(off), stream.cu_stream())
+                .map_err(cuda_err)?;
+        }
+        stream.synchronize().map_err(cuda_err)?;
+        Ok(out)
+    }
+}
+
+/// Address of a contiguous CUDA tensor's first element; valid while the tensor lives.
+pub fn tensor_ptr<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(t: &Tensor) -> Result<u64> {
+    let (st, layout) = t.storage_and_layout();
+    if !layout.is_contiguous() {
+        candle_core::bail!("tensor_ptr: the tensor must be contiguous");
+    }
+    let candle_core::Storage::Cuda(cs) = &*st else {
+        candle_core::bail!("tensor_ptr: not a CUDA tensor");
+    };
+    let slice = cs.as_cuda_slice::<T>()?;
+    let stream = cs.device.cuda_stream();
+    let (p, _guard) = slice.device_ptr(&stream);
+    Ok(p + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
+}
+
+/// Device-to-device copy of `bytes` on the stream.
+pub fn copy_d2d(stream: &CudaStream, dst: u64, src: u64, bytes: usize) -> Result<()> {
+    unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }
+        .map_err(cuda_err)
+}
+
+/// The loaded kernels and a cuBLAS handle of their own (with a fixed workspace, so that GEMMs
+/// can be captured in a CUDA graph) on the device's stream.
+pub struct Kernels {
+    pub stream: Arc<CudaStream>,
+    blas: cudarc::cublas::CudaBlas,
+    _workspace: Buf<u8>,
+    embed: CudaFunction,
+    add_rmsnorm: CudaFunction,
+    rope_kv: CudaFunction,
+    decode_attn: CudaFunction,
+    decode_attn_combine: CudaFunction,
+    moe_route: CudaFunction,
+    moe_plan: CudaFunction,
+    moe_gate_up: CudaFunction,
+    moe_down: CudaFunction,
+    ngram_ban: CudaFunction,
+    greedy_next: CudaFunction,
+    linear_rows: CudaFunction,
+    /// `OCR_PATCH_LINEAR=cublas`: every projection through cuBLAS (to compare).
+    cublas_only: bool,
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: shared,
+    }
+}
+
+impl Kernels {
+    pub fn load(dev: &CudaDevice) -> Result<Self> {
+        let f = |name: &str, ptx: &str| -> Result<CudaFunction> {
+            Ok(dev
+                .get_or_load_custom_func(name, &format!("ocr_patch_{name}"), ptx)?
+                .into_cuda_function())
+        };
+        let stream = dev.cuda_stream();
+        let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(cuda_err)?;
+        let workspace = Buf::<u8>::zeros(dev, 32 << 20)?;
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace.ptr as *mut std::ffi::c_void,
+                workspace.len,
+            )
+            .result()
+            .map_err(cuda_err)?;
+        }
+        Ok(Self {
+            blas,
+            _workspace: workspace,
+            embed: f("embed", ptx::EMBED)?,
+            add_rmsnorm: f("add_rmsnorm", ptx::ADD_RMSNORM)?,
+            rope_kv: f("rope_kv", ptx::ROPE_KV)?,
+            decode_attn: f("decode_attn", ptx::DECODE_ATTN)?,
+            decode_attn_combine: dev
+                .get_or_load_custom_func("decode_attn_combine", "ocr_patch_decode_attn", ptx::DECODE_ATTN)?
+                .into_cuda_function(),
+            moe_route: f("moe_route", ptx::MOE_ROUTE)?,
+            moe_plan: f("moe_plan", ptx::MOE_PLAN)?,
+            moe_gate_up: f("moe_gate_up", ptx::MOE_GATE_UP)?,
+            moe_down: f("moe_down", ptx::MOE_DOWN)?,
+            ngram_ban: f("ngram_ban", ptx::NGRAM_BAN)?,
+            greedy_next: f("greedy_next", ptx::GREEDY_NEXT)?,
+            linear_rows: f("linear", ptx::LINEAR)?,
+            cublas_only: std::env::var("OCR_PATCH_LINEAR").is_ok_and(|v| v == "cublas"),
+            stream,
+        })
+    }
+
+    /// Row-major `y (n, out) = x (n, k) . w (out, k)^T` in bf16 with f32 accumulation: the
+    /// `linear` kernel for a few rows of a projection (decode), cuBLAS otherwise (prefill,
+    /// lm_head).
+    pub fn linear(&self, x: u64, w: u64, y: u64, n: usize, k: usize, out: usize) -> Result<()> {
+        if n <= LINEAR_KERNEL_MAX_ROWS && out <= 16384 && k % 8 == 0 && !self.cublas_only {
+            self.linear_kernel(x, w, y, n, k, out)
+        } else {
+            self.gemm(x, w, y, n, k, out)
+        }
+    }
+
+    /// [`Self::linear`] by the `linear` kernel.
+    pub fn linear_kernel(&self, x: u64, w: u64, y: u64, n: usize, k: usize, out: usize) -> Result<()> {
+        launch!(self, self.linear_rows, cfg((out.div_ceil(8) as u32, 1, 1), 256, 0), x, w, y, n as i32, k as i32, out as i32)
+    }
+
+    /// [`Self::linear`] by cuBLAS (`cublasGemmEx`, bf16 in and out, f32 compute).
+    pub fn gemm(&self, x: u64, w: u64, y: u64, n: usize, k: usize, out: usize) -> Result<()> {
+        use cudarc::cublas::sys::{
+            cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                out as i32,
+                n as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                w as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                k as i32,
+                x as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                k as i32,
+                (&beta) as *const f32 as *const _,
+                y as *mut _,
+                cudaDataType_t::CUDA_R_16BF,
+                out as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .map_err(cuda_err)
+        }
+    }
+}
+
+/// Rows up to which [`Kernels::linear`] uses the `linear` kernel rather than cuBLAS.
+pub const LINEAR_KERNEL_MAX_ROWS: usize = 8;
+
+/// Pushes the arguments and launches (the arguments are plain values: addresses and sizes).
+macro_rules! launch {
+    ($k:expr, $func:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let mut b = $k.stream.launch_builder(&$func);
+        $( let a = $arg; b.arg(&a); )*
+        // `a` shadows itself: keep every argument alive until the launch.
+        unsafe { b.launch($cfg) }.map(|_| ()).map_err($crate::model::kernels::cuda_err)
+    }};
+}
+pub(crate) use launch;
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Shared by the kernel tests: the device, seeded inputs, differences.
+    use candle_core::{DType, Device, Tensor};
+
+    pub fn device() -> (Device, candle_core::CudaDevice) {
+        let d = Device::new_cuda_with_stream(0).expect("these tests need a CUDA device");
+        let Device::Cuda(c) = &d else { unreachable!() };
+        let c = c.clone();
+        (d, c)
+    }
+
+    /// Uniform values in `[-scale, scale)` from a seeded LCG, as a CPU f32 tensor.
+    pub fn rand(shape: &[usize], scale: f32, seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    pub fn rand_bf16(shape: &[usize], scale: f32, seed: u64) -> Tensor {
+        rand(shape, scale, seed).to_dtype(DType::BF16).unwrap()
+    }
+
+    /// max |a - b| over all elements, in f32 on the host.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        assert_eq!(a.dims(), b.dims(), "shapes differ");
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+    use candle_core::DType;
+    use half::bf16;
+
+    /// The `linear` kernel and the cuBLAS path against candle's matmul (what the reference
+    /// path's `Linear` runs), for 1, 5 and 8 rows.
+    #[test]
+    fn linear_kernel_and_gemm_match_candle() {
+        let (dev, cd) = device();
+        let k = Kernels::load(&cd).unwrap();
+        let (kk, out) = (1280usize, 3840usize);
+        let w = rand_bf16(&[out, kk], 0.05, 31).to_device(&dev).unwrap();
+        for n in [1usize, 5, 8] {
+            let x = rand_bf16(&[n, kk], 1.0, 32 + n as u64).to_device(&dev).unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let y1 = Tensor::zeros((n, out), DType::BF16, &dev).unwrap();
+            let y2 = Tensor::zeros((n, out), DType::BF16, &dev).unwrap();
+            let p = |t: &Tensor| tensor_ptr::<bf16>(t).unwrap();
+            k.linear_kernel(p(&x), p(&w), p(&y1), n, kk, out).unwrap();
+            k.gemm(p(&x), p(&w), p(&y2), n, kk, out).unwrap();
+            let (d1, d2) = (max_diff(&y1, &want), max_diff(&y2, &want));
+            eprintln!("linear, {n} rows: kernel max |diff| {d1:.3e}, cuBLAS max |diff| {d2:.3e}");
+            // |y| < 4: one bf16 ulp is 2^-6 (sums in another order may round the other way)
+            assert!(d1 <= 1.6e-2 && d2 <= 1.6e-2, "{n} rows: kernel {d1}, cuBLAS {d2}");
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The fused MoE of the decode step, on the device end to end (no `.to_vec` of routing
+//! decisions, no per-expert loop on the host): `moe_route` (MoEGate: scores, top-k, weights),
+//! `moe_plan` (slots grouped by expert), `moe_gate_up` and `moe_down` (a grouped GEMM: each
+//! chosen expert's weights read once for all of its slots; the shared experts and the dense MLP
+//! run as fixed experts of the same kernels), the weighted sum in `add_rmsnorm`.
+//! Reference: [`crate::model::decoder::moe`]'s `route` and `Mlp`.
+
+use candle_core::Result;
+
+use super::{cfg, launch, Kernels};
+use crate::model::config::{MoeConfig, ScoringFunc, TopkMethod};
+
+/// How `moe_route` routes: the gate's parameters from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteParams {
+    pub experts: usize,
+    pub topk: usize,
+    /// Fixed slots after the routed ones (the shared experts' pieces), weight 1.
+    pub n_fixed: usize,
+    method: i32,
+    scoring: i32,
+    n_group: usize,
+    topk_group: usize,
+    norm_topk: bool,
+    scale: f32,
+}
+
+impl RouteParams {
+    pub fn new(cfg: &MoeConfig, n_fixed: usize) -> Result<Self> {
+        if cfg.n_routed_experts > 512 || cfg.num_experts_per_tok > 32 {
+            candle_core::bail!("moe_route: at most 512 experts and top-32 are supported");
+        }
+        Ok(Self {
+            experts: cfg.n_routed_experts,
+            topk: cfg.num_experts_per_tok,
+            n_fixed,
+            method: match cfg.topk_method {
+                TopkMethod::Greedy => 0,
+                TopkMethod::GroupLimitedGreedy => 1,
+                TopkMethod::NoauxTc => 2,
+            },
+            scoring: match cfg.scoring_func {
+                ScoringFunc::Softmax => 0,
+                ScoringFunc::Sigmoid => 1,
+            },
+            n_group: cfg.n_group.max(1),
+            topk_group: cfg.topk_group.max(1),
+            norm_topk: cfg.norm_topk_prob,
+            scale: cfg.routed_scaling_factor as f32,
+        })
+    }
+
+    /// Slots per row.
+    pub fn k(&self) -> usize {
+        self.topk + self.n_fixed
+    }
+}
+
+impl Kernels {
+    /// Routing of `rows` rows of `x` `(rows, h)`: `slot_expert` (i32) and `slot_w` (f32),
+    /// `rows * k` each. `bias`: the noaux_tc correction (f32) or 0.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_route(
+        &self,
+        x: u64,
+        gate_w: u64,
+        bias: u64,
+        rows: usize,
+        h: usize,
+        p: &RouteParams,
+        slot_expert: u64,
+        slot_w: u64,
+    ) -> Result<()> {
+        launch!(
+            self,
+            self.moe_route,
+            cfg((rows as u32, 1, 1), 1024, 0),
+            x, gate_w, bias, h as i32, p.experts as i32, p.topk as i32, p.n_fixed as i32,
+            p.method, p.scoring, p.n_group as i32, p.topk_group as i32, p.norm_topk as i32,
+            p.scale, slot_expert, slot_w
+        )
+    }
+
+    /// Groups `n_slots` slots by expert (`offsets` `(e_total + 1)`, `list` `(n_slots)`, i32) and
+    /// lists the experts that have slots (`active` `(e_total)`, `n_active` `(1)`, i32).
+    pub fn moe_plan(&self, slot_expert: u64, n_slots: usize, e_total: usize, g: &Groups) -> Result<()> {
+        launch!(
+            self,
+            self.moe_plan,
+            cfg((1, 1, 1), 1024, (e_total * 4) as u32),
+            slot_expert, n_slots as i32, e_total as i32, g.offsets, g.list, g.active, g.n_active
+        )
+    }
+
+    /// `act[slot] = silu(gate x) * (up x)` for every slot of every expert (grouped).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_gate_up(
+        &self,
+        w_gate: u64,
+        w_up: u64,
+        x: u64,
+        g: &Groups,
+        n_slots: usize,
+        k: usize,
+        e_total: usize,
+        inter: usize,
+        h: usize,
+        act: u64,
+    ) -> Result<()> {
+        if h % 8 != 0 || inter % 8 != 0 {
+            candle_core::bail!("moe kernels: hidden {h} and intermediate {inter} must be multiples of 8");
+        }
+        launch!(
+            self,
+            self.moe_gate_up,
+            cfg((e_total.min(n_slots) as u32, inter.div_ceil(8 * 2) as u32, 1), 256, 0),
+            w_gate, w_up, x, g.offsets, g.list, g.active, g.n_active, k as i32, inter as i32,
+            h as i32, act
+        )
+    }
+
+    /// `slot_out[slot] = down(act[slot])` (f32, rounded to bf16) for every slot (grouped).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_down(
+        &self,
+        w_down: u64,
+        act: u64,
+        g: &Groups,
+        n_slots: usize,
+        e_total: usize,
+        inter: usize,
+        h: usize,
+        slot_out: u64,
+    ) -> Result<()> {
+        launch!(
+            self,
+            self.moe_down,
+            cfg((e_total.min(n_slots) as u32, h.div_ceil(8 * 4) as u32, 1), 256, 0),
+            w_down, act, g.offsets, g.list, g.active, g.n_active, inter as i32, h as i32, slot_out
+        )
+    }
+}
+
+/// `moe_plan`'s output, read by the grouped kernels (device addresses of i32 arrays).
+#[derive(Debug, Clone, Copy)]
+pub struct Groups {
+    pub offsets: u64,
+    pub list: u64,
+    pub active: u64,
+    pub n_active: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::decoder::moe::{route, Mlp};
+    use crate::model::kernels::norm::Delta;
+    use crate::model::kernels::testutil::*;
+    use crate::model::kernels::{tensor_ptr, Kernels};
+    use candle_core::{DType, Device, Module, Tensor};
+    use half::bf16;
+
+    fn moe_cfg(method: TopkMethod, scoring: ScoringFunc) -> MoeConfig {
+        MoeConfig {
+            n_routed_experts: 16,
+            num_experts_per_tok: 4,
+            moe_intermediate_size: 96,
+            n_shared_experts: Some(2),
+            topk_method: method,
+            n_group: 4,
+            topk_group: 2,
+            norm_topk_prob: method != TopkMethod::Greedy,
+            routed_scaling_factor: if method == TopkMethod::Greedy { 1.0 } else { 2.5 },
+            scoring_func: scoring,
+            first_k_dense_replace: 0,
+            moe_layer_freq: 1,
+        }
+    }
+
+    /// The routing kernel against `moe::route` on the same f32 scores, every method.
+    #[test]
+    fn moe_route_matches_route() {
+        let (dev, cd) = device();
+        let k = Kernels::load(&cd).unwrap();
+        let (rows, h) = (33usize, 256usize);
+        for (method, scoring) in [
+            (TopkMethod::Greedy, ScoringFunc::Softmax),
+            (TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax),
+            (TopkMethod::NoauxTc, ScoringFunc::Sigmoid),
+        ] {
+            let c = moe_cfg(method, scoring);
+            let p = RouteParams::new(&c, 2).unwrap();
+            let x = rand_bf16(&[rows, h], 1.0, 21);
+            let gw = rand_bf16(&[c.n_routed_experts, h], 0.2, 22);
+            let bias = rand(&[c.n_routed_experts], 0.05, 23);
+            let logits = x.to_dtype(DType::F32).unwrap().matmul(&gw.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+            let scores: Vec<Vec<f32>> = match scoring {
+                ScoringFunc::Softmax => candle_nn::ops::softmax_last_dim(&logits).unwrap(),
+                ScoringFunc::Sigmoid => candle_nn::ops::sigmoid(&logits).unwrap(),
+            }
+            .to_vec2()
+            .unwrap();
+            let bias_v: Vec<f32> = bias.to_vec1().unwrap();
+            let (gx, ggw, gb) = (x.to_device(&dev).unwrap(), gw.to_device(&dev).unwrap(), bias.to_device(&dev).unwrap());
+            let se = Tensor::zeros(rows * p.k(), DType::U32, &dev).unwrap(); // holds i32s
+            let sw = Tensor::zeros(rows * p.k(), DType::F32, &dev).unwrap();
+            k.moe_route(
+                tensor_ptr::<bf16>(&gx).unwrap(),
+                tensor_ptr::<bf16>(&ggw).unwrap(),
+                if method == TopkMethod::NoauxTc { tensor_ptr::<f32>(&gb).unwrap() } else { 0 },
+                rows,
+                h,
+                &p,
+                tensor_ptr::<u32>(&se).unwrap(),
+                tensor_ptr::<f32>(&sw).unwrap(),
+            )
+            .unwrap();
+            let se: Vec<u32> = se.to_device(&Device::Cpu).unwrap().to_vec1().unwrap();
+            let se: Vec<i32> = se.iter().map(|&v| v as i32).collect();
+            let sw: Vec<f32> = sw.to_vec1().unwrap();
+            let (mut same, mut worst) = (0usize, 0f32);
+            for r in 0..rows {
+                let (idx, w) = route(&scores[r], (method == TopkMethod::NoauxTc).then_some(bias_v.as_slice()), &c);
+                let kk = p.k();
+                let got: Vec<usize> = se[r * kk..r * kk + p.topk].iter().map(|&e| e as usize).collect();
+                if got == idx {
+                    same += 1;
+                    for j in 0..p.topk {
+                        worst = worst.max((sw[r * kk + j] - w[j]).abs());
+                    }
+                }
+                assert_eq!(&se[r * kk + p.topk..(r + 1) * kk], &[16, 17], "fixed slots");
+                assert_eq!(&sw[r * kk + p.topk..(r + 1) * kk], &[1.0, 1.0], "fixed weights");
+            }
+            eprintln!("moe_route {method:?}/{scoring:?}: {same}/{rows} rows choose the same experts, max |weight diff| {worst:.3e}");
+            // the kernel's f32 gate logits may sum in another order: a near-tie can flip
+            assert!(same >= rows - 1, "{method:?}: only {same}/{rows} rows agree");
+            assert!(worst <= 1e-5, "{method:?}: weights differ by {worst}");
+        }
+    }
+
+    /// Routing, plan, the grouped gate/up and down and the weighted sum (add_rmsnorm mode 2,
+    /// checked here through its residual) against `Mlp` per chosen expert plus the shared
+    /// experts, for one row (decode) and 40 rows (prefill, several slots per expert).
+    #[test]
+    fn grouped_moe_matches_the_experts() {
+        let (dev, cd) = device();
+        let k = Kernels::load(&cd).unwrap();
+        let c = moe_cfg(TopkMethod::Greedy, ScoringFunc::Softmax);
+        let (h, inter, e) = (256usize, c.moe_intermediate_size, c.n_routed_experts);
+        let n_shared = 2;
+        let p = RouteParams::new(&c, n_shared).unwrap();
+        let kk = p.k();
+        let e_total = e + n_shared;
+        // experts' weights; the shared MLP (intermediate 2*inter) is split into two fixed experts
+        let mut tensors = std::collections::HashMap::new();
+        for i in 0..e {
+            for (name, shape) in [("gate_proj", [inter, h]), ("up_proj", [inter, h]), ("down_proj", [h, inter])] {
+                tensors.insert(format!("experts.{i}.{name}.weight"), rand_bf16(&shape, 0.1, (i * 3 + name.len()) as u64));
+            }
+        }
+        for (name, shape) in [("gate_proj", [2 * inter, h]), ("up_proj", [2 * inter, h]), ("down_proj", [h, 2 * inter])] {
+            tensors.insert(format!("shared_experts.{name}.weight"), rand_bf16(&shape, 0.1, 1000 + name.len() as u64));
+        }
+        let gw = rand_bf16(&[e, h], 0.3, 77);
+        let stack = |rows: Vec<Tensor>| Tensor::cat(&rows, 0).unwrap();
+        let mut g = vec![];
+        let mut u = vec![];
+        let mut d = vec![];
+        for i in 0..e {
+            g.push(tensors[&format!("experts.{i}.gate_proj.weight")].clone());
+            u.push(tensors[&format!("experts.{i}.up_proj.weight")].clone());
+            d.push(tensors[&format!("experts.{i}.down_proj.weight")].clone());
+        }
+        for s in 0..n_shared {
+            g.push(tensors["shared_experts.gate_proj.weight"].narrow(0, s * inter, inter).unwrap());
+            u.push(tensors["shared_experts.up_proj.weight"].narrow(0, s * inter, inter).unwrap());
+            d.push(tensors["shared_experts.down_proj.weight"].narrow(1, s * inter, inter).unwrap().contiguous().unwrap());
+        }
+        let (wg, wu, wd) = (stack(g).to_device(&dev).unwrap(), stack(u).to_device(&dev).unwrap(), stack(d).to_device(&dev).unwrap());
+        // the reference experts run on the GPU too (candle's CPU matmul has no bf16)
+        let mlp = |name: &str, i: usize| {
+            let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::BF16, &dev);
+            Mlp::new(h, i, vb.pp(name)).unwrap()
+        };
+        let shared = mlp("shared_experts", 2 * inter);
+        for rows in [1usize, 40] {
+            let x = rand_bf16(&[rows, h], 1.0, 5 + rows as u64);
+            let resid = rand_bf16(&[rows, h], 1.0, 6 + rows as u64);
+            // reference: route on f32 scores, experts' outputs in f32, weighted sum -> bf16, + shared
+            let logits = x.to_dtype(DType::F32).unwrap().matmul(&gw.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+            let scores: Vec<Vec<f32>> = candle_nn::ops::softmax_last_dim(&logits).unwrap().to_vec2().unwrap();
+            let mut want = vec![];
+            for r in 0..rows {
+                let xr = x.narrow(0, r, 1).unwrap().to_device(&dev).unwrap();
+                let (idx, w) = route(&scores[r], None, &c);
+                let mut acc = Tensor::zeros((1, h), DType::F32, &dev).unwrap();
+                for (&ei, &wi) in idx.iter().zip(&w) {
+                    let o = mlp(&format!("experts.{ei}"), inter).forward(&xr).unwrap().to_dtype(DType::F32).unwrap();
+                    acc = (acc + (o * wi as f64).unwrap()).unwrap();
+                }
+                let y = (acc.to_dtype(DType::BF16).unwrap() + shared.forward(&xr).unwrap()).unwrap();
+                want.push((resid.narrow(0, r, 1).unwrap().to_device(&dev).unwrap() + y).unwrap());
+            }
+            let want = Tensor::cat(&want, 0).unwrap();
+            // kernels
+            let gx = x.to_device(&dev).unwrap();
+            let gr = resid.to_device(&dev).unwrap();
+            let ggw = gw.to_device(&dev).unwrap();
+            let se = Tensor::zeros(rows * kk, DType::U32, &dev).unwrap();
+            let sw = Tensor::zeros(rows * kk, DType::F32, &dev).unwrap();
+            let offsets = Tensor::zeros(e_total + 1, DType::U32, &dev).unwrap();
+            let list = Tensor::zeros(rows * kk, DType::U32, &dev).unwrap();
+            let active = Tensor::zeros(e_total, DType::U32, &dev).unwrap();
+            let n_active = Tensor::zeros(1, DType::U32, &dev).unwrap();
+            let act = Tensor::zeros((rows * kk, inter), DType::BF16, &dev).unwrap();
+            let so = Tensor::zeros((rows * kk, h), DType::F32, &dev).unwrap();
+            let normed = Tensor::zeros((rows, h), DType::BF16, &dev).unwrap();
+            let ones = Tensor::ones(h, DType::BF16, &dev).unwrap();
+            let pb = |t: &Tensor| tensor_ptr::<bf16>(t).unwrap();
+            let pu = |t: &Tensor| tensor_ptr::<u32>(t).unwrap();
+            let pf = |t: &Tensor| tensor_ptr::<f32>(t).unwrap();
+            k.moe_route(pb(&gx), pb(&ggw), 0, rows, h, &p, pu(&se), pf(&sw)).unwrap();
+            let g = Groups { offsets: pu(&offsets), list: pu(&list), active: pu(&active), n_active: pu(&n_active) };
+            let ns = rows * kk;
+            k.moe_plan(pu(&se), ns, e_total, &g).unwrap();
+            k.moe_gate_up(pb(&wg), pb(&wu), pb(&gx), &g, ns, kk, e_total, inter, h, pb(&act)).unwrap();
+            k.moe_down(pb(&wd), pb(&act), &g, ns, e_total, inter, h, pf(&so)).unwrap();
+            // one row: its 4 routed experts and the 2 shared pieces are all that run
+            let na: Vec<u32> = n_active.to_vec1().unwrap();
+            assert!(rows > 1 || na[0] == 6, "active experts for one row: {}", na[0]);
+            k.add_rmsnorm(pb(&gr), Delta::Slots { slot_out: pf(&so), w: pf(&sw), k: kk }, pb(&ones), pb(&normed), rows, h, 1e-6).unwrap();
+            let diff = max_diff(&gr, &want);
+            let scale = want.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            eprintln!("grouped moe, {rows} rows: max |diff| {diff:.3e} (max |value| {scale:.2})");
+            // the shared experts are summed as two pieces, each rounded to bf16: 2 ulps
+            assert!(diff <= scale * 2f32.powi(-6), "{rows} rows: {diff}");
+        }
+    }
+}
