@@ -79,3 +79,8 @@ lock: build
 bench: 
     cargo build --release
     tests/bench/apply.sh target/release/ocr-patch
+
+# Load test of `ocr-patch serve` on loopback: 1,000 requests from 64 clients on the synthetic
+# `cpu` model (gated test tests/serve_load.rs; numbers in docs/benchmarks.md).
+load-test:
+    OCR_PATCH_LOAD_TEST=1 cargo test --test serve_load -- --nocapture

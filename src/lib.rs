@@ -3,5 +3,6 @@ pub mod patch;
 pub mod cache;
 pub mod cli;
 pub mod verify;
+pub mod serve;
 #[cfg(feature = "python")]
 pub mod hook;

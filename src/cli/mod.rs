@@ -25,6 +25,7 @@ pub mod lock;
 pub mod mirror;
 pub mod ocr;
 pub mod revert;
+pub mod serve;
 pub mod verify;
 
 pub const EXIT_CODES: &str = "\
@@ -56,6 +57,7 @@ pub enum Command {
     Hook(hook::HookArgs),
     Verify(verify::VerifyArgs),
     Ocr(ocr::OcrArgs),
+    Serve(serve::ServeArgs),
 }
 
 /// What a command ends with; `main` turns it into the process exit code.
@@ -79,6 +81,7 @@ impl Cli {
             Command::Hook(a) => a.json(),
             Command::Verify(a) => a.out.json,
             Command::Ocr(a) => a.out.json,
+            Command::Serve(_) => false,
         }
     }
 
@@ -95,6 +98,7 @@ impl Cli {
             Command::Hook(a) => hook::run(a),
             Command::Verify(a) => verify::run(a),
             Command::Ocr(a) => ocr::run(a),
+            Command::Serve(a) => serve::run(a),
         }
     }
 }

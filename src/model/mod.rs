@@ -15,6 +15,7 @@ pub mod generate;
 pub mod grounding;
 pub mod ocr;
 pub mod preprocess;
+pub mod stepwise;
 pub mod synth;
 pub mod tokenizer;
 pub mod vision;

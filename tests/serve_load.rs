@@ -1,0 +1,142 @@
+//! Load test of `ocr-patch serve` on loopback (gated: set `OCR_PATCH_LOAD_TEST=1`, or run
+//! `just load-test`): 1,000 requests from 64 concurrent clients against the synthetic `cpu`
+//! model. Passes when every answer is a 200 or a documented 429, the server's resident memory
+//! after the run is within 64 MiB of its level after a warm-up, and the batch drained; prints
+//! p50/p99 latency and RSS (recorded in docs/benchmarks.md). Bounded: a fixed request count,
+//! each client stops on its own, a 15-minute cap.
+//!
+//! `OCR_PATCH_LOAD_REQUESTS` and `OCR_PATCH_LOAD_CLIENTS` change the size.
+
+#[path = "serve_support/mod.rs"]
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ocr_patch::serve::ServeConfig;
+use serde_json::json;
+use support::*;
+
+fn rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+#[test]
+fn a_thousand_requests_from_64_clients() {
+    if std::env::var("OCR_PATCH_LOAD_TEST").as_deref() != Ok("1") {
+        eprintln!("skipping: set OCR_PATCH_LOAD_TEST=1 (or run `just load-test`)");
+        return;
+    }
+    let total = env_usize("OCR_PATCH_LOAD_REQUESTS", 1000);
+    let clients = env_usize("OCR_PATCH_LOAD_CLIENTS", 64);
+    let srv = Arc::new(server(ServeConfig {
+        max_batch: 32,
+        queue: 32,
+        ..ServeConfig::default()
+    }));
+    // Four page images, encoded once each (the vision cache serves the rest).
+    let bodies: Arc<Vec<serde_json::Value>> = Arc::new(
+        (0..4)
+            .map(|i| {
+                chat_body(
+                    &png_data_url(&image(60 + 10 * i, 80, 40 + i)),
+                    json!({"max_tokens": 8, "mode": "tiny", "ignore_eos": true}),
+                )
+            })
+            .collect(),
+    );
+    for b in bodies.iter() {
+        post(&srv, b).expect("warm-up request");
+    }
+    // warm-up at full concurrency, then measure
+    let run = |n: usize| {
+        let next = Arc::new(AtomicUsize::new(0));
+        let t0 = Instant::now();
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                let (srv, bodies, next) = (srv.clone(), bodies.clone(), next.clone());
+                std::thread::spawn(move || {
+                    let c = client();
+                    let mut lat = vec![];
+                    let (mut ok, mut busy, mut other) = (0, 0, vec![]);
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        if k >= n || t0.elapsed() > Duration::from_secs(900) {
+                            break;
+                        }
+                        let t = Instant::now();
+                        let resp = c
+                            .post(url(&srv, "/v1/chat/completions"))
+                            .json(&bodies[k % bodies.len()])
+                            .send();
+                        match resp {
+                            Ok(r) if r.status() == 200 => {
+                                let _ = r.bytes();
+                                ok += 1;
+                                lat.push(t.elapsed().as_secs_f64());
+                            }
+                            Ok(r) if r.status() == 429 => {
+                                let v: serde_json::Value = r.json().unwrap_or_default();
+                                assert_eq!(v["error"]["type"], "rate_limit_error");
+                                busy += 1;
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            Ok(r) => other.push(format!("{} {}", r.status(), r.text().unwrap_or_default())),
+                            Err(e) => other.push(e.to_string()),
+                        }
+                    }
+                    (lat, ok, busy, other)
+                })
+            })
+            .collect();
+        let mut lat = vec![];
+        let (mut ok, mut busy, mut other) = (0, 0, vec![]);
+        for h in handles {
+            let (l, o, b, e) = h.join().unwrap();
+            lat.extend(l);
+            ok += o;
+            busy += b;
+            other.extend(e);
+        }
+        (lat, ok, busy, other, t0.elapsed())
+    };
+    let (_, _, _, other, _) = run(clients * 2);
+    assert!(other.is_empty(), "warm-up errors: {other:?}");
+    let rss_before = rss_mib();
+    let (mut lat, ok, busy, other, wall) = run(total);
+    let rss_after = rss_mib();
+    assert!(other.is_empty(), "errors other than 429: {:?}", &other[..other.len().min(5)]);
+    assert_eq!(ok + busy, total);
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
+    let m = metrics(&srv);
+    eprintln!(
+        "load: {total} requests, {clients} clients: {ok} ok, {busy} x 429, wall {:.1} s, {:.1} req/s; \
+         latency p50 {:.3} s, p99 {:.3} s, max {:.3} s; RSS {:.0} MiB -> {:.0} MiB; \
+         decode steps {}, tokens {}",
+        wall.as_secs_f64(),
+        ok as f64 / wall.as_secs_f64(),
+        pct(0.50),
+        pct(0.99),
+        lat[lat.len() - 1],
+        rss_before,
+        rss_after,
+        metric(&m, "ocr_decode_steps_total"),
+        metric(&m, "ocr_generated_tokens_total"),
+    );
+    assert!(
+        rss_after - rss_before < 64.0,
+        "memory grew from {rss_before:.0} MiB to {rss_after:.0} MiB"
+    );
+    assert_eq!(metric(&m, "ocr_running_sequences"), 0.0);
+    assert_eq!(metric(&m, "ocr_queue_depth"), 0.0);
+}
