@@ -85,7 +85,7 @@ fn a_thousand_requests_from_64_clients() {
                                 lat.push(t.elapsed().as_secs_f64());
                             }
                             Ok(r) if r.status() == 429 => {
-                                let v: serde_json::Value = r.json().unwrap_or_default();
+                                let v = r.json_value().unwrap_or_default();
                                 assert_eq!(v["error"]["type"], "rate_limit_error");
                                 busy += 1;
                                 std::thread::sleep(Duration::from_millis(20));

@@ -530,8 +530,8 @@ mod tests {
             }
         }
         let mut d = Decoding::new(cfg(5), &[]);
-        assert_eq!(d.choose(vec![0.0, 1.0]), Some(1));
+        assert_eq!((d.choose(vec![0.0, 0.0, 1.0]), d.stop()), (Some(2), None));
         d.cancel();
-        assert_eq!((d.choose(vec![0.0, 1.0]), d.stop()), (None, Some(StopReason::Callback)));
+        assert_eq!((d.choose(vec![0.0, 0.0, 1.0]), d.stop()), (None, Some(StopReason::Callback)));
     }
 }

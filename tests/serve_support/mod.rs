@@ -14,6 +14,29 @@ use ocr_patch::model::tokenizer::OcrTokenizer;
 use ocr_patch::serve::{ServeConfig, Server};
 use serde_json::{json, Value};
 
+/// JSON bodies without reqwest's `json` feature.
+pub trait JsonBody {
+    fn json(self, v: &Value) -> Self;
+}
+
+impl JsonBody for reqwest::blocking::RequestBuilder {
+    fn json(self, v: &Value) -> Self {
+        self.header("content-type", "application/json")
+            .body(serde_json::to_vec(v).unwrap())
+    }
+}
+
+pub trait JsonResponse {
+    fn json_value(self) -> Result<Value, String>;
+}
+
+impl JsonResponse for reqwest::blocking::Response {
+    fn json_value(self) -> Result<Value, String> {
+        let b = self.bytes().map_err(|e| e.to_string())?;
+        serde_json::from_slice(&b).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&b)))
+    }
+}
+
 /// The `cpu` golden config on synthetic weights (seed 1) with the byte-level tokenizer, built
 /// once per test binary.
 pub fn engine() -> Arc<OcrEngine> {
@@ -26,6 +49,28 @@ pub fn engine() -> Arc<OcrEngine> {
         )
     })
     .clone()
+}
+
+/// The page most tests send (one vision encode per binary, then the shared server's cache).
+pub fn page() -> image::RgbImage {
+    image(50, 40, 3)
+}
+
+/// One server with the default configuration (but a 4 MiB body limit and local files allowed
+/// under a folder holding `page.png`), shared by the tests of a binary, so its vision cache is.
+pub fn shared() -> &'static (Server, std::path::PathBuf) {
+    static S: OnceLock<(Server, std::path::PathBuf)> = OnceLock::new();
+    S.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ocr-serve-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        page().save(dir.join("page.png")).unwrap();
+        let srv = server(ServeConfig {
+            max_body_bytes: 4 << 20,
+            allowed_local_media_path: Some(dir.clone()),
+            ..ServeConfig::default()
+        });
+        (srv, dir)
+    })
 }
 
 pub fn server(cfg: ServeConfig) -> Server {
@@ -81,16 +126,24 @@ fn crc32(bytes: &[u8]) -> u32 {
     !c
 }
 
-/// A PNG whose header claims `w` x `h` and which holds no pixel data.
-pub fn png_header(w: u32, h: u32) -> Vec<u8> {
+fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    let mut body = kind.to_vec();
+    body.extend_from_slice(data);
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc32(&body).to_be_bytes());
+}
+
+/// A well-formed PNG claiming `w` x `h` whose image data is a few bytes (decoding it would
+/// allocate w * h * 3 bytes).
+pub fn png_bomb(w: u32, h: u32) -> Vec<u8> {
     let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = b"IHDR".to_vec();
-    ihdr.extend_from_slice(&w.to_be_bytes());
+    let mut ihdr = w.to_be_bytes().to_vec();
     ihdr.extend_from_slice(&h.to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    out.extend_from_slice(&13u32.to_be_bytes());
-    out.extend_from_slice(&ihdr);
-    out.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
+    chunk(&mut out, b"IEND", &[]);
     out
 }
 
@@ -120,7 +173,7 @@ pub fn post(s: &Server, body: &Value) -> Result<Value, (u16, Value)> {
         .send()
         .expect("request sent");
     let status = resp.status().as_u16();
-    let v: Value = resp.json().expect("a JSON body");
+    let v: Value = resp.json_value().expect("a JSON body");
     if status == 200 {
         Ok(v)
     } else {
