@@ -1,7 +1,7 @@
 //! `ocr-patch serve` over real HTTP on loopback, on the `cpu` synthetic model (full SAM-B +
 //! CLIP-L vision encoder, 2-layer decoder; Tiny mode keeps each image to about a second):
-//! the step-wise API equals `OcrEngine::run`, streaming equals non-streaming, concurrent
-//! requests give the tokens of serial ones, disconnects cancel, overload is 429, timeouts are
+//! batched vision rows are bit-identical, the step-wise API and concurrent requests through the
+//! server give exactly the tokens of serial `OcrEngine::run`s, streaming equals non-streaming, disconnects cancel, overload is 429, timeouts are
 //! 504, PDFs run page by page, and bad inputs are 4xx JSON errors while the server keeps serving.
 
 #[path = "serve_support/mod.rs"]
@@ -12,32 +12,32 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use ocr_patch::model::preprocess::Mode;
-use ocr_patch::serve::{pdf, ServeConfig};
+use ocr_patch::serve::{pdf, Model, ServeConfig, Server};
 use serde_json::{json, Value};
 use support::*;
 
 #[test]
-fn the_stepwise_api_gives_the_tokens_of_run_and_batched_vision_is_bit_identical() {
+fn batching_gives_the_tokens_of_serial_runs() {
     let e = engine();
     let (a, b) = (image(40, 30, 1), image(70, 20, 2));
     let pa = e.prepare(&a, Mode::Tiny, "<image>\nFree OCR.").unwrap();
     let pb = e.prepare(&b, Mode::Tiny, "<image>\nFree OCR.").unwrap();
+    // vision: a second in a batch of two gives its rows alone, to the bit
     let fa = e.encode_views(&pa.views).unwrap();
-    let fb = e.encode_views(&pb.views).unwrap();
-    let both = e.encode_batch(&[&pa.views, &pb.views]).unwrap();
+    let both = e.encode_batch(&[&pb.views, &pa.views]).unwrap();
     assert_eq!(both.len(), 2);
-    assert_eq!(rows(&both[0]), rows(&fa), "batched vision rows differ from one image's");
-    assert_eq!(rows(&both[1]), rows(&fb));
+    assert_eq!(rows(&both[1]), rows(&fa), "batched vision rows differ from one image's");
+    let fb = both[0].clone();
+    assert_ne!(rows(&fa), rows(&fb));
 
+    // the serial references: `ocr`'s own loop, one image at a time
     let want_a = e.run(&pa, 12, |_| {}).unwrap();
-    // b alone, step by step: its reference when it runs next to a
-    let mut alone = e.start(&pb.tokens, &fb, e.infer_config(0, 12)).unwrap();
-    while alone.stop().is_none() {
-        e.step(&mut [&mut alone]).pop().unwrap().unwrap();
-    }
+    let want_b = e.run(&pb, 12, |_| {}).unwrap();
+    assert_ne!(want_a.tokens, want_b.tokens);
+
+    // step-wise, b joining after a's third token
     let mut sa = e.start(&pa.tokens, &fa, e.infer_config(0, 12)).unwrap();
     let mut sb = e.start(&pb.tokens, &fb, e.infer_config(0, 12)).unwrap();
-    // interleaved: b joins after a's third token
     for _ in 0..3 {
         e.step(&mut [&mut sa]);
     }
@@ -46,11 +46,36 @@ fn the_stepwise_api_gives_the_tokens_of_run_and_batched_vision_is_bit_identical(
             r.unwrap();
         }
     }
-    assert_eq!(sa.tokens(), want_a.tokens.as_slice());
-    assert_eq!(sb.tokens(), alone.tokens());
-    assert_eq!(sb.stop(), alone.stop());
-    assert_eq!(sa.stop(), Some(want_a.stop));
+    assert_eq!((sa.tokens(), sa.stop()), (want_a.tokens.as_slice(), Some(want_a.stop)));
+    assert_eq!((sb.tokens(), sb.stop()), (want_b.tokens.as_slice(), Some(want_b.stop)));
     assert_eq!(sa.prompt_tokens, want_a.prompt_tokens);
+
+    // through the server: 4 concurrent requests (2 per image) on a fresh vision cache, so the
+    // scheduler encodes the images together and decodes the requests in one batch
+    let srv = Arc::new(
+        Server::start(Model::new(e.clone(), 8), ServeConfig::default(), "127.0.0.1:0".parse().unwrap()).unwrap(),
+    );
+    let urls = [png_data_url(&a), png_data_url(&b)];
+    let want = [json!(want_a.tokens), json!(want_b.tokens)];
+    let go = Arc::new(Barrier::new(4));
+    let handles: Vec<_> = (0..4)
+        .map(|k| {
+            let (srv, go) = (srv.clone(), go.clone());
+            let body = chat_body(&urls[k % 2], json!({"max_tokens": 12, "return_token_ids": true, "mode": "tiny"}));
+            std::thread::spawn(move || {
+                go.wait();
+                token_ids(&post(&srv, &body).unwrap())
+            })
+        })
+        .collect();
+    for (k, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.join().unwrap(), want[k % 2], "request {k} differs from its serial run");
+    }
+    // they really shared steps: fewer batch steps than tokens generated
+    let m = metrics(&srv);
+    let (steps, tokens) = (metric(&m, "ocr_decode_steps_total"), metric(&m, "ocr_generated_tokens_total"));
+    assert_eq!(tokens as usize, 2 * (want_a.tokens.len() + want_b.tokens.len()));
+    assert!(steps < tokens, "no batching happened: {steps} steps for {tokens} tokens");
 }
 
 #[test]
@@ -96,36 +121,6 @@ fn streaming_and_non_streaming_give_the_same_tokens_and_text() {
     assert_eq!(text, full["choices"][0]["message"]["content"].as_str().unwrap());
     assert_eq!(finish, Some(full["choices"][0]["finish_reason"].clone()));
     assert_eq!(usage, Some(full["usage"].clone()));
-}
-
-#[test]
-fn concurrent_requests_give_the_tokens_of_serial_runs() {
-    let imgs = [png_data_url(&page()), png_data_url(&image(70, 20, 11))];
-    let body = |i: usize| {
-        chat_body(&imgs[i], json!({"max_tokens": 16, "return_token_ids": true, "mode": "tiny", "ignore_eos": true}))
-    };
-    let serial: Vec<Value> = (0..2).map(|i| token_ids(&post(&shared().0, &body(i)).unwrap())).collect();
-
-    // no vision cache: the concurrent requests' images go through the encoder together
-    let srv = Arc::new(server(ServeConfig { vision_cache: 0, ..ServeConfig::default() }));
-    let go = Arc::new(Barrier::new(4));
-    let handles: Vec<_> = (0..4)
-        .map(|k| {
-            let (srv, go, b) = (srv.clone(), go.clone(), body(k % 2));
-            std::thread::spawn(move || {
-                go.wait();
-                token_ids(&post(&srv, &b).unwrap())
-            })
-        })
-        .collect();
-    for (k, h) in handles.into_iter().enumerate() {
-        assert_eq!(h.join().unwrap(), serial[k % 2], "request {k} differs from its serial run");
-    }
-    // they really shared steps: fewer batch steps than tokens generated
-    let m = metrics(&srv);
-    let (steps, tokens) = (metric(&m, "ocr_decode_steps_total"), metric(&m, "ocr_generated_tokens_total"));
-    assert_eq!(tokens, 4.0 * 16.0);
-    assert!(steps < tokens, "no batching happened: {steps} steps for {tokens} tokens");
 }
 
 #[test]
@@ -205,27 +200,27 @@ fn a_pdf_runs_page_by_page_and_streams_in_order() {
     let srv = &shared().0;
     let doc = format!(
         "data:application/pdf;base64,{}",
-        b64(&pdf::synthetic_pdf(3, 200, 100))
+        b64(&pdf::synthetic_pdf(9, 200, 100))
     );
     let body = json!({
         "messages": [{"role": "user", "content": [
             {"type": "file", "file": {"file_data": doc}},
             {"type": "text", "text": "Free OCR."}
         ]}],
-        "max_tokens": 3, "mode": "tiny", "dpi": 72, "pages": [1, 3], "return_token_ids": true,
+        "max_tokens": 3, "mode": "tiny", "dpi": 72, "pages": [1, 9], "return_token_ids": true,
         "grounding": true, "draw_boxes": true
     });
     let v = post(srv, &body).unwrap();
     let pages = v["ocr"]["pages"].as_array().unwrap();
     assert_eq!(pages.len(), 2);
     assert!(pages[0]["source"].as_str().unwrap().ends_with("page 1"));
-    assert!(pages[1]["source"].as_str().unwrap().ends_with("page 3"));
+    assert!(pages[1]["source"].as_str().unwrap().ends_with("page 9"));
     assert_eq!((pages[0]["width"].as_u64(), pages[0]["height"].as_u64()), (Some(200), Some(100)));
     assert!(pages[0]["boxes"].is_array());
     assert!(pages[0]["annotated_image"].as_str().unwrap().starts_with("data:image/png;base64,"));
     let content = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert_eq!(content.matches("<--- Page Split --->").count(), 1);
-    // identical pages: identical tokens (and one vision encode)
+    // pages 1 and 9 are drawn alike (the rectangle's shift repeats every 8 pages): same tokens
     assert_eq!(pages[0]["token_ids"], pages[1]["token_ids"]);
 
     let mut sbody = body.clone();
@@ -256,7 +251,7 @@ fn bad_inputs_are_4xx_json_errors_and_the_server_keeps_serving() {
         ("body over the limit", serde_json::to_vec(&chat_body(&format!("data:image/png;base64,{}", "A".repeat(5 << 20)), json!({}))).unwrap(), 413),
         ("bad base64", serde_json::to_vec(&chat_body("data:image/png;base64,@@@", json!({}))).unwrap(), 400),
         ("remote URL while disabled", serde_json::to_vec(&chat_body("http://127.0.0.1:9/x.png", json!({}))).unwrap(), 400),
-        ("local file while disabled", serde_json::to_vec(&chat_body("/etc/passwd", json!({}))).unwrap(), 400),
+        ("local file outside the allowed folder", serde_json::to_vec(&chat_body("/etc/passwd", json!({}))).unwrap(), 403),
         ("unknown mode", serde_json::to_vec(&{ let mut g = good.clone(); g["mode"] = json!("huge"); g }).unwrap(), 400),
         ("unknown model", serde_json::to_vec(&{ let mut g = good.clone(); g["model"] = json!("gpt-4"); g }).unwrap(), 404),
         ("max_tokens over the limit", serde_json::to_vec(&{ let mut g = good.clone(); g["max_tokens"] = json!(1_000_000); g }).unwrap(), 400),
@@ -306,6 +301,15 @@ fn the_api_key_is_required_when_set_and_health_stays_open() {
         .unwrap();
     assert_eq!(v["data"][0]["id"], "deepseek-ai/DeepSeek-OCR");
     assert_eq!(c.get(url(&srv, "/health")).send().unwrap().status(), 200);
+    // local files are off unless a folder is allowed
+    let resp = c
+        .post(url(&srv, "/v1/chat/completions"))
+        .header("authorization", "Bearer s3cret")
+        .json(&chat_body("/etc/hostname", json!({})))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.json_value().unwrap()["error"]["message"].as_str().unwrap().contains("--allowed-local-media-path"));
     let m = c.get(url(&srv, "/metrics")).send().unwrap().text().unwrap();
     assert!(m.contains("ocr_requests_total{outcome=\"unauthorized\"} 3"), "{m}");
     // no CORS headers unless asked for

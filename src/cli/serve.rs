@@ -171,7 +171,6 @@ pub fn run(a: ServeArgs) -> anyhow::Result<Exit> {
         api_key: a.api_key.filter(|k| !k.is_empty()),
         max_batch: a.max_batch,
         queue: a.queue,
-        vision_cache: a.vision_cache,
         timeout: Duration::from_secs(a.timeout),
         max_tokens: a.max_tokens,
         mode: a.mode.into(),
@@ -197,7 +196,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<Exit> {
             cfg.model_name,
             if cfg.api_key.is_some() { "on" } else { "off" }
         );
-        serve::serve(listener, Arc::new(engine), cfg, shutdown_signal())
+        let model = serve::Model::new(Arc::new(engine), a.vision_cache);
+        serve::serve(listener, model, cfg, shutdown_signal())
             .await
             .context("the server failed")
     })?;

@@ -56,8 +56,6 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// Requests waiting beyond the running batch; more get 429.
     pub queue: usize,
-    /// Images whose vision rows are kept (by pixels and mode); 0 turns the cache off.
-    pub vision_cache: usize,
     /// A request still running after this is ended (504, or an error event when streaming).
     pub timeout: Duration,
     /// Default and largest `max_tokens`.
@@ -85,7 +83,6 @@ impl Default for ServeConfig {
             api_key: None,
             max_batch: 16,
             queue: 64,
-            vision_cache: 64,
             timeout: Duration::from_secs(600),
             max_tokens: 8192,
             mode: Mode::Gundam,
@@ -97,6 +94,28 @@ impl Default for ServeConfig {
             allowed_local_media_path: None,
             allow_remote_urls: false,
         }
+    }
+}
+
+/// The model a server runs and the vision cache that goes with it: the encoder output of
+/// recent images, keyed by a SHA-256 of the decoded pixels and the mode, least recently used
+/// evicted. Servers started on the same `Model` share both.
+pub struct Model {
+    pub engine: Arc<OcrEngine>,
+    cache: std::sync::Mutex<scheduler::VisionCache>,
+}
+
+impl Model {
+    /// `vision_cache`: images kept (0: no cache).
+    pub fn new(engine: Arc<OcrEngine>, vision_cache: usize) -> Arc<Self> {
+        Arc::new(Self {
+            engine,
+            cache: std::sync::Mutex::new(scheduler::VisionCache::new(vision_cache)),
+        })
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, scheduler::VisionCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -138,10 +157,11 @@ async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
 
 /// The router with its state; the scheduler thread is started here and stops when the router
 /// (and every clone of it) is dropped.
-pub fn router(engine: Arc<OcrEngine>, cfg: ServeConfig) -> Router {
+pub fn router(model: Arc<Model>, cfg: ServeConfig) -> Router {
+    let engine = model.engine.clone();
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = mpsc::channel::<Job>(cfg.queue.max(1));
-    let sched = Scheduler::new(engine.clone(), cfg.max_batch, cfg.vision_cache, metrics.clone());
+    let sched = Scheduler::new(model, cfg.max_batch, metrics.clone());
     std::thread::Builder::new()
         .name("ocr-scheduler".into())
         .spawn(move || sched.run(rx))
@@ -186,11 +206,11 @@ pub fn router(engine: Arc<OcrEngine>, cfg: ServeConfig) -> Router {
 /// Serves on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    engine: Arc<OcrEngine>,
+    model: Arc<Model>,
     cfg: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine, cfg))
+    axum::serve(listener, router(model, cfg))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -204,7 +224,7 @@ pub struct Server {
 
 impl Server {
     /// Binds `addr` (port 0: any free port) and starts serving.
-    pub fn start(engine: Arc<OcrEngine>, cfg: ServeConfig, addr: SocketAddr) -> std::io::Result<Self> {
+    pub fn start(model: Arc<Model>, cfg: ServeConfig, addr: SocketAddr) -> std::io::Result<Self> {
         let std_listener = std::net::TcpListener::bind(addr)?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
@@ -218,7 +238,7 @@ impl Server {
                     .build()?;
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(std_listener)?;
-                    serve(listener, engine, cfg, async move {
+                    serve(listener, model, cfg, async move {
                         let _ = stopped.await;
                     })
                     .await

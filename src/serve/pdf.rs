@@ -158,8 +158,9 @@ pub fn render_pages(
         .collect())
 }
 
-/// A minimal valid PDF of `pages` empty pages of `w` x `h` points, each with a filled black
-/// rectangle in its upper left quarter (tests and examples; no library needed to read it).
+/// A minimal valid PDF of `pages` pages of `w` x `h` points, each with a filled black
+/// rectangle in its upper left quarter, 4 points further right on each page (modulo 8 pages):
+/// for tests and examples, no library needed to write it.
 pub fn synthetic_pdf(pages: usize, w: u32, h: u32) -> Vec<u8> {
     let mut out = b"%PDF-1.4\n".to_vec();
     let mut offsets = vec![];
@@ -168,9 +169,9 @@ pub fn synthetic_pdf(pages: usize, w: u32, h: u32) -> Vec<u8> {
         let id = offsets.len();
         out.extend_from_slice(format!("{id} 0 obj\n{body}\nendobj\n").as_bytes());
     };
-    // 1: catalog, 2: pages, 3: the shared content stream, 4..: pages
+    // 1: catalog, 2: pages, then per page its page object and its content stream
     obj(&mut out, "<< /Type /Catalog /Pages 2 0 R >>".into());
-    let kids: Vec<String> = (0..pages).map(|i| format!("{} 0 R", i + 4)).collect();
+    let kids: Vec<String> = (0..pages).map(|i| format!("{} 0 R", 3 + 2 * i)).collect();
     obj(
         &mut out,
         format!(
@@ -178,18 +179,23 @@ pub fn synthetic_pdf(pages: usize, w: u32, h: u32) -> Vec<u8> {
             kids.join(" ")
         ),
     );
-    let content = format!("0 0 0 rg {} {} {} {} re f", w / 8, h / 2, w / 3, h / 3);
-    obj(
-        &mut out,
-        format!(
-            "<< /Length {} >>\nstream\n{content}\nendstream",
-            content.len()
-        ),
-    );
-    for _ in 0..pages {
+    for i in 0..pages {
         obj(
             &mut out,
-            format!("<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {w} {h}] /Contents 3 0 R >>"),
+            format!(
+                "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {w} {h}] /Contents {} 0 R >>",
+                4 + 2 * i
+            ),
+        );
+        // the rectangle moves right by 4 points a page, so pages differ
+        let x = w / 8 + 4 * (i as u32 % 8);
+        let content = format!("0 0 0 rg {x} {} {} {} re f", h / 2, w / 3, h / 3);
+        obj(
+            &mut out,
+            format!(
+                "<< /Length {} >>\nstream\n{content}\nendstream",
+                content.len()
+            ),
         );
     }
     let xref = out.len();
@@ -217,7 +223,7 @@ mod tests {
         assert_eq!(pages.len(), 1);
         let (n, img) = &pages[0];
         assert_eq!((*n, img.dimensions()), (2, (288, 144)));
-        // white margin, black rectangle: x from 18pt, y (PDF up) 36..60pt -> pixels 24..72 from the top
+        // white margin, black rectangle: x from 22pt on page 2, y (PDF up) 36..60pt -> pixels 24..72 from the top
         assert_eq!(img.get_pixel(2, 2).0, [255, 255, 255]);
         assert_eq!(img.get_pixel(60, 50).0, [0, 0, 0]);
     }

@@ -16,6 +16,7 @@ use candle_core::Tensor;
 use tokio::sync::mpsc;
 
 use super::metrics::Metrics;
+use super::Model;
 use crate::model::generate::{GenerationConfig, StopReason};
 use crate::model::ocr::OcrEngine;
 use crate::model::preprocess::{PromptTokens, Views};
@@ -51,13 +52,21 @@ pub struct Job {
 }
 
 /// Least recently used vision rows, by image and mode.
-struct VisionCache {
+pub struct VisionCache {
     cap: usize,
     map: HashMap<[u8; 32], Tensor>,
     order: VecDeque<[u8; 32]>,
 }
 
 impl VisionCache {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
     fn get(&mut self, k: &[u8; 32]) -> Option<Tensor> {
         let t = self.map.get(k)?.clone();
         if let Some(i) = self.order.iter().position(|x| x == k) {
@@ -91,28 +100,19 @@ struct Running {
 }
 
 pub struct Scheduler {
+    pub model: Arc<Model>,
     pub engine: Arc<OcrEngine>,
     pub max_batch: usize,
     pub metrics: Arc<Metrics>,
-    cache: VisionCache,
 }
 
 impl Scheduler {
-    pub fn new(
-        engine: Arc<OcrEngine>,
-        max_batch: usize,
-        vision_cache: usize,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(model: Arc<Model>, max_batch: usize, metrics: Arc<Metrics>) -> Self {
         Self {
-            engine,
+            engine: model.engine.clone(),
+            model,
             max_batch: max_batch.max(1),
             metrics,
-            cache: VisionCache {
-                cap: vision_cache,
-                map: HashMap::new(),
-                order: VecDeque::new(),
-            },
         }
     }
 
@@ -220,7 +220,7 @@ impl Scheduler {
             if rows.contains_key(&it.key) || missing.iter().any(|&j| items[j].key == it.key) {
                 continue;
             }
-            match self.cache.get(&it.key) {
+            match self.model.cache().get(&it.key) {
                 Some(t) => {
                     self.metrics.vision_cache_hits.fetch_add(1, Ordering::Relaxed);
                     rows.insert(it.key, t);
@@ -236,7 +236,7 @@ impl Scheduler {
             match self.engine.encode_batch(&views) {
                 Ok(feats) => {
                     for (&i, f) in missing.iter().zip(feats) {
-                        self.cache.put(items[i].key, f.clone());
+                        self.model.cache().put(items[i].key, f.clone());
                         rows.insert(items[i].key, f);
                     }
                 }

@@ -11,7 +11,7 @@ use base64::Engine as _;
 use candle_core::{DType, Device, Tensor};
 use ocr_patch::model::ocr::OcrEngine;
 use ocr_patch::model::tokenizer::OcrTokenizer;
-use ocr_patch::serve::{ServeConfig, Server};
+use ocr_patch::serve::{Model, ServeConfig, Server};
 use serde_json::{json, Value};
 
 /// JSON bodies without reqwest's `json` feature.
@@ -73,8 +73,15 @@ pub fn shared() -> &'static (Server, std::path::PathBuf) {
     })
 }
 
+/// The engine with a 64-image vision cache, shared by every server of the binary (so each
+/// distinct image costs one encoder run per binary).
+pub fn model() -> Arc<Model> {
+    static M: OnceLock<Arc<Model>> = OnceLock::new();
+    M.get_or_init(|| Model::new(engine(), 64)).clone()
+}
+
 pub fn server(cfg: ServeConfig) -> Server {
-    Server::start(engine(), cfg, "127.0.0.1:0".parse().unwrap()).expect("server starts")
+    Server::start(model(), cfg, "127.0.0.1:0".parse().unwrap()).expect("server starts")
 }
 
 pub fn url(s: &Server, path: &str) -> String {
