@@ -1,8 +1,11 @@
+#[cfg(feature = "model")]
 pub mod model;
 pub mod patch;
 pub mod cache;
 pub mod cli;
+#[cfg(feature = "model")]
 pub mod verify;
+#[cfg(feature = "serve")]
 pub mod serve;
 #[cfg(feature = "python")]
 pub mod hook;

@@ -1,5 +1,6 @@
 //! `ocr-patch ocr`: bad inputs are clear errors (exit 2, no panic), and a run on synthetic
 //! weights goes end to end (image file -> views -> prompt -> model -> streamed text / JSON).
+#![cfg(feature = "model")]
 
 use std::path::{Path, PathBuf};
 
@@ -309,6 +310,7 @@ fn synthetic_weights_run_end_to_end() {
     assert!(r["boxes"].is_array());
 }
 
+#[cfg(feature = "serve")]
 #[test]
 fn a_pdf_with_too_many_pages_is_refused_before_the_model_loads() {
     let d = tempfile::tempdir().unwrap();

@@ -1,5 +1,6 @@
 //! The committed goldens (golden/*.safetensors) are what the README says: inputs rebuildable bit
 //! for bit from the documented pixel formula, the token layout `infer()` produces, headers.
+#![cfg(feature = "model")]
 
 use std::path::PathBuf;
 

@@ -247,3 +247,127 @@ fn patched_mirror_serves_patched_code() {
     assert_eq!(pins, ["deepencoder.py", "modeling_deepseekocr.py", "modeling_deepseekv2.py"]);
     assert!(std::fs::read_to_string(f.snapshot.join("modeling_deepseekv2.py")).unwrap().starts_with("# ocr-patch: patched"));
 }
+
+/// How `disk_full_*` fills a disk: a 128 KiB tmpfs in a private mount namespace (`unshare`, as
+/// root or through an unprivileged user namespace), else a 128 KiB file-size limit (`ulimit -f`,
+/// which fails the write with EFBIG instead of ENOSPC) where namespaces are not allowed.
+fn full_disk_mode(probe: &Path) -> &'static str {
+    std::fs::create_dir_all(probe).unwrap();
+    let ok = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", "mount -t tmpfs -o size=8k tmpfs \"$0\""])
+        .arg(probe)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        "tmpfs"
+    } else {
+        "ulimit"
+    }
+}
+
+#[test]
+fn disk_full_leaves_nothing_half_written_and_resumes() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = model_dir(t.path());
+    let weights_sha = sha256_hex(&std::fs::read(dir.join("model.safetensors")).unwrap());
+    let m = serve(&dir, MirrorOptions::default());
+    let mode = full_disk_mode(&t.path().join("probe"));
+    let disk = t.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    // Both runs happen inside one shell, so the tmpfs (private to its namespace) can be listed and
+    // then grown to let the second run resume.
+    let script = r#"
+set -u
+if [ "$MODE" = tmpfs ]; then mount -t tmpfs -o size=128k tmpfs "$D" || exit 90; else ulimit -S -f 128; trap '' XFSZ; fi
+"$BIN" fetch "$REPO" --all --cache-dir "$D/hub" --lock "$LOCK" >/dev/null 2>"$ERR"; echo "rc1=$?"
+find "$D/hub" \( -type f -o -type l \) -printf 'entry %P\n' 2>/dev/null
+find -L "$D/hub" -type l -printf 'broken %P\n' 2>/dev/null
+if [ "$MODE" = tmpfs ]; then mount -o remount,size=16m "$D"; else ulimit -S -f unlimited; fi
+"$BIN" fetch "$REPO" --all --cache-dir "$D/hub" --lock "$LOCK" >/dev/null 2>>"$ERR"; echo "rc2=$?"
+for f in "$D"/hub/models--*/snapshots/*/model.safetensors; do echo "weights $(sha256sum < "$f" | cut -d' ' -f1)"; done
+"#;
+    let shell: Vec<&str> = if mode == "tmpfs" { vec!["unshare", "-rm", "bash", "-c", script] } else { vec!["bash", "-c", script] };
+    let err_file = t.path().join("stderr.txt");
+    let out = std::process::Command::new(shell[0])
+        .args(&shell[1..])
+        .env("MODE", mode)
+        .env("D", &disk)
+        .env("ERR", &err_file)
+        .env("BIN", assert_cmd::cargo::cargo_bin("ocr-patch"))
+        .env("REPO", REPO)
+        .env("LOCK", lock_path())
+        .env("HF_ENDPOINT", m.endpoint())
+        .env("NO_PROXY", "127.0.0.1")
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = std::fs::read_to_string(&err_file).unwrap_or_default();
+    let log = format!("mode {mode}\n{stdout}\nstderr of the runs:\n{stderr}");
+    assert!(stdout.contains("rc1=2"), "the fetch onto a full disk must fail with exit 2:\n{log}");
+    assert!(!stderr.contains("panicked"), "{log}");
+    if mode == "tmpfs" {
+        assert!(stderr.contains("no space left on the device; nothing was half-written"), "{log}");
+    }
+    // What the failed run left: only huggingface_hub's lock files and a resumable partial blob.
+    let left: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("entry ")).collect();
+    assert!(!stdout.contains("broken "), "a snapshot link points at nothing:\n{log}");
+    for path in &left {
+        assert!(path.starts_with(".locks/") || path.ends_with(".incomplete"), "`{path}` was written by the failed run:\n{log}");
+    }
+    assert!(left.iter().any(|p| p.ends_with(".incomplete")), "the partial download should stay for resuming:\n{log}");
+    // With room again, the same command resumes and completes, with the right bytes.
+    assert!(stdout.contains("rc2=0"), "{log}");
+    assert!(stdout.contains(&format!("weights {weights_sha}")), "{log}");
+}
+
+/// `docker/entrypoint.sh` as the container runs it: `ocr-patch` on PATH, the loopback mirror as
+/// the Hub. `argv` is the server command it must exec (only after the cache is patched).
+fn entrypoint(endpoint: &str, hf_home: &Path, env: &[(&str, &str)], argv: &[&str]) -> std::process::Output {
+    let bin = assert_cmd::cargo::cargo_bin("ocr-patch");
+    let path = format!("{}:{}", bin.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
+    let mut c = std::process::Command::new("sh");
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/entrypoint.sh")).args(argv);
+    for k in ["HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"] {
+        c.env_remove(k);
+    }
+    c.env("PATH", path)
+        .env("HF_HOME", hf_home)
+        .env("HF_ENDPOINT", endpoint)
+        .env("NO_PROXY", "127.0.0.1")
+        .env("OCR_PATCH_MODEL", REPO)
+        .env("OCR_PATCH_ARGS", format!("--lock {}", lock_path().display()));
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn docker_entrypoint_patches_before_the_server_starts() {
+    let t = tempfile::tempdir().unwrap();
+    let hf_home = t.path().join("hf");
+    let server = ["sh", "-c", "echo server-started; head -c 20 \"$HF_HOME\"/hub/models--ocrpatch--tiny-ocr/snapshots/*/modeling_deepseekv2.py"];
+    {
+        let m = serve(&model_dir(t.path()), MirrorOptions::default());
+        let out = entrypoint(&m.endpoint(), &hf_home, &[], &server);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        // The server ran after the fetch, and saw the patched file.
+        assert!(stdout.contains("server-started\n# ocr-patch: patched"), "{stdout}");
+    }
+    // The mirror is gone: offline, the entrypoint verifies what the volume holds and starts.
+    let out = entrypoint("http://127.0.0.1:9", &hf_home, &[("HF_HUB_OFFLINE", "1")], &server);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("server-started"), "{}", String::from_utf8_lossy(&out.stderr));
+    // No Hub and a cold volume: the container stops with exit 2 and never starts the server.
+    let out = entrypoint("http://127.0.0.1:9", &t.path().join("cold"), &[], &server);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("server-started"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the Hub"));
+    // A wrong mode is refused the same way.
+    let out = entrypoint("http://127.0.0.1:9", &hf_home, &[("OCR_PATCH_MODE", "sometimes")], &server);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OCR_PATCH_MODE must be fetch, hook, apply or off"));
+}

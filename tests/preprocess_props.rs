@@ -1,4 +1,5 @@
 //! Property tests for the preprocessing: the Gundam tiling, padding, resizing, token counts.
+#![cfg(feature = "model")]
 
 use image::{Rgb, RgbImage};
 use ocr_patch::model::preprocess::{self, Mode, TARGET_RATIOS};

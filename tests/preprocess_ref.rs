@@ -11,6 +11,7 @@
 //! Expected: PNG inputs equal bit for bit (Pillow's resampling is ported, not approximated);
 //! the JPEG input differs only by the decoders (libjpeg-turbo vs zune-jpeg), within the
 //! tolerance below; token layouts equal exactly.
+#![cfg(feature = "model")]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -3,6 +3,7 @@
 //! batched vision rows are bit-identical, the step-wise API and concurrent requests through the
 //! server give exactly the tokens of serial `OcrEngine::run`s, streaming equals non-streaming, disconnects cancel, overload is 429, timeouts are
 //! 504, PDFs run page by page, and bad inputs are 4xx JSON errors while the server keeps serving.
+#![cfg(feature = "serve")]
 
 #[path = "serve_support/mod.rs"]
 mod support;

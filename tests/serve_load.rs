@@ -6,6 +6,7 @@
 //! each client stops on its own, a 15-minute cap.
 //!
 //! `OCR_PATCH_LOAD_REQUESTS` and `OCR_PATCH_LOAD_CLIENTS` change the size.
+#![cfg(feature = "serve")]
 
 #[path = "serve_support/mod.rs"]
 mod support;

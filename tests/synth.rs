@@ -1,5 +1,6 @@
 //! Synthetic weights: names and shapes against the real checkpoint's index, determinism, dtype,
 //! scale. Tests that need `../shared/data/deepseek-ocr` skip (saying so) where it is absent.
+#![cfg(feature = "model")]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

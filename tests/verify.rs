@@ -1,6 +1,7 @@
 //! `ocr-patch verify`: the Rust model passes on the committed goldens, and fails, naming the
 //! stage, when the model or a golden is perturbed (flip a weight, swap two layers, drop the
 //! image_newline token, edit a golden's tensor).
+#![cfg(feature = "model")]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

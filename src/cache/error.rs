@@ -12,7 +12,7 @@ pub enum CacheError {
     #[error("{}: cannot read ({err}); {}", path.display(), read_hint(err))]
     Read { path: PathBuf, err: io::Error },
 
-    #[error("{}: cannot write ({err}); is the cache read-only? run as its owner, or point --cache-dir/--path at a writable copy", path.display())]
+    #[error("{}: cannot write ({err}); {}", path.display(), write_hint(err))]
     Write { path: PathBuf, err: io::Error },
 
     #[error("{}: cannot take the lock ({err}); is the folder writable? run as its owner", path.display())]
@@ -39,6 +39,32 @@ pub enum CacheError {
     /// `what` is the fork file or the URL concerned.
     #[error("{what}: {msg}")]
     Fork { what: String, msg: String },
+}
+
+/// An error and its sources on one line (`a: b: c`), for messages that fold a library's error in
+/// (reqwest nests the useful part, "connection refused", a few sources down).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// ENOSPC (28) and EDQUOT (122) on Linux; 28 and 69 on macOS.
+pub(crate) fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28) | Some(122)) || (cfg!(target_os = "macos") && e.raw_os_error() == Some(69))
+}
+
+fn write_hint(e: &io::Error) -> &'static str {
+    if is_disk_full(e) {
+        "the disk is full; nothing was half-written (every write goes to a temp file first): free some space and run again"
+    } else {
+        "is the cache read-only? run as its owner, or point --cache-dir/--path at a writable copy"
+    }
 }
 
 fn read_hint(e: &io::Error) -> &'static str {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::error::{CacheError, Result};
+use super::error::{error_chain, CacheError, Result};
 use crate::patch::sha256_hex;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,12 +91,12 @@ impl Fetcher {
             return Ok(b);
         }
         let err = |msg: String| CacheError::Fork { what: url.to_string(), msg };
-        let resp = self.client.get(url).send().map_err(|e| err(format!("cannot download ({}); check the URL and the network", chain(&e))))?;
+        let resp = self.client.get(url).send().map_err(|e| err(format!("cannot download ({}); check the URL and the network", error_chain(&e))))?;
         let status = resp.status();
         if !status.is_success() {
             return Err(err(format!("server answered {status}; check url_template and commit in the fork file")));
         }
-        let bytes = resp.bytes().map_err(|e| err(format!("download cut short ({}); try again", chain(&e))))?.to_vec();
+        let bytes = resp.bytes().map_err(|e| err(format!("download cut short ({}); try again", error_chain(&e))))?.to_vec();
         let got = sha256_hex(&bytes);
         if !got.eq_ignore_ascii_case(sha256) {
             return Err(err(format!(
@@ -108,17 +108,6 @@ impl Fetcher {
         }
         Ok(bytes)
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ use serde::Serialize;
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
+use super::error::{error_chain, is_disk_full};
 use super::fsx;
 use super::layout::hub_folder_name;
 use crate::patch::{sha256_hex, Engine, Status};
@@ -82,7 +83,7 @@ pub enum HubError {
     #[error("{file}: sha256 {sha256} is not pinned in any lock; refused, nothing was written: the repo changed upstream (run `ocr-patch doctor` after fetching with --allow-unpinned to inspect it), or pass --lock FILE with its pin")]
     Unpinned { file: String, sha256: String },
 
-    #[error("{}: no space left on the device; nothing was half-written: free some space and run again", path.display())]
+    #[error("{}: no space left on the device; nothing was half-written (a large file's partial download stays as `<blob>.incomplete` and resumes next time): free some space and run again", path.display())]
     DiskFull { path: PathBuf },
 
     #[error("{}: cannot write ({source}); is the cache read-only? run as its owner or pass --cache-dir", path.display())]
@@ -95,7 +96,7 @@ pub enum HubError {
 pub type Result<T, E = HubError> = std::result::Result<T, E>;
 
 fn write_err(path: &Path, e: io::Error) -> HubError {
-    if e.raw_os_error() == Some(28) {
+    if is_disk_full(&e) {
         HubError::DiskFull { path: path.to_path_buf() }
     } else {
         HubError::Write { path: path.to_path_buf(), source: e }
@@ -317,17 +318,6 @@ pub struct Hub {
     no_redirect: Client,
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn header(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
@@ -339,13 +329,13 @@ impl Hub {
             .timeout(None::<Duration>)
             .user_agent(concat!("ocr-patch/", env!("CARGO_PKG_VERSION"), "; hf_hub/compatible"))
             .build()
-            .map_err(|e| HubError::Network { endpoint: cfg.endpoint.clone(), msg: format!("cannot start the https client: {}", chain(&e)) })?;
+            .map_err(|e| HubError::Network { endpoint: cfg.endpoint.clone(), msg: format!("cannot start the https client: {}", error_chain(&e)) })?;
         let no_redirect = Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .timeout(Duration::from_secs(60))
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| HubError::Network { endpoint: cfg.endpoint.clone(), msg: format!("cannot start the https client: {}", chain(&e)) })?;
+            .map_err(|e| HubError::Network { endpoint: cfg.endpoint.clone(), msg: format!("cannot start the https client: {}", error_chain(&e)) })?;
         Ok(Hub { cfg, client, no_redirect })
     }
 
@@ -371,7 +361,7 @@ impl Hub {
             match self.authed(make()).send() {
                 // A refused connection is retried once only: no network should fail fast.
                 Err(e) if e.is_connect() && !e.is_timeout() && refused >= 1 => {
-                    return Err(HubError::Network { endpoint: self.cfg.endpoint.clone(), msg: chain(&e) })
+                    return Err(HubError::Network { endpoint: self.cfg.endpoint.clone(), msg: error_chain(&e) })
                 }
                 Err(e) if e.is_connect() && !e.is_timeout() => refused += 1,
                 Ok(r) if (r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS) && !last => {}
@@ -380,7 +370,7 @@ impl Hub {
                 }
                 Ok(r) => return Ok(r),
                 Err(e) if !last && (e.is_timeout() || e.is_connect() || e.is_request() || e.is_body()) => {}
-                Err(e) => return Err(HubError::Network { endpoint: self.cfg.endpoint.clone(), msg: chain(&e) }),
+                Err(e) => return Err(HubError::Network { endpoint: self.cfg.endpoint.clone(), msg: error_chain(&e) }),
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_secs(8));
@@ -415,7 +405,7 @@ impl Hub {
         if !r.status().is_success() {
             return Err(self.fail(&url, &r, repo, revision, None));
         }
-        let body = r.bytes().map_err(|e| HubError::Network { endpoint: self.cfg.endpoint.clone(), msg: chain(&e) })?;
+        let body = r.bytes().map_err(|e| HubError::Network { endpoint: self.cfg.endpoint.clone(), msg: error_chain(&e) })?;
         let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| HubError::Protocol { url: url.clone(), msg: format!("not JSON: {e}") })?;
         let sha = v.get("sha").and_then(|s| s.as_str()).ok_or_else(|| HubError::Protocol { url: url.clone(), msg: "no `sha` in the answer".into() })?;
         let files = v
@@ -474,7 +464,7 @@ impl Hub {
                     let _ = e;
                     std::thread::sleep(self.cfg.backoff);
                 }
-                Err(e) => return Err(HubError::Network { endpoint: self.cfg.endpoint.clone(), msg: chain(&e) }),
+                Err(e) => return Err(HubError::Network { endpoint: self.cfg.endpoint.clone(), msg: error_chain(&e) }),
             }
         }
     }

@@ -19,7 +19,7 @@ use super::fork::{Fetcher, ForkSpec};
 use super::fsx::{self, FolderLock};
 use super::layout::{Target, TargetKind};
 use super::manifest::{self, Entry, Manifest};
-use crate::patch::{sha256_hex, Engine, Outcome, PatchOptions, Status, Version};
+use crate::patch::{marker_origin, sha256_hex, Engine, Outcome, PatchOptions, Status, Version};
 
 /// Blobs larger than this are never hashed when looking for an original (they are weights).
 const MAX_SOURCE_BLOB: u64 = 8 << 20;
@@ -176,19 +176,6 @@ impl Report {
     pub fn changes(&self) -> usize {
         self.files().filter(|f| f.action.changes()).count()
     }
-}
-
-/// Finds our marker line (`# ocr-patch: patched <ruleset> from sha256:<orig>`) among the first
-/// lines and returns the original's sha256.
-pub fn marker_origin(bytes: &[u8]) -> Option<String> {
-    let head = &bytes[..bytes.len().min(4096)];
-    let text = String::from_utf8_lossy(head);
-    text.lines().take(8).find_map(|l| {
-        let rest = l.trim_start().strip_prefix("# ocr-patch: patched ")?;
-        let sha = rest.split("sha256:").nth(1)?;
-        let sha: String = sha.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
-        (sha.len() == 64).then(|| sha.to_ascii_lowercase())
-    })
 }
 
 /// `dir` inside `models--x/snapshots/<commit>/[sub/]`: returns `models--x/blobs` and the `../`

@@ -23,9 +23,12 @@ pub mod fetch;
 pub mod hook;
 pub mod lock;
 pub mod mirror;
+#[cfg(feature = "model")]
 pub mod ocr;
 pub mod revert;
+#[cfg(feature = "serve")]
 pub mod serve;
+#[cfg(feature = "model")]
 pub mod verify;
 
 pub const EXIT_CODES: &str = "\
@@ -55,8 +58,11 @@ pub enum Command {
     Fetch(fetch::FetchArgs),
     Mirror(mirror::MirrorArgs),
     Hook(hook::HookArgs),
+    #[cfg(feature = "model")]
     Verify(verify::VerifyArgs),
+    #[cfg(feature = "model")]
     Ocr(ocr::OcrArgs),
+    #[cfg(feature = "serve")]
     Serve(serve::ServeArgs),
 }
 
@@ -79,8 +85,11 @@ impl Cli {
             Command::Fetch(a) => a.out.json,
             Command::Mirror(a) => a.out.json,
             Command::Hook(a) => a.json(),
+            #[cfg(feature = "model")]
             Command::Verify(a) => a.out.json,
+            #[cfg(feature = "model")]
             Command::Ocr(a) => a.out.json,
+            #[cfg(feature = "serve")]
             Command::Serve(_) => false,
         }
     }
@@ -96,8 +105,11 @@ impl Cli {
             Command::Fetch(a) => fetch::run(a),
             Command::Mirror(a) => mirror::run(a),
             Command::Hook(a) => hook::run(a),
+            #[cfg(feature = "model")]
             Command::Verify(a) => verify::run(a),
+            #[cfg(feature = "model")]
             Command::Ocr(a) => ocr::run(a),
+            #[cfg(feature = "serve")]
             Command::Serve(a) => serve::run(a),
         }
     }

@@ -115,7 +115,7 @@ pub struct OcrArgs {
     pub max_pixels: u64,
 
     /// Resolution PDF pages are rendered at
-    #[arg(long, default_value_t = crate::serve::pdf::DEFAULT_DPI, value_name = "DPI")]
+    #[arg(long, default_value_t = 144, value_name = "DPI")]
     pub dpi: u32,
 
     /// Refuse PDFs with more pages than this (checked before rendering)
@@ -158,7 +158,14 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
     let mut inputs: Vec<(String, image::RgbImage)> = vec![];
     for p in &a.images {
         let head = preprocess::sniff(p).unwrap_or_default();
-        if crate::serve::pdf::is_pdf(&head) {
+        if head.starts_with(b"%PDF-") {
+            #[cfg(not(feature = "serve"))]
+            anyhow::bail!(
+                "{}: PDF input needs a build with the `serve` feature (the default)",
+                p.display()
+            );
+            #[cfg(feature = "serve")]
+            {
             let bytes = std::fs::read(p)
                 .with_context(|| format!("{}: cannot read the PDF; check the path", p.display()))?;
             let name = p.display().to_string();
@@ -175,6 +182,7 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
                     .into_iter()
                     .map(|(n, img)| (format!("{name} page {n}"), img)),
             );
+            }
         } else {
             inputs.push((p.display().to_string(), preprocess::load_image(p, a.max_pixels)?));
         }

@@ -119,7 +119,7 @@ impl Engine {
     /// The ruleset, prelude and lock compiled into this binary.
     pub fn embedded() -> Result<Engine, PatchError> {
         Ok(Engine {
-            rules: RuleSet::parse(RULES_TOML, PRELUDE_PY, "patches/rules.toml")?,
+            rules: RuleSet::parse_lazy(RULES_TOML, PRELUDE_PY, "patches/rules.toml")?,
             lock: Lock::parse(LOCK_TOML, "patches/lock.toml")?,
         })
     }
@@ -294,6 +294,12 @@ pub struct Rewrite<'a> {
 }
 
 /// The upstream sha256 named in our marker line, if the file starts with one.
+/// The sha256 of the original a patched file was made from, read from our marker line (the
+/// first line of every file we write); `None` for a file without a marker or with a damaged one.
+pub fn marker_origin(bytes: &[u8]) -> Option<String> {
+    marker_source(bytes).flatten().filter(|sha| sha.len() == 64).map(|sha| sha.to_ascii_lowercase())
+}
+
 fn marker_source(bytes: &[u8]) -> Option<Option<String>> {
     let first = bytes.split(|&b| b == b'\n').next()?;
     let line = std::str::from_utf8(first).ok()?;

@@ -155,9 +155,10 @@ pub fn prelude_offset(tree: &Tree, src: &[u8]) -> usize {
 /// The edits one rule asks for on this tree, and how many places it matched.
 pub fn rule_edits(rule: &Rule, tree: &Tree, src: &[u8]) -> Result<(Vec<Edit>, usize), EditError> {
     let fail = |message: String| EditError::Rule { rule: rule.spec.id.clone(), message };
-    let names = rule.query.capture_names();
+    let query = rule.query();
+    let names = query.capture_names();
     let mut cursor = QueryCursor::new();
-    let mut matches = cursor.matches(&rule.query, tree.root_node(), src);
+    let mut matches = cursor.matches(query, tree.root_node(), src);
     let mut edits = Vec::new();
     let mut targets_seen = std::collections::HashSet::new();
     while let Some(m) = matches.next() {
@@ -165,7 +166,7 @@ pub fn rule_edits(rule: &Rule, tree: &Tree, src: &[u8]) -> Result<(Vec<Edit>, us
         let mut target = None;
         for c in m.captures {
             captures.entry(names[c.index as usize].to_string()).or_insert_with(|| text(src, c.node).to_string());
-            if c.index == rule.target_capture {
+            if c.index == rule.target_capture() {
                 target = Some(c.node);
             }
         }

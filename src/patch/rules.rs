@@ -4,6 +4,7 @@
 //! every action has what it needs). Knows nothing of files on disk or of the caches.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use serde::Deserialize;
 use tree_sitter::Query;
@@ -69,13 +70,52 @@ struct RulesFile {
     rules: Vec<RuleSpec>,
 }
 
-/// A rule ready to run: its spec, its compiled query and parsed range.
+/// A rule ready to run: its spec, its parsed range, and its query, compiled at first use (most
+/// runs of `apply` meet only files the lock already knows as patched, and compiling the 23
+/// queries was most of their start-up).
 #[derive(Debug)]
 pub struct Rule {
     pub spec: RuleSpec,
-    pub query: Query,
     pub affects: VersionRange,
-    pub target_capture: u32,
+    compiled: OnceLock<Compiled>,
+}
+
+#[derive(Debug)]
+struct Compiled {
+    query: Query,
+    target_capture: u32,
+}
+
+impl Rule {
+    /// The compiled query. [`RuleSet::parse`] has compiled every rule once, so this cannot fail
+    /// for a rule set it returned.
+    pub fn query(&self) -> &Query {
+        &self.compiled().query
+    }
+
+    /// The index of the `@target` capture in [`Rule::query`].
+    pub fn target_capture(&self) -> u32 {
+        self.compiled().target_capture
+    }
+
+    fn compiled(&self) -> &Compiled {
+        self.compiled.get_or_init(|| {
+            compile(&self.spec).unwrap_or_else(|e| unreachable!("rule {} was validated when parsed: {e}", self.spec.id))
+        })
+    }
+}
+
+/// Compiles a rule's query and checks it against its action's text.
+fn compile(spec: &RuleSpec) -> Result<Compiled, RulesError> {
+    let invalid = |message: String| RulesError::Invalid { id: spec.id.clone(), message };
+    let query = Query::new(&python(), &spec.query).map_err(|e| invalid(format!("query does not compile: {e}")))?;
+    let target_capture = query.capture_index_for_name("target").ok_or_else(|| invalid("query has no @target capture".into()))?;
+    for capture in template_captures(&spec.text) {
+        if query.capture_index_for_name(&capture).is_none() {
+            return Err(invalid(format!("text uses {{{{{capture}}}}} but the query has no @{capture}")));
+        }
+    }
+    Ok(Compiled { query, target_capture })
 }
 
 #[derive(Debug)]
@@ -102,7 +142,19 @@ pub(crate) fn python() -> tree_sitter::Language {
 }
 
 impl RuleSet {
+    /// Parses and validates a rules file: every query is compiled and checked.
     pub fn parse(rules_toml: &str, prelude: &str, origin: &str) -> Result<RuleSet, RulesError> {
+        let set = RuleSet::parse_lazy(rules_toml, prelude, origin)?;
+        for rule in &set.rules {
+            let compiled = compile(&rule.spec)?;
+            let _ = rule.compiled.set(compiled);
+        }
+        Ok(set)
+    }
+
+    /// Parses a rules file whose queries are known to compile (the one compiled into the binary,
+    /// which a test parses with [`RuleSet::parse`]); each query is compiled at its first use.
+    pub(crate) fn parse_lazy(rules_toml: &str, prelude: &str, origin: &str) -> Result<RuleSet, RulesError> {
         let file: RulesFile = toml::from_str(rules_toml)
             .map_err(|e| RulesError::Parse { origin: origin.to_string(), message: e.to_string() })?;
         if file.format != RULES_FORMAT {
@@ -117,11 +169,6 @@ impl RuleSet {
                 if !seen.insert(spec.id.clone()) {
                     return Err(invalid("the id is used twice".into()));
                 }
-                let query = Query::new(&python(), &spec.query)
-                    .map_err(|e| invalid(format!("query does not compile: {e}")))?;
-                let target_capture = query
-                    .capture_index_for_name("target")
-                    .ok_or_else(|| invalid("query has no @target capture".into()))?;
                 let affects = VersionRange::parse(&spec.affects).map_err(|e| invalid(e.to_string()))?;
                 let needs_text = !matches!(spec.action, Action::OptionalImport);
                 if needs_text && spec.text.trim().is_empty() {
@@ -130,12 +177,7 @@ impl RuleSet {
                 if spec.action == Action::OptionalImport && spec.names.is_empty() && !spec.module_optional {
                     return Err(invalid("optional_import needs `names` or `module_optional`".into()));
                 }
-                for capture in template_captures(&spec.text) {
-                    if query.capture_index_for_name(&capture).is_none() {
-                        return Err(invalid(format!("text uses {{{{{capture}}}}} but the query has no @{capture}")));
-                    }
-                }
-                Ok(Rule { spec, query, affects, target_capture })
+                Ok(Rule { spec, affects, compiled: OnceLock::new() })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RuleSet { name: file.ruleset, source: rules_toml.to_string(), rules, prelude: prelude.to_string() })
@@ -210,6 +252,16 @@ mod tests {
         let err = one(&format!("{base}query='(identifier) @target'\naction='replace'\ntext='y'\naffects='~4'")).unwrap_err();
         assert!(err.to_string().contains("version range"), "{err}");
         assert!(one(&format!("{base}query='(identifier) @target'\naction='replace'\ntext='y'")).is_ok());
+    }
+
+    #[test]
+    fn the_embedded_rules_all_compile() {
+        // Engine::embedded() compiles queries lazily; this is where they are all checked.
+        let set = RuleSet::parse(super::super::RULES_TOML, super::super::PRELUDE_PY, "patches/rules.toml").unwrap();
+        assert!(set.rules.len() >= 20);
+        let lazy = RuleSet::parse_lazy(super::super::RULES_TOML, super::super::PRELUDE_PY, "patches/rules.toml").unwrap();
+        assert!(lazy.rules.iter().all(|r| r.compiled.get().is_none()));
+        assert_eq!(lazy.rules[0].target_capture(), set.rules[0].target_capture());
     }
 
     #[test]

@@ -34,24 +34,38 @@ def wheel():
 
 
 def hook_versions():
+    """4.48.0, 5.0.0 and the newest installed release (from 5.10 on, in the newer-torch venv)."""
     wanted = ["4.48.0", "5.0.0", newest_installed()]
-    return [v for v in dict.fromkeys(wanted) if v and support.version_tuple(v) < support.NEW_TORCH_FROM]
+    return [v for v in dict.fromkeys(wanted) if v]
 
 
 @pytest.fixture(scope="module")
 def hook_python(work_root):
-    """A venv on the e2e python's interpreter with the wheel and the hook installed."""
+    """`hook_python(version)`: a venv on that release's e2e python (torch 2.6, or the newer torch
+    from 5.10) with the wheel and the hook installed; one venv per python, made at first use."""
     whl = wheel()
     if whl is None or not whl.exists():
         pytest.skip("no ocr_patch wheel: run `maturin build -o target/wheels` (or set OCR_PATCH_WHEEL)")
-    base = support.env_for(support.REFERENCE).python
+    made = {}
+
+    def for_version(version):
+        env = support.env_for(version)
+        if env.name not in made:
+            made[env.name] = make_hook_venv(env.python, work_root / f"hook-venv-{env.name}", whl)
+        return made[env.name]
+
+    return for_version
+
+
+def make_hook_venv(base, venv, whl):
+    """A venv on `base`'s interpreter that sees `base`'s packages, with the wheel and the hook."""
     if not base.exists():
         pytest.skip(f"{base} does not exist (tests/e2e/setup_matrix.sh)")
-    venv = work_root / "hook-venv"
     subprocess.run([str(base), "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
-    base_site = subprocess.run([str(base), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run([str(python), "-c", purelib], capture_output=True, text=True, check=True).stdout.strip()
+    base_site = subprocess.run([str(base), "-c", purelib], capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "e2e_base.pth").write_text(base_site + "\n")
     subprocess.run([str(base), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", site, str(whl)], check=True)
     cli = [str(support.ocr_patch_bin()), "hook"]
@@ -124,7 +138,7 @@ def test_hook_cold_cache_online_gives_reference_logits(hook_python, mirror, run_
     if not env.has(version):
         pytest.skip(f"transformers {version} is not installed under {env.tf_root}")
     work = fresh(work_root, f"hook-{version}")
-    run, stderr = load_online(hook_python, version, work, mirror.endpoint, "hook")
+    run, stderr = load_online(hook_python(version), version, work, mirror.endpoint, "hook")
     assert run.first_failure is None, run.log
     assert "ocr-patch:" not in stderr, stderr[-2000:]
     ref = run_model(support.REFERENCE, "reference", env=env)
@@ -139,7 +153,7 @@ def test_without_the_hook_it_breaks(hook_python, mirror, run_model, work_root):
     if not support.env_for(version).has(version):
         pytest.skip("5.0.0 is not installed")
     work = fresh(work_root, "hook-disabled")
-    run, _ = load_online(hook_python, version, work, mirror.endpoint, "disabled", OCR_PATCH_DISABLE="1")
+    run, _ = load_online(hook_python(version), version, work, mirror.endpoint, "disabled", OCR_PATCH_DISABLE="1")
     ref = run_model(support.REFERENCE, "reference", env=support.env_for(version))
     broke = run.first_failure is not None or support.max_abs_diff(run.logits(), ref.logits()) > LOGITS_ATOL
     assert broke, "unpatched 5.0.0 matched 4.46.3: the hook test proves nothing"
@@ -152,7 +166,7 @@ def test_eight_processes_on_one_cold_cache(hook_python, mirror, run_model, work_
         pytest.skip("5.0.0 is not installed")
     work = fresh(work_root, "hook-8")
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(load_online, hook_python, version, work, mirror.endpoint, f"p{i}", OMP_NUM_THREADS="1") for i in range(8)]
+        futures = [pool.submit(load_online, hook_python(version), version, work, mirror.endpoint, f"p{i}", OMP_NUM_THREADS="1") for i in range(8)]
         runs = [f.result() for f in futures]
     ref = run_model(support.REFERENCE, "reference", env=env)
     for run, stderr in runs:
@@ -164,13 +178,14 @@ def test_eight_processes_on_one_cold_cache(hook_python, mirror, run_model, work_
 def test_hook_leaves_unrelated_imports_alone(hook_python, work_root):
     """A broken cache file elsewhere never breaks an import; strict mode makes it an error."""
     work = fresh(work_root, "hook-unrelated")
+    python = hook_python(support.REFERENCE)
     snap = work / "hub" / "models--x--y" / "snapshots" / ("0" * 40)
     snap.mkdir(parents=True)
     (snap / "modeling_deepseekv2.py").write_text("x = 1  # not a file any lock pins\n")
     code = f"import warnings, runpy; warnings.simplefilter('always'); print(runpy.run_path({str(snap / 'modeling_deepseekv2.py')!r})['x'])"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OCR_PATCH", "PYTHON"))}
-    ok = subprocess.run([str(hook_python), "-c", code], capture_output=True, text=True, env=env)
+    ok = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and ok.stdout.strip() == "1", ok.stderr
     assert ok.stderr.count("ocr-patch:") == 1 and "unknown file" in ok.stderr, ok.stderr
-    strict = subprocess.run([str(hook_python), "-c", code], capture_output=True, text=True, env={**env, "OCR_PATCH_STRICT": "1"})
+    strict = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env={**env, "OCR_PATCH_STRICT": "1"})
     assert strict.returncode != 0 and "OCR_PATCH_STRICT=1" in strict.stderr, strict.stderr
