@@ -1,7 +1,8 @@
 //! Load test of `ocr-patch serve` on loopback (gated: set `OCR_PATCH_LOAD_TEST=1`, or run
 //! `just load-test`): 1,000 requests from 64 concurrent clients against the synthetic `cpu`
-//! model. Passes when every answer is a 200 or a documented 429, the server's resident memory
-//! after the run is within 64 MiB of its level after a warm-up, and the batch drained; prints
+//! model. Passes when every answer is a 200 or a documented 429, the process's resident memory
+//! stops growing (second half of the run: under 32 MiB more than half-way), and the batch
+//! drains; prints
 //! p50/p99 latency and RSS (recorded in docs/benchmarks.md). Bounded: a fixed request count,
 //! each client stops on its own, a 15-minute cap.
 //!
@@ -112,9 +113,16 @@ fn a_thousand_requests_from_64_clients() {
     };
     let (_, _, _, other, _) = run(clients * 2);
     assert!(other.is_empty(), "warm-up errors: {other:?}");
+    // two halves: memory may settle in the first (allocator arenas, buffers); it must not keep
+    // growing in the second
     let rss_before = rss_mib();
-    let (mut lat, ok, busy, other, wall) = run(total);
+    let (mut lat, ok1, busy1, mut other, wall1) = run(total / 2);
+    let rss_mid = rss_mib();
+    let (lat2, ok2, busy2, other2, wall2) = run(total - total / 2);
     let rss_after = rss_mib();
+    lat.extend(lat2);
+    other.extend(other2);
+    let (ok, busy, wall) = (ok1 + ok2, busy1 + busy2, wall1 + wall2);
     assert!(other.is_empty(), "errors other than 429: {:?}", &other[..other.len().min(5)]);
     assert_eq!(ok + busy, total);
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -122,22 +130,31 @@ fn a_thousand_requests_from_64_clients() {
     let m = metrics(&srv);
     eprintln!(
         "load: {total} requests, {clients} clients: {ok} ok, {busy} x 429, wall {:.1} s, {:.1} req/s; \
-         latency p50 {:.3} s, p99 {:.3} s, max {:.3} s; RSS {:.0} MiB -> {:.0} MiB; \
-         decode steps {}, tokens {}",
+         latency p50 {:.3} s, p99 {:.3} s, max {:.3} s; RSS after warm-up {:.0} MiB, half-way {:.0} MiB, \
+         end {:.0} MiB; decode steps {}, tokens {}",
         wall.as_secs_f64(),
         ok as f64 / wall.as_secs_f64(),
         pct(0.50),
         pct(0.99),
         lat[lat.len() - 1],
         rss_before,
+        rss_mid,
         rss_after,
         metric(&m, "ocr_decode_steps_total"),
         metric(&m, "ocr_generated_tokens_total"),
     );
     assert!(
-        rss_after - rss_before < 64.0,
-        "memory grew from {rss_before:.0} MiB to {rss_after:.0} MiB"
+        rss_after - rss_mid < 32.0 && rss_after - rss_before < 128.0,
+        "memory kept growing: {rss_before:.0} -> {rss_mid:.0} -> {rss_after:.0} MiB"
     );
-    assert_eq!(metric(&m, "ocr_running_sequences"), 0.0);
-    assert_eq!(metric(&m, "ocr_queue_depth"), 0.0);
+    // the batch drains (the gauges are updated by the scheduler between steps)
+    let t = Instant::now();
+    loop {
+        let m = metrics(&srv);
+        if metric(&m, "ocr_running_sequences") == 0.0 && metric(&m, "ocr_queue_depth") == 0.0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the batch did not drain:\n{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -136,10 +136,6 @@ impl Scheduler {
                     Err(_) => break,
                 }
             }
-            self.metrics
-                .queue_depth
-                .store((rx.len() + waiting.len()) as u64, Ordering::Relaxed);
-
             let mut admit = Vec::new();
             while running.len() + admit.len() < self.max_batch {
                 let Some(item) = waiting.pop_front() else {
@@ -154,6 +150,10 @@ impl Scheduler {
                 }
                 admit.push(item);
             }
+            // what still waits once this tick's admissions are taken
+            self.metrics
+                .queue_depth
+                .store((rx.len() + waiting.len()) as u64, Ordering::Relaxed);
             if !admit.is_empty() {
                 self.admit(admit, &mut running);
             }
