@@ -1,8 +1,10 @@
 //! `ocr-patch serve` over real HTTP on loopback, on the `cpu` synthetic model (full SAM-B +
-//! CLIP-L vision encoder, 2-layer decoder; Tiny mode keeps each image to about a second):
+//! CLIP-L vision encoder, 2-layer decoder; an image costs 5-15 s of encoder on 2 cores, so the
+//! tests share one engine and vision cache, and use Tiny mode and few tokens):
 //! batched vision rows are bit-identical, the step-wise API and concurrent requests through the
-//! server give exactly the tokens of serial `OcrEngine::run`s, streaming equals non-streaming, disconnects cancel, overload is 429, timeouts are
-//! 504, PDFs run page by page, and bad inputs are 4xx JSON errors while the server keeps serving.
+//! server give exactly the tokens of serial `OcrEngine::run`s, streaming equals non-streaming,
+//! disconnects cancel, overload is 429, timeouts are 504, PDFs run page by page, and bad inputs
+//! are 4xx JSON errors while the server keeps serving.
 #![cfg(feature = "serve")]
 
 #[path = "serve_support/mod.rs"]

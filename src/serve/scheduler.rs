@@ -123,6 +123,7 @@ impl Scheduler {
         loop {
             if running.is_empty() && waiting.is_empty() {
                 self.metrics.queue_depth.store(0, Ordering::Relaxed);
+                self.metrics.running.store(0, Ordering::Relaxed);
                 match rx.blocking_recv() {
                     Some(j) => waiting.extend(j.items),
                     None => return,
@@ -206,6 +207,9 @@ impl Scheduler {
                 }
             }
             running = keep;
+            self.metrics
+                .running
+                .store(running.len() as u64, Ordering::Relaxed);
             self.metrics.generated(made);
         }
     }
