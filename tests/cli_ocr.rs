@@ -322,6 +322,7 @@ fn a_pdf_with_too_many_pages_is_refused_before_the_model_loads() {
         .arg(golden_config("cpu"))
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("10000 pages, more than the limit of 500"));
+        .stderr(predicate::str::contains(
+            "10000 pages, more than the limit of 500",
+        ));
 }
-

@@ -29,7 +29,10 @@ fn rss_mib() -> f64 {
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[test]
@@ -92,7 +95,11 @@ fn a_thousand_requests_from_64_clients() {
                                 busy += 1;
                                 std::thread::sleep(Duration::from_millis(20));
                             }
-                            Ok(r) => other.push(format!("{} {}", r.status(), r.text().unwrap_or_default())),
+                            Ok(r) => other.push(format!(
+                                "{} {}",
+                                r.status(),
+                                r.text().unwrap_or_default()
+                            )),
                             Err(e) => other.push(e.to_string()),
                         }
                     }
@@ -123,7 +130,11 @@ fn a_thousand_requests_from_64_clients() {
     lat.extend(lat2);
     other.extend(other2);
     let (ok, busy, wall) = (ok1 + ok2, busy1 + busy2, wall1 + wall2);
-    assert!(other.is_empty(), "errors other than 429: {:?}", &other[..other.len().min(5)]);
+    assert!(
+        other.is_empty(),
+        "errors other than 429: {:?}",
+        &other[..other.len().min(5)]
+    );
     assert_eq!(ok + busy, total);
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
@@ -154,7 +165,10 @@ fn a_thousand_requests_from_64_clients() {
         if metric(&m, "ocr_running_sequences") == 0.0 && metric(&m, "ocr_queue_depth") == 0.0 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "the batch did not drain:\n{m}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the batch did not drain:\n{m}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -166,25 +166,29 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
             );
             #[cfg(feature = "serve")]
             {
-            let bytes = std::fs::read(p)
-                .with_context(|| format!("{}: cannot read the PDF; check the path", p.display()))?;
-            let name = p.display().to_string();
-            let pages = crate::serve::pdf::render_pages(
-                &bytes,
-                &name,
-                &[],
-                a.dpi,
-                a.max_pages,
-                a.max_pixels,
-            )?;
-            inputs.extend(
-                pages
-                    .into_iter()
-                    .map(|(n, img)| (format!("{name} page {n}"), img)),
-            );
+                let bytes = std::fs::read(p).with_context(|| {
+                    format!("{}: cannot read the PDF; check the path", p.display())
+                })?;
+                let name = p.display().to_string();
+                let pages = crate::serve::pdf::render_pages(
+                    &bytes,
+                    &name,
+                    &[],
+                    a.dpi,
+                    a.max_pages,
+                    a.max_pixels,
+                )?;
+                inputs.extend(
+                    pages
+                        .into_iter()
+                        .map(|(n, img)| (format!("{name} page {n}"), img)),
+                );
             }
         } else {
-            inputs.push((p.display().to_string(), preprocess::load_image(p, a.max_pixels)?));
+            inputs.push((
+                p.display().to_string(),
+                preprocess::load_image(p, a.max_pixels)?,
+            ));
         }
     }
     let tokenizer = match (&a.tokenizer, &a.model) {

@@ -64,7 +64,12 @@ pub struct ServeArgs {
     pub served_model_name: String,
 
     /// Require `Authorization: Bearer KEY` on /v1/* (compared in constant time)
-    #[arg(long, env = "OCR_PATCH_API_KEY", hide_env_values = true, value_name = "KEY")]
+    #[arg(
+        long,
+        env = "OCR_PATCH_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
     pub api_key: Option<String>,
 
     /// Resolution mode when a request names none (requests may send "mode")

@@ -512,10 +512,19 @@ mod tests {
         for c in configs {
             for cycle in [vec![2, 3], vec![5, 6, 1, 7], vec![4]] {
                 let prompt = [2, 3, 2];
-                let mut m = Scripted { cycle: cycle.clone(), i: 0, vocab: 10 };
+                let mut m = Scripted {
+                    cycle: cycle.clone(),
+                    i: 0,
+                    vocab: 10,
+                };
                 let first = m.logits();
-                let want = generate(&mut m, &prompt, first, &c, |_| ControlFlow::Continue(())).unwrap();
-                let mut m = Scripted { cycle, i: 0, vocab: 10 };
+                let want =
+                    generate(&mut m, &prompt, first, &c, |_| ControlFlow::Continue(())).unwrap();
+                let mut m = Scripted {
+                    cycle,
+                    i: 0,
+                    vocab: 10,
+                };
                 let mut d = Decoding::new(c.clone(), &prompt);
                 let mut logits = m.logits();
                 while let Some(t) = d.choose(logits) {
@@ -532,6 +541,9 @@ mod tests {
         let mut d = Decoding::new(cfg(5), &[]);
         assert_eq!((d.choose(vec![0.0, 0.0, 1.0]), d.stop()), (Some(2), None));
         d.cancel();
-        assert_eq!((d.choose(vec![0.0, 0.0, 1.0]), d.stop()), (None, Some(StopReason::Callback)));
+        assert_eq!(
+            (d.choose(vec![0.0, 0.0, 1.0]), d.stop()),
+            (None, Some(StopReason::Callback))
+        );
     }
 }

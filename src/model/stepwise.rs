@@ -166,9 +166,7 @@ impl OcrEngine {
             })
             .collect();
         let n = ids.len();
-        cfg.max_new_tokens = cfg
-            .max_new_tokens
-            .min(self.context().saturating_sub(n));
+        cfg.max_new_tokens = cfg.max_new_tokens.min(self.context().saturating_sub(n));
         let input = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
         let embeds = self.model.text.embed(&input)?;
         let embeds =

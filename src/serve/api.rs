@@ -244,14 +244,20 @@ fn parse_mode(s: &str) -> Result<Mode, ApiError> {
     Mode::ALL
         .into_iter()
         .find(|m| m.name().eq_ignore_ascii_case(s))
-        .ok_or_else(|| ApiError::bad(format!("unknown mode `{s}`; use tiny, small, base, large or gundam")))
+        .ok_or_else(|| {
+            ApiError::bad(format!(
+                "unknown mode `{s}`; use tiny, small, base, large or gundam"
+            ))
+        })
 }
 
 fn generation(req: &ChatRequest, max_tokens: usize) -> Result<GenerationConfig, ApiError> {
     let sampling = match req.temperature {
         None => Sampling::Greedy,
         Some(t) if !(0.0..=2.0).contains(&t) || t.is_nan() => {
-            return Err(ApiError::bad(format!("temperature must be between 0 and 2, got {t}")))
+            return Err(ApiError::bad(format!(
+                "temperature must be between 0 and 2, got {t}"
+            )))
         }
         Some(t) if t == 0.0 => Sampling::Greedy,
         Some(t) => Sampling::Sample {
@@ -285,7 +291,10 @@ fn generation(req: &ChatRequest, max_tokens: usize) -> Result<GenerationConfig, 
             Some(NoRepeatNgram {
                 n,
                 window,
-                whitelist: whitelist.unwrap_or_default().into_iter().collect::<HashSet<_>>(),
+                whitelist: whitelist
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect::<HashSet<_>>(),
             }),
             false,
         ),
@@ -304,17 +313,26 @@ fn fetch(url: &str, cfg: &ServeConfig, index: usize) -> Result<(String, Vec<u8>)
     let name = format!("image {index}");
     if let Some(rest) = url.strip_prefix("data:") {
         let Some((meta, data)) = rest.split_once(',') else {
-            return Err(ApiError::bad(format!("{name}: a data URL needs a comma before its data")));
+            return Err(ApiError::bad(format!(
+                "{name}: a data URL needs a comma before its data"
+            )));
         };
         if !meta.ends_with(";base64") {
-            return Err(ApiError::bad(format!("{name}: only base64 data URLs are accepted")));
+            return Err(ApiError::bad(format!(
+                "{name}: only base64 data URLs are accepted"
+            )));
         }
         let limit = cfg.max_body_bytes;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(data.trim())
-            .map_err(|e| ApiError::bad(format!("{name}: the data URL is not valid base64 ({e})")))?;
+            .map_err(|e| {
+                ApiError::bad(format!("{name}: the data URL is not valid base64 ({e})"))
+            })?;
         if bytes.len() > limit {
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("{name}: over {limit} bytes")));
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("{name}: over {limit} bytes"),
+            ));
         }
         return Ok((name, bytes));
     }
@@ -345,7 +363,10 @@ fn fetch(url: &str, cfg: &ServeConfig, index: usize) -> Result<(String, Vec<u8>)
     }
     let len = std::fs::metadata(&full).map_err(|_| denied())?.len();
     if len > cfg.max_body_bytes as u64 {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("{path}: over {} bytes", cfg.max_body_bytes)));
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("{path}: over {} bytes", cfg.max_body_bytes),
+        ));
     }
     let bytes = std::fs::read(&full).map_err(|_| denied())?;
     Ok((path.to_string(), bytes))
@@ -367,7 +388,10 @@ fn fetch_remote(url: &str, limit: usize) -> Result<Vec<u8>, ApiError> {
         .read_to_end(&mut out)
         .map_err(|e| fail(e.to_string()))?;
     if out.len() > limit {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("{url}: over {limit} bytes")));
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("{url}: over {limit} bytes"),
+        ));
     }
     Ok(out)
 }
@@ -387,7 +411,10 @@ pub fn plan(req: ChatRequest, cfg: &ServeConfig, engine: &OcrEngine) -> Result<P
         if m != &cfg.model_name {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!("the model `{m}` does not exist; this server serves `{}`", cfg.model_name),
+                format!(
+                    "the model `{m}` does not exist; this server serves `{}`",
+                    cfg.model_name
+                ),
             ));
         }
     }
@@ -395,7 +422,9 @@ pub fn plan(req: ChatRequest, cfg: &ServeConfig, engine: &OcrEngine) -> Result<P
         return Err(ApiError::bad("n must be 1"));
     }
     let Some(user) = req.messages.iter().rev().find(|m| m.role == "user") else {
-        return Err(ApiError::bad("the request has no user message; send the image in a user message"));
+        return Err(ApiError::bad(
+            "the request has no user message; send the image in a user message",
+        ));
     };
     let mode = match &req.mode {
         Some(m) => parse_mode(m)?,
@@ -430,7 +459,11 @@ pub fn plan(req: ChatRequest, cfg: &ServeConfig, engine: &OcrEngine) -> Result<P
                     }),
                     Part::File { file } => match &file.file_data {
                         Some(d) => refs.push(d.clone()),
-                        None => return Err(ApiError::bad("a file part needs file_data (a base64 data URL)")),
+                        None => {
+                            return Err(ApiError::bad(
+                                "a file part needs file_data (a base64 data URL)",
+                            ))
+                        }
                     },
                 }
             }
@@ -438,17 +471,28 @@ pub fn plan(req: ChatRequest, cfg: &ServeConfig, engine: &OcrEngine) -> Result<P
         None => {}
     }
     if refs.is_empty() {
-        return Err(ApiError::bad("the user message has no image; add an image_url part"));
+        return Err(ApiError::bad(
+            "the user message has no image; add an image_url part",
+        ));
     }
     if refs.len() > cfg.max_pages {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("{} images, over the limit of {} per request", refs.len(), cfg.max_pages),
+            format!(
+                "{} images, over the limit of {} per request",
+                refs.len(),
+                cfg.max_pages
+            ),
         ));
     }
     let text = texts.join("\n");
     let prompt = if text.trim().is_empty() {
-        if req.grounding { GROUNDING_PROMPT } else { FREE_OCR_PROMPT }.to_string()
+        if req.grounding {
+            GROUNDING_PROMPT
+        } else {
+            FREE_OCR_PROMPT
+        }
+        .to_string()
     } else if text.contains(preprocess::IMAGE_TOKEN) {
         text
     } else {
@@ -462,15 +506,25 @@ pub fn plan(req: ChatRequest, cfg: &ServeConfig, engine: &OcrEngine) -> Result<P
             let left = cfg.max_pages - images.len();
             let select = req.pages.clone().unwrap_or_default();
             let pages = pdf::render_pages(&bytes, &name, &select, dpi, left, cfg.max_pixels)?;
-            images.extend(pages.into_iter().map(|(p, img)| (format!("{name} page {p}"), img)));
+            images.extend(
+                pages
+                    .into_iter()
+                    .map(|(p, img)| (format!("{name} page {p}"), img)),
+            );
         } else {
             if images.len() >= cfg.max_pages {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("over the limit of {} images and pages per request", cfg.max_pages),
+                    format!(
+                        "over the limit of {} images and pages per request",
+                        cfg.max_pages
+                    ),
                 ));
             }
-            images.push((name.clone(), preprocess::decode_image(&bytes, &name, cfg.max_pixels)?));
+            images.push((
+                name.clone(),
+                preprocess::decode_image(&bytes, &name, cfg.max_pixels)?,
+            ));
         }
     }
     let pages = images
@@ -545,7 +599,10 @@ mod tests {
         let req = |j: &str| parse(j.as_bytes()).unwrap();
         let base = r#"{"messages": [{"role": "user", "content": "x"}]"#;
         let g = generation(&req(&format!("{base}}}")), 8).unwrap();
-        assert_eq!((g.no_repeat, g.ngram_sees_prompt), (Some(NoRepeatNgram::hf(20)), true));
+        assert_eq!(
+            (g.no_repeat, g.ngram_sees_prompt),
+            (Some(NoRepeatNgram::hf(20)), true)
+        );
         let g = generation(
             &req(&format!(
                 r#"{base}, "vllm_xargs": {{"ngram_size": 30, "window_size": 90, "whitelist_token_ids": [128821, 128822]}}}}"#
@@ -553,20 +610,39 @@ mod tests {
             8,
         )
         .unwrap();
-        assert_eq!((g.no_repeat, g.ngram_sees_prompt), (Some(NoRepeatNgram::vllm()), false));
+        assert_eq!(
+            (g.no_repeat, g.ngram_sees_prompt),
+            (Some(NoRepeatNgram::vllm()), false)
+        );
         let g = generation(&req(&format!(r#"{base}, "ngram_size": 0}}"#)), 8).unwrap();
         assert_eq!(g.no_repeat, None);
-        let g = generation(&req(&format!(r#"{base}, "temperature": 0.5, "seed": 3, "top_k": -1}}"#)), 8).unwrap();
+        let g = generation(
+            &req(&format!(
+                r#"{base}, "temperature": 0.5, "seed": 3, "top_k": -1}}"#
+            )),
+            8,
+        )
+        .unwrap();
         assert_eq!(
             g.sampling,
-            Sampling::Sample { temperature: 0.5, top_k: None, top_p: None, seed: 3 }
+            Sampling::Sample {
+                temperature: 0.5,
+                top_k: None,
+                top_p: None,
+                seed: 3
+            }
         );
         assert!(generation(&req(&format!(r#"{base}, "temperature": 9}}"#)), 8).is_err());
     }
 
     #[test]
     fn malformed_and_mistyped_bodies_are_400() {
-        for body in [&b"{"[..], b"[]", br#"{"messages": "hi"}"#, br#"{"messages": [], "max_tokens": "many"}"#] {
+        for body in [
+            &b"{"[..],
+            b"[]",
+            br#"{"messages": "hi"}"#,
+            br#"{"messages": [], "max_tokens": "many"}"#,
+        ] {
             let e = parse(body).err().unwrap();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{}", e.message);
             assert_eq!(e.body()["error"]["code"], 400);
@@ -576,7 +652,11 @@ mod tests {
     #[test]
     fn boxes_are_drawn_inside_the_image() {
         let img = RgbImage::from_pixel(20, 10, image::Rgb([255, 255, 255]));
-        let g = crate::model::grounding::parse("<|ref|>t<|/ref|><|det|>[[0,0,999,999]]<|/det|>", 20, 10);
+        let g = crate::model::grounding::parse(
+            "<|ref|>t<|/ref|><|det|>[[0,0,999,999]]<|/det|>",
+            20,
+            10,
+        );
         let url = draw_boxes(&img, &g);
         let png = base64::engine::general_purpose::STANDARD
             .decode(url.strip_prefix("data:image/png;base64,").unwrap())

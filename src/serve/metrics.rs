@@ -186,18 +186,84 @@ impl Metrics {
             );
         }
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
-        g(&mut s, "ocr_queue_depth", "gauge", "Requests and pages waiting for a batch slot.", ld(&self.queue_depth));
-        g(&mut s, "ocr_running_sequences", "gauge", "Sequences in the running batch.", ld(&self.running));
-        g(&mut s, "ocr_prompt_tokens_total", "counter", "Prompt tokens prefilled.", ld(&self.prompt_tokens));
-        g(&mut s, "ocr_generated_tokens_total", "counter", "Tokens generated.", ld(&self.generated_tokens));
-        g(&mut s, "ocr_tokens_per_second", "gauge", "Generated tokens per second, last window.", format!("{:.3}", self.tokens_per_second()));
-        g(&mut s, "ocr_decode_steps_total", "counter", "Batch decoding steps run.", ld(&self.decode_steps));
-        g(&mut s, "ocr_vision_cache_hits_total", "counter", "Images whose vision rows came from the cache.", ld(&self.vision_cache_hits));
-        g(&mut s, "ocr_vision_cache_misses_total", "counter", "Images run through the vision encoder.", ld(&self.vision_cache_misses));
-        g(&mut s, "ocr_uptime_seconds", "gauge", "Seconds since the server started.", format!("{:.3}", self.started.elapsed().as_secs_f64()));
-        lock(&self.latency).write(&mut s, "ocr_request_latency_seconds", "Request latency, received to last byte queued.");
-        lock(&self.first_token).write(&mut s, "ocr_time_to_first_token_seconds", "Received to first generated token.");
-        lock(&self.queue_wait).write(&mut s, "ocr_queue_wait_seconds", "Queued to admitted into the batch.");
+        g(
+            &mut s,
+            "ocr_queue_depth",
+            "gauge",
+            "Requests and pages waiting for a batch slot.",
+            ld(&self.queue_depth),
+        );
+        g(
+            &mut s,
+            "ocr_running_sequences",
+            "gauge",
+            "Sequences in the running batch.",
+            ld(&self.running),
+        );
+        g(
+            &mut s,
+            "ocr_prompt_tokens_total",
+            "counter",
+            "Prompt tokens prefilled.",
+            ld(&self.prompt_tokens),
+        );
+        g(
+            &mut s,
+            "ocr_generated_tokens_total",
+            "counter",
+            "Tokens generated.",
+            ld(&self.generated_tokens),
+        );
+        g(
+            &mut s,
+            "ocr_tokens_per_second",
+            "gauge",
+            "Generated tokens per second, last window.",
+            format!("{:.3}", self.tokens_per_second()),
+        );
+        g(
+            &mut s,
+            "ocr_decode_steps_total",
+            "counter",
+            "Batch decoding steps run.",
+            ld(&self.decode_steps),
+        );
+        g(
+            &mut s,
+            "ocr_vision_cache_hits_total",
+            "counter",
+            "Images whose vision rows came from the cache.",
+            ld(&self.vision_cache_hits),
+        );
+        g(
+            &mut s,
+            "ocr_vision_cache_misses_total",
+            "counter",
+            "Images run through the vision encoder.",
+            ld(&self.vision_cache_misses),
+        );
+        g(
+            &mut s,
+            "ocr_uptime_seconds",
+            "gauge",
+            "Seconds since the server started.",
+            format!("{:.3}", self.started.elapsed().as_secs_f64()),
+        );
+        lock(&self.latency).write(
+            &mut s,
+            "ocr_request_latency_seconds",
+            "Request latency, received to last byte queued.",
+        );
+        lock(&self.first_token).write(
+            &mut s,
+            "ocr_time_to_first_token_seconds",
+            "Received to first generated token.",
+        );
+        lock(&self.queue_wait).write(
+            &mut s,
+            "ocr_queue_wait_seconds",
+            "Queued to admitted into the batch.",
+        );
         s
     }
 }
@@ -214,9 +280,18 @@ mod tests {
         m.latency(0.03);
         m.latency(7.0);
         let t = m.render();
-        assert!(t.contains("ocr_requests_total{outcome=\"overloaded\"} 2"), "{t}");
-        assert!(t.contains("ocr_request_latency_seconds_bucket{le=\"0.05\"} 1"), "{t}");
-        assert!(t.contains("ocr_request_latency_seconds_bucket{le=\"10\"} 2"), "{t}");
+        assert!(
+            t.contains("ocr_requests_total{outcome=\"overloaded\"} 2"),
+            "{t}"
+        );
+        assert!(
+            t.contains("ocr_request_latency_seconds_bucket{le=\"0.05\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("ocr_request_latency_seconds_bucket{le=\"10\"} 2"),
+            "{t}"
+        );
         assert!(t.contains("ocr_request_latency_seconds_count 2"), "{t}");
     }
 }

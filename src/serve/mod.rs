@@ -132,7 +132,11 @@ type Shared = Arc<AppState>;
 pub fn keys_match(given: &str, want: &str) -> bool {
     let a = Sha256::digest(given.as_bytes());
     let b = Sha256::digest(want.as_bytes());
-    std::hint::black_box(a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
+    std::hint::black_box(
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y)),
+    ) == 0
 }
 
 async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
@@ -180,7 +184,12 @@ pub fn router(model: Arc<Model>, cfg: ServeConfig) -> Router {
         .merge(v1)
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics_text))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route; see /v1/chat/completions") })
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such route; see /v1/chat/completions",
+            )
+        })
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
         .with_state(state);
     if !cfg.cors_origins.is_empty() {
@@ -265,7 +274,10 @@ impl Drop for Server {
 
 async fn metrics_text(State(s): State<Shared>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         s.metrics.render(),
     )
 }
@@ -318,11 +330,18 @@ struct Submitted {
     deadline: Instant,
 }
 
-async fn chat_inner(s: &Shared, body: Result<Bytes, BytesRejection>, received: Instant) -> Result<Response, ApiError> {
+async fn chat_inner(
+    s: &Shared,
+    body: Result<Bytes, BytesRejection>,
+    received: Instant,
+) -> Result<Response, ApiError> {
     let body = body.map_err(|e| {
         let status = e.status();
         let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("the request body is over {} bytes; send smaller images or fewer pages", s.cfg.max_body_bytes)
+            format!(
+                "the request body is over {} bytes; send smaller images or fewer pages",
+                s.cfg.max_body_bytes
+            )
         } else {
             format!("cannot read the request body: {e}")
         };
@@ -333,7 +352,12 @@ async fn chat_inner(s: &Shared, body: Result<Bytes, BytesRejection>, received: I
     let state = s.clone();
     let plan = tokio::task::spawn_blocking(move || api::plan(req, &state.cfg, &state.engine))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("request preparation failed: {e}")))??;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("request preparation failed: {e}"),
+            )
+        })??;
     let deadline = received + s.cfg.timeout;
     let mut rx = vec![];
     let mut items = vec![];
@@ -353,11 +377,15 @@ async fn chat_inner(s: &Shared, body: Result<Bytes, BytesRejection>, received: I
     s.jobs.try_send(Job { items }).map_err(|e| match e {
         mpsc::error::TrySendError::Full(_) => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
-            format!("the queue is full ({} requests waiting); retry later", s.cfg.queue),
+            format!(
+                "the queue is full ({} requests waiting); retry later",
+                s.cfg.queue
+            ),
         ),
-        mpsc::error::TrySendError::Closed(_) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down")
-        }
+        mpsc::error::TrySendError::Closed(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        ),
     })?;
     let sub = Submitted { plan, rx, deadline };
     if sub.plan.stream {
@@ -439,7 +467,10 @@ fn event_error(e: Event, s: &AppState) -> ApiError {
             ),
         ),
         Event::Failed(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m),
-        other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected event {other:?}")),
+        other => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected event {other:?}"),
+        ),
     }
 }
 
@@ -636,7 +667,9 @@ impl StreamState {
                 Event::Token(t) => {
                     if self.first {
                         self.first = false;
-                        self.s.metrics.first_token(self.received.elapsed().as_secs_f64());
+                        self.s
+                            .metrics
+                            .first_token(self.received.elapsed().as_secs_f64());
                     }
                     self.page_tokens.push(t);
                     let delta = self.text.push(t);
@@ -682,14 +715,24 @@ impl StreamState {
                     };
                     self.watch.done = true;
                     self.s.metrics.outcome(Outcome::Ok);
-                    self.s.metrics.latency(self.received.elapsed().as_secs_f64());
+                    self.s
+                        .metrics
+                        .latency(self.received.elapsed().as_secs_f64());
                     self.phase = if self.sub.plan.include_usage {
                         Phase::Usage
                     } else {
                         Phase::Done
                     };
-                    let delta = if rest.is_empty() { json!({}) } else { json!({"content": rest}) };
-                    return Some(self.chunk(delta, Some(finish), Some(("ocr", json!({"pages": pages})))));
+                    let delta = if rest.is_empty() {
+                        json!({})
+                    } else {
+                        json!({"content": rest})
+                    };
+                    return Some(self.chunk(
+                        delta,
+                        Some(finish),
+                        Some(("ocr", json!({"pages": pages}))),
+                    ));
                 }
                 e => {
                     let err = event_error(e, &self.s);

@@ -232,10 +232,23 @@ mod tests {
     fn limits_are_checked_before_rendering() {
         let pdf = synthetic_pdf(10_000, 10, 10);
         let e = render_pages(&pdf, "big.pdf", &[], 72, 100, 1 << 30).unwrap_err();
-        assert!(matches!(e, PdfError::TooManyPages { pages: 10_000, limit: 100, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                PdfError::TooManyPages {
+                    pages: 10_000,
+                    limit: 100,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let pdf = synthetic_pdf(1, 600, 600);
         let e = render_pages(&pdf, "p.pdf", &[], 600, 10, 1_000_000).unwrap_err();
-        assert!(matches!(e, PdfError::PageTooLarge { width: 5000, .. }), "{e}");
+        assert!(
+            matches!(e, PdfError::PageTooLarge { width: 5000, .. }),
+            "{e}"
+        );
         let e = render_pages(&pdf, "p.pdf", &[2], 72, 10, 1 << 30).unwrap_err();
         assert!(e.to_string().contains("page 2 does not exist"), "{e}");
         assert!(matches!(

@@ -26,7 +26,9 @@ use crate::model::stepwise::Sequence;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Admitted into the batch (prefill done): prompt length.
-    Started { prompt_tokens: usize },
+    Started {
+        prompt_tokens: usize,
+    },
     Token(u32),
     Done(StopReason),
     /// The deadline passed before it finished.
@@ -226,7 +228,9 @@ impl Scheduler {
             }
             match self.model.cache().get(&it.key) {
                 Some(t) => {
-                    self.metrics.vision_cache_hits.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .vision_cache_hits
+                        .fetch_add(1, Ordering::Relaxed);
                     rows.insert(it.key, t);
                 }
                 None => missing.push(i),
@@ -253,8 +257,7 @@ impl Scheduler {
                 let _ = it.events.send(Event::Failed(msg));
                 continue;
             };
-            self.metrics
-                .queue_wait(it.queued.elapsed().as_secs_f64());
+            self.metrics.queue_wait(it.queued.elapsed().as_secs_f64());
             match self.engine.start(&it.prompt, f, it.cfg.clone()) {
                 Ok(seq) => {
                     self.metrics
@@ -270,7 +273,9 @@ impl Scheduler {
                     });
                 }
                 Err(e) => {
-                    let _ = it.events.send(Event::Failed(format!("prefill failed: {e}")));
+                    let _ = it
+                        .events
+                        .send(Event::Failed(format!("prefill failed: {e}")));
                 }
             }
         }

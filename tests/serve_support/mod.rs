@@ -44,8 +44,14 @@ pub fn engine() -> Arc<OcrEngine> {
     E.get_or_init(|| {
         let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/configs/cpu.json");
         Arc::new(
-            OcrEngine::synthetic(&cfg, 1, OcrTokenizer::byte_level(), DType::F32, &Device::Cpu)
-                .expect("synthetic cpu engine"),
+            OcrEngine::synthetic(
+                &cfg,
+                1,
+                OcrTokenizer::byte_level(),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .expect("synthetic cpu engine"),
         )
     })
     .clone()
@@ -127,7 +133,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -149,7 +159,11 @@ pub fn png_bomb(w: u32, h: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&h.to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
     chunk(&mut out, b"IHDR", &ihdr);
-    chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01],
+    );
     chunk(&mut out, b"IEND", &[]);
     out
 }
@@ -218,7 +232,12 @@ pub fn token_ids(v: &Value) -> Value {
 }
 
 pub fn metrics(s: &Server) -> String {
-    client().get(url(s, "/metrics")).send().unwrap().text().unwrap()
+    client()
+        .get(url(s, "/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap()
 }
 
 /// The value of an unlabelled metric line.
@@ -232,7 +251,10 @@ pub fn metric(text: &str, name: &str) -> f64 {
 }
 
 pub fn metric_outcome(text: &str, outcome: &str) -> f64 {
-    metric(text, &format!("ocr_requests_total{{outcome=\"{outcome}\"}}"))
+    metric(
+        text,
+        &format!("ocr_requests_total{{outcome=\"{outcome}\"}}"),
+    )
 }
 
 /// A tensor's values, for exact comparison.
