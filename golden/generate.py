@@ -95,6 +95,27 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+def weight_files(weights):
+    """(path, name in the model folder): one .safetensors file (linked as model.safetensors),
+    or every *.safetensors and *.safetensors.index.json of a checkpoint folder."""
+    if os.path.isdir(weights):
+        names = sorted(f for f in os.listdir(weights) if f.endswith((".safetensors", ".safetensors.index.json")))
+        if not any(f.endswith(".safetensors") for f in names):
+            sys.exit(f"{weights}: no *.safetensors file")
+        return [(os.path.join(weights, f), f) for f in names]
+    return [(weights, "model.safetensors")]
+
+
+def weights_sha256(weights):
+    """The weights' identity (as `ocr-patch verify` computes it): one file's sha256, or for
+    several files the sha256 of their `sha256sum` lines in file-name order."""
+    files = [p for p, n in weight_files(weights) if n.endswith(".safetensors")]
+    if len(files) == 1:
+        return sha256_file(files[0])
+    lines = "".join(f"{sha256_file(p)}  {os.path.basename(p)}\n" for p in sorted(files, key=os.path.basename))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def sha256_tensor(t):
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
@@ -155,18 +176,22 @@ def load_model(remote_code, config_path, weights, workdir):
         if f.endswith(".py"):
             shutil.copy(os.path.join(remote_code, f), mdir)
     shutil.copy(config_path, os.path.join(mdir, "config.json"))
-    os.symlink(os.path.abspath(weights), os.path.join(mdir, "model.safetensors"))
+    for src, name in weight_files(weights):
+        os.symlink(os.path.abspath(src), os.path.join(mdir, name))
+    import transformers
     from transformers import AutoModel
 
+    # transformers 5 renamed `torch_dtype` to `dtype`
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     model, info = AutoModel.from_pretrained(
         mdir,
         trust_remote_code=True,
-        torch_dtype=torch.float32,
         attn_implementation="eager",
         output_loading_info=True,
+        **{dtype_kw: torch.float32},
     )
     missing = [k for k in info["missing_keys"] if k != "model.vision_model.embeddings.position_ids"]
-    if missing or info["unexpected_keys"] or info["mismatched_keys"]:
+    if missing or info["unexpected_keys"] or info.get("mismatched_keys"):
         sys.exit(f"weights do not fit the model: {info}")
     model.eval()
     return model
@@ -242,7 +267,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--remote-code", required=True, help="folder with the remote code's .py files")
     ap.add_argument("--config", required=True, help="real, cpu, mla, group, or a path")
-    ap.add_argument("--weights", required=True, help="synthetic .safetensors made by ocr-patch-synth")
+    ap.add_argument("--weights", required=True,
+                    help="synthetic .safetensors made by ocr-patch-synth, or a checkpoint folder")
     ap.add_argument("--cases", default="tiny,base", help="comma list of tiny, base, gundam")
     ap.add_argument("--out", default=HERE, help="output folder (default: golden/)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -270,9 +296,10 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)  # nothing random is used; belt and braces
 
-    with safe_open(args.weights, "pt") as f:
+    first = [p for p, n in weight_files(args.weights) if n.endswith(".safetensors")][0]
+    with safe_open(first, "pt") as f:
         wmeta = f.metadata() or {}
-    weights_sha = sha256_file(args.weights)
+    weights_sha = weights_sha256(args.weights)
     model = load_model(args.remote_code, config_path, args.weights, workdir)
     remote_hashes = {
         f: sha256_file(os.path.join(args.remote_code, f))
@@ -289,6 +316,7 @@ def main():
         "synth.algorithm": wmeta.get("ocrp.synth.algorithm", "?"),
         "synth.seed": wmeta.get("ocrp.synth.seed", "?"),
         "synth.dtype": wmeta.get("ocrp.synth.dtype", "?"),
+        "synth.tool": wmeta.get("ocrp.synth.tool", "?"),
         "weights.sha256": weights_sha,
         "remote_code.sha256": canonical_json(remote_hashes),
         "transformers.version": transformers.__version__,

@@ -1,7 +1,7 @@
 # --- ocr-patch prelude (begin): compatibility helpers written by ocr-patch ---
 # Each helper keeps the original behaviour where the installed transformers still has the old
 # API (so 4.46.3 runs exactly as before) and uses the new API where it does not. The rule ids
-# (A..T) are those of ocr-patch's breakage table.
+# (A..V) are those of ocr-patch's breakage table.
 import inspect as _ocrp_inspect
 
 import torch as _ocrp_torch
@@ -183,6 +183,21 @@ def _ocrp_rope_refresh(rope):
     if rope.max_seq_len_cached is None:
         exponent = _ocrp_torch.arange(0, rope.dim, 2).float().to(rope.inv_freq.device) / rope.dim
         rope.inv_freq = (1.0 / (rope.base ** exponent)).to(rope.inv_freq.dtype)
+
+
+def _ocrp_rope_scaling(config):
+    """V: 4.x keeps `rope_scaling` as the config gave it (None: no scaling). From 5.0 a config
+    without one reads back as {"rope_type": "default", ...}, and a scaled one names its kind
+    `rope_type` where the remote attention reads ["type"]. None when there is no scaling to
+    apply; otherwise the dict, with "type" set."""
+    scaling = getattr(config, "rope_scaling", None)
+    if not isinstance(scaling, dict):
+        return scaling
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind in (None, "default"):
+        return None
+    scaling.setdefault("type", kind)
+    return scaling
 
 
 def _ocrp_tied_weights_keys(keys):

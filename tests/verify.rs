@@ -173,9 +173,138 @@ fn cli_exit_codes() {
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains("built without cuda"));
     }
-    let out = bin().args(["verify", "--against-python"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not yet"));
     let out = bin().args(["verify", "--golden", "Cargo.toml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A golden's header names the sha256 of the weights it was made with; verify refuses other
+/// weights (exit 2) before running anything.
+#[test]
+fn a_golden_made_with_other_weights_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(golden("cpu-tiny.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = meta.metadata().clone().unwrap();
+    let right = meta["weights.sha256"].clone();
+    meta.insert("weights.sha256".into(), "0".repeat(64));
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    let p = dir.path().join("cpu-tiny.safetensors");
+    safetensors::serialize_to_file(views, Some(meta), &p).unwrap();
+    let opts = Options { goldens: vec![p.clone()], weights: None, device: candle_core::Device::Cpu, perturb: vec![] };
+    let err = verify::verify(&opts).err().expect("a weights mismatch is an error").to_string();
+    assert!(err.contains(&"0".repeat(64)) && err.contains(&right), "{err}");
+    assert!(err.contains("not the weights the golden was made with"), "{err}");
+    // (every verify error exits 2: `cli_exit_codes`; not run again here, hashing takes a while)
+}
+
+/// `--weights DIR`: a checkpoint folder (here the synthetic one the goldens were made with,
+/// written as a file, as an HF snapshot holds its weights) is loaded instead of regenerating
+/// the weights; its sha256 is the golden's. Another seed's checkpoint is refused.
+#[test]
+fn weights_from_a_checkpoint_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden("configs/mla.json")).unwrap()).unwrap();
+    std::fs::copy(golden("configs/mla.json"), dir.path().join("config.json")).unwrap();
+    let w = dir.path().join("model-00001-of-000001.safetensors");
+    ocr_patch::model::synth::write_safetensors(&w, &cfg, 1, ocr_patch::model::synth::DType::Bf16).unwrap();
+    let opts = Options {
+        goldens: vec![golden("vision-tiny.safetensors")],
+        weights: Some(dir.path().to_path_buf()),
+        device: candle_core::Device::Cpu,
+        perturb: vec![],
+    };
+    let r = verify::verify(&opts).expect("verify runs");
+    assert!(r.passed, "{}", table(&r));
+    assert_eq!(r.weights, dir.path().display().to_string());
+
+    ocr_patch::model::synth::write_safetensors(&w, &cfg, 2, ocr_patch::model::synth::DType::Bf16).unwrap();
+    let err = verify::verify(&opts).err().expect("another seed is refused").to_string();
+    assert!(err.contains(&format!("the weights in {}", dir.path().display())), "{err}");
+}
+
+/// Rewrites a summary golden into `dir` with `edit` applied to one f32 tensor.
+fn edited_summary(dir: &Path, name: &str, tensor: &str, edit: impl Fn(&mut [f32])) -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/summary-group-tiny-f32.safetensors");
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    for (n, _, _, b) in tensors.iter_mut().filter(|t| t.0 == tensor) {
+        let mut v: Vec<f32> = b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        edit(&mut v);
+        *b = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(n, tensor);
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let out = dir.join(name);
+    safetensors::serialize_to_file(views, meta.metadata().clone(), &out).unwrap();
+    out
+}
+
+/// Summary goldens (the GPU runs kept small, golden/gpu/README.md): the fixture is one made the
+/// same way on the CPU (transformers 5.4.0 on the patched code, `group` config, tiny case,
+/// f32); it passes, and an edited logit or norm fails at its stage.
+#[test]
+fn summary_goldens_pass_and_an_edited_one_fails_at_its_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/summary-group-tiny-f32.safetensors");
+    let logit = edited_summary(dir.path(), "logit.safetensors", "greedy.topk_values", |v| v[8 * 5 + 1] += 0.01);
+    let norm = edited_summary(dir.path(), "norm.safetensors", "norms.hidden", |v| v[1] *= 1.001);
+    let r = run(&[fixture, logit, norm], vec![]);
+    let names: Vec<&str> = r.goldens[0].stages.iter().map(|s| s.stage.as_str()).collect();
+    assert_eq!(
+        names,
+        ["vision_rows.norm", "inputs_embeds.norm", "layer.0.norm", "final_norm.norm", "greedy.topk_values", "greedy.tokens"]
+    );
+    assert!(r.goldens[0].passed, "{}", table(&r));
+    let tokens = r.goldens[0].stages.iter().find(|s| s.stage == "greedy.tokens").unwrap();
+    assert_eq!(tokens.top1, Some((32, 32)));
+    assert_eq!(first_failure(&r, "logit.safetensors"), Some("greedy.topk_values"), "{}", table(&r));
+    assert_eq!(first_failure(&r, "norm.safetensors"), Some("layer.0.norm"), "{}", table(&r));
+}
+
+/// The committed GPU summaries: what they say they are, and the fidelity they record.
+#[test]
+fn committed_gpu_summaries() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden/gpu");
+    let open = |n: &str| verify::Golden::open(&dir.join(format!("{n}.safetensors"))).unwrap();
+    for (name, layers, tf, state) in [
+        ("real-base-bf16", 12, "5.17.0", "patched"),
+        ("real-base-f32", 12, "5.17.0", "patched"),
+        ("orig446-real-base-bf16", 12, "4.46.3", "original"),
+        ("orig446-real-base-f32", 12, "4.46.3", "original"),
+        ("group-base-f32", 2, "5.17.0", "patched"),
+        ("group-base-bf16", 2, "5.17.0", "patched"),
+        ("orig446-mla-base-f32", 2, "4.46.3", "original"),
+        ("orig446-mla-base-bf16", 2, "4.46.3", "original"),
+    ] {
+        let g = open(name);
+        assert_eq!(g.kind, verify::Kind::Summary, "{name}");
+        assert_eq!((g.meta("transformers.version"), g.meta("remote_code.state")), (tf, state), "{name}");
+        assert!(g.meta("device").contains("H100"), "{name}");
+        assert_eq!(g.meta("dtype"), if name.ends_with("bf16") { "bfloat16" } else { "float32" });
+        assert_eq!(g.meta("weights.sha256").len(), 64);
+        assert_eq!(g.tensor("greedy.tokens").unwrap().shape, [32]);
+        assert_eq!(g.tensor("greedy.topk_values").unwrap().shape, [32, 8]);
+        assert_eq!(g.tensor("norms.hidden").unwrap().shape, [layers + 1]);
+    }
+    // Patched code on 5.17 and original code on 4.46.3 chose the same 32 tokens, f32 and bf16.
+    for dt in ["bf16", "f32"] {
+        let a = open(&format!("real-base-{dt}")).int_tensor("greedy.tokens").unwrap();
+        let b = open(&format!("orig446-real-base-{dt}")).int_tensor("greedy.tokens").unwrap();
+        assert_eq!(a, b, "{dt}");
+    }
+    // The small config's weights hash is the synthetic file's, computed in memory.
+    let g = open("group-base-f32");
+    let sha = verify::weights::synth_sha256(&g.config, 1, ocr_patch::model::synth::DType::Bf16, Some(g.meta("synth.tool"))).unwrap();
+    assert_eq!(sha, g.meta("weights.sha256"));
 }

@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::Args;
 
 use super::{print_json, Exit, OutputArgs};
-use crate::verify::{self, GoldenReport, Options, Perturbation, Report};
+use crate::cache::layout::{self, RootOptions, Roots, TargetKind};
+use crate::verify::{self, python, GoldenReport, Options, Perturbation, Report};
 
 pub const VERIFY_EXIT_CODES: &str = "\
 Exit codes:
@@ -23,7 +24,12 @@ Tolerances and their reasons: README.md, section \"Verify\".";
 /// logits, and 32 greedy steps (teacher-forced with the golden's tokens).
 ///
 /// With no --golden: the committed goldens of --golden-dir whose case is in the default set
-/// (tiny and base: about a minute on 2 cores); --all adds gundam (several minutes).
+/// (tiny and base: about a minute on 2 cores); --all adds gundam (several minutes). GPU
+/// summaries (golden/gpu/: the full-size model on an H100, bf16 and f32, kept as tokens, top-8
+/// logits and norms) are checked with --golden and --device cuda.
+///
+/// Each golden's weights sha256 is checked first: the synthetic weights are hashed in memory,
+/// --weights DIR is hashed as it is; a mismatch is refused (exit 2).
 #[derive(Debug, Clone, Args)]
 #[command(after_help = VERIFY_EXIT_CODES)]
 pub struct VerifyArgs {
@@ -58,9 +64,40 @@ pub struct VerifyArgs {
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: String,
 
-    /// Run transformers itself through the current Python (not yet available)
+    /// Make the goldens now with transformers itself (a `--python` subprocess running our
+    /// golden/generate.py on the patched remote code and the given or synthetic weights, CPU
+    /// float32), then compare the Rust model with them. The config is the weights folder's
+    /// config.json, else the one --configs names (cpu, mla, group, real or a path; default
+    /// cpu); cases from --cases (default tiny)
     #[arg(long)]
     pub against_python: bool,
+
+    /// With --against-python: the interpreter (it needs transformers and torch)
+    #[arg(long, value_name = "PATH", default_value = "python3", requires = "against_python")]
+    pub python: PathBuf,
+
+    /// With --against-python: the folder holding DeepSeek-OCR's .py files [default: the
+    /// --model snapshot in the hub cache]
+    #[arg(long, value_name = "DIR", requires = "against_python")]
+    pub remote_code: Option<PathBuf>,
+
+    /// With --against-python and no --remote-code: the hub model whose cached snapshot to use
+    #[arg(long, value_name = "ORG/NAME", default_value = "deepseek-ai/DeepSeek-OCR", requires = "against_python")]
+    pub model: String,
+
+    /// With --against-python and no --remote-code: the hub cache [default: $HF_HUB_CACHE,
+    /// $HUGGINGFACE_HUB_CACHE or $HF_HOME/hub]
+    #[arg(long, value_name = "DIR", requires = "against_python")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// With --against-python and no --weights: the seed of the synthetic weights
+    #[arg(long, default_value_t = 1, requires = "against_python")]
+    pub seed: u64,
+
+    /// With --against-python: keep the goldens (and the synthetic checkpoint) in this folder
+    /// instead of a temporary one
+    #[arg(long, value_name = "DIR", requires = "against_python")]
+    pub keep: Option<PathBuf>,
 
     /// Change the model on purpose to see verify fail: scale:TENSOR:FACTOR,
     /// swap:PREFIX_A:PREFIX_B (e.g. two SAM blocks), drop-image-newline; repeatable
@@ -132,15 +169,101 @@ fn select(args: &VerifyArgs) -> anyhow::Result<Vec<PathBuf>> {
     Ok(picked)
 }
 
-pub fn run(args: VerifyArgs) -> anyhow::Result<Exit> {
-    if args.against_python {
-        anyhow::bail!(
-            "--against-python: not yet available; compare with the committed goldens (no flag), \
-             or regenerate them with golden/generate.py (golden/README.md)"
-        );
+/// The snapshot folder of `model` in the hub cache that holds the remote code.
+fn cached_remote_code(args: &VerifyArgs) -> anyhow::Result<PathBuf> {
+    let opts = RootOptions { cache_dir: args.cache_dir.clone(), modules_dir: None, paths: vec![] };
+    let roots = Roots::resolve(&opts, |k| std::env::var_os(k));
+    let found: Vec<PathBuf> = layout::discover(&roots, Some(&args.model), &|f: &str| f.ends_with(".py"))
+        .into_iter()
+        .filter(|t| t.kind == TargetKind::HubSnapshot && t.files.iter().any(|f| f == "modeling_deepseekocr.py"))
+        .map(|t| t.dir)
+        .collect();
+    match found.as_slice() {
+        [] => anyhow::bail!(
+            "--against-python: no cached snapshot of {} with its remote code in {}; fetch it with \
+             `ocr-patch fetch {}`, or pass --remote-code DIR",
+            args.model,
+            roots.hub.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            args.model
+        ),
+        [one] => Ok(one.clone()),
+        many => anyhow::bail!(
+            "--against-python: {} snapshots of {} are cached ({}); pick one with --remote-code DIR",
+            many.len(),
+            args.model,
+            many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ),
     }
+}
+
+/// `--against-python`: probe the interpreter, check the remote code, make the goldens.
+fn python_goldens(args: &VerifyArgs, workdir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
+    let remote_code = match &args.remote_code {
+        Some(d) => d.clone(),
+        None => cached_remote_code(args)?,
+    };
+    python::check_remote_files(&remote_code)?;
+    let interpreter = python::probe(&args.python)?;
+    python::check_patched(&remote_code, &interpreter.transformers)?;
+    let config = match (&args.weights, args.configs.as_slice()) {
+        (Some(w), []) => w.join("config.json"),
+        (_, []) => golden_dir(args).join("configs").join("cpu.json"),
+        (_, [c]) if c == "real" => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/deepseek-ocr/config.json"),
+        (_, [c]) if c.ends_with(".json") => PathBuf::from(c),
+        (_, [c]) => golden_dir(args).join("configs").join(format!("{c}.json")),
+        (_, many) => anyhow::bail!("--against-python: one config at a time (--configs {})", many.join(",")),
+    };
+    if !config.is_file() {
+        anyhow::bail!("{}: no such config; pass --configs cpu|mla|group|PATH", config.display());
+    }
+    let cases = if args.cases.is_empty() { vec!["tiny".to_string()] } else { args.cases.clone() };
+    eprintln!(
+        "verify: transformers {} (torch {}, {}) on {}, {} weights, cases {}; this takes minutes on a small CPU",
+        interpreter.transformers,
+        interpreter.torch,
+        interpreter.python.display(),
+        remote_code.display(),
+        args.weights.as_ref().map_or_else(|| format!("synthetic (seed {})", args.seed), |w| w.display().to_string()),
+        cases.join(",")
+    );
+    let opts = python::PythonOptions {
+        interpreter,
+        remote_code,
+        config,
+        weights: args.weights.clone(),
+        seed: args.seed,
+        cases,
+        workdir: workdir.to_path_buf(),
+    };
+    let (goldens, _log) = python::make_goldens(&opts)?;
+    Ok(goldens)
+}
+
+pub fn run(args: VerifyArgs) -> anyhow::Result<Exit> {
     let dev = device(&args.device)?;
-    let goldens = if args.goldens.is_empty() { select(&args)? } else { args.goldens.clone() };
+    let mut _scratch = None;
+    let goldens = if args.against_python {
+        if !args.goldens.is_empty() {
+            anyhow::bail!("--against-python makes its own goldens; leave out --golden");
+        }
+        let workdir = match &args.keep {
+            Some(d) => {
+                std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create", d.display()))?;
+                d.clone()
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("ocrp-verify-py-").tempdir().context("cannot make a temp folder")?;
+                let p = t.path().to_path_buf();
+                _scratch = Some(t);
+                p
+            }
+        };
+        python_goldens(&args, &workdir)?
+    } else if args.goldens.is_empty() {
+        select(&args)?
+    } else {
+        args.goldens.clone()
+    };
     let opts = Options { goldens, weights: args.weights.clone(), device: dev, perturb: args.perturb.clone() };
     let report = verify::verify(&opts)?;
     if args.out.json {

@@ -918,3 +918,42 @@ pub fn write_specs(
         bytes,
     })
 }
+
+/// The sha256 (hex) of the file [`write_safetensors`] writes for `config`, `seed` and `dtype`,
+/// computed without writing it (tensors are generated one by one and hashed). `tool` replaces
+/// the `ocrp.synth.tool` metadata value (the file records the writer's version, so a golden made
+/// by another version names it); `None` keeps this build's.
+pub fn file_sha256(config: &Value, seed: u64, dtype: DType, tool: Option<&str>) -> Result<String, SynthError> {
+    file_sha256_with(config, seed, dtype, tool, |s, buf| fill(s, seed, dtype, buf))
+}
+
+/// [`file_sha256`] with the tensors' bytes supplied by `bytes_of(spec, buf)` (which must fill
+/// `buf`, `numel * dtype.size()` bytes, with what [`fill`] would write): lets a caller that
+/// keeps the generated tensors anyway hash them without generating them twice.
+pub fn file_sha256_with(
+    config: &Value,
+    seed: u64,
+    dtype: DType,
+    tool: Option<&str>,
+    mut bytes_of: impl FnMut(&TensorSpec, &mut [u8]),
+) -> Result<String, SynthError> {
+    let specs = plan(config)?;
+    let mut meta = metadata(config, seed, dtype);
+    if let Some(t) = tool {
+        meta.insert("ocrp.synth.tool".into(), t.to_string());
+    }
+    let mut order: Vec<&TensorSpec> = specs.iter().collect();
+    order.sort_by(|a, b| a.name.cmp(&b.name));
+    let head = header(&order, dtype, &meta);
+    let mut h = Sha256::new();
+    h.update((head.len() as u64).to_le_bytes());
+    h.update(&head);
+    let mut buf = Vec::new();
+    for s in order {
+        let n = s.numel() * dtype.size();
+        buf.resize(n, 0);
+        bytes_of(s, &mut buf[..n]);
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}

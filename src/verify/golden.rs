@@ -14,12 +14,15 @@ use super::VerifyError;
 /// The golden format this build reads.
 pub const FORMAT_VERSION: &str = "1";
 
-/// `vision` (SAM, CLIP, projector of one case) or `language` (one config on one case).
+/// `vision` (SAM, CLIP, projector of one case), `language` (one config on one case), or
+/// `summary` (a GPU run kept small: greedy tokens, top-k logits per step, per-stage norms;
+/// golden/gpu/README.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Vision,
     Language,
+    Summary,
 }
 
 /// A tensor of a golden, converted to a plain vector.
@@ -103,7 +106,8 @@ impl Golden {
         let kind = match get("ocrp.golden.kind")?.as_str() {
             "vision" => Kind::Vision,
             "language" => Kind::Language,
-            k => return Err(bad(format!("unknown golden kind `{k}` (expected vision or language)"))),
+            "summary" => Kind::Summary,
+            k => return Err(bad(format!("unknown golden kind `{k}` (expected vision, language or summary)"))),
         };
         let config_json = get("config.json")?.clone();
         let config: serde_json::Value =
@@ -206,9 +210,12 @@ impl Golden {
 }
 
 /// `u8[view][c][y][x]` of golden/README.md, normalised as `BasicImageTransform` does
-/// (ToTensor, then Normalize(0.5, 0.5)).
-fn pixel(view: usize, c: usize, y: usize, x: usize) -> f32 {
+/// (ToTensor, then Normalize(0.5, 0.5)). `page`: the brightened variant of the GPU summaries,
+/// `u8' = 255 - (u8 >> 2)` (the plain pattern sums to exactly 0 in bf16, which the remote code
+/// takes for "no image"; docs/fidelity.md).
+fn pixel(view: usize, c: usize, y: usize, x: usize, page: bool) -> f32 {
     let u = (3 * x * (c + 1) + 5 * y + 2 * ((x ^ y) & 63) + 50 * c + 37 * view) % 256;
+    let u = if page { 255 - (u >> 2) } else { u };
     (u as f32 / 255.0 - 0.5) / 0.5
 }
 
@@ -221,12 +228,17 @@ pub struct Pixels {
 
 impl Pixels {
     pub fn of(case: &Case) -> Self {
+        Self::of_variant(case, false)
+    }
+
+    /// [`Self::of`], or with `page` the brightened pattern (`pixels.variant` = `page`).
+    pub fn of_variant(case: &Case, page: bool) -> Self {
         let s = case.global_size;
         let mut global = Vec::with_capacity(3 * s * s);
         for c in 0..3 {
             for y in 0..s {
                 for x in 0..s {
-                    global.push(pixel(0, c, y, x));
+                    global.push(pixel(0, c, y, x, page));
                 }
             }
         }
@@ -237,7 +249,7 @@ impl Pixels {
                 for c in 0..3 {
                     for y in 0..t {
                         for x in 0..t {
-                            v.push(pixel(1, c, y0 + y, x0 + x));
+                            v.push(pixel(1, c, y0 + y, x0 + x, page));
                         }
                     }
                 }

@@ -13,6 +13,8 @@
 
 pub mod compare;
 pub mod golden;
+pub mod python;
+pub mod summary;
 pub mod weights;
 
 use std::collections::BTreeMap;
@@ -33,6 +35,10 @@ pub enum VerifyError {
     Golden { path: String, message: String },
     #[error("weights: {0}")]
     Weights(String),
+    #[error("{golden}: made with weights sha256 {want}, but {what} hash to {got}; these are not the weights the golden was made with: pass them with --weights DIR, or regenerate the golden (golden/README.md)")]
+    WeightsMismatch { golden: String, want: String, got: String, what: String },
+    #[error("{0}")]
+    Python(String),
     #[error("{0}")]
     Usage(String),
     #[error("model: {0}")]
@@ -138,13 +144,19 @@ pub fn verify(opts: &Options) -> Result<Report, VerifyError> {
         Some(d) => Some(Source::dir(d)?),
         None => None,
     };
+    check_weights(&goldens, opts.weights.as_deref())?;
 
     // One vision run per case and weights: the vision weights do not depend on the config.
+    // Summaries (GPU runs kept small) run on their own.
     let mut groups: BTreeMap<(String, Option<u64>), Vec<usize>> = BTreeMap::new();
-    for (i, g) in goldens.iter().enumerate() {
-        groups.entry((g.case.name.clone(), g.seed)).or_default().push(i);
-    }
     let mut reports: Vec<Option<GoldenReport>> = vec![None; goldens.len()];
+    for (i, g) in goldens.iter().enumerate() {
+        if g.kind == Kind::Summary {
+            reports[i] = Some(summary::run_summary(g, dir_source.as_ref(), opts)?);
+        } else {
+            groups.entry((g.case.name.clone(), g.seed)).or_default().push(i);
+        }
+    }
     for idx in groups.values() {
         let group: Vec<&Golden> = idx.iter().map(|&i| &goldens[i]).collect();
         let out = run_group(&group, dir_source.as_ref(), opts)?;
@@ -154,9 +166,10 @@ pub fn verify(opts: &Options) -> Result<Report, VerifyError> {
     }
     let goldens: Vec<GoldenReport> = reports.into_iter().flatten().collect();
     Ok(Report {
-        device: match &opts.device {
-            Device::Cpu => "cpu".into(),
-            d => format!("{:?}", d.location()).to_lowercase(),
+        device: match opts.device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            l => format!("{l:?}").to_lowercase(),
         },
         weights: match &opts.weights {
             Some(d) => d.display().to_string(),
@@ -168,10 +181,45 @@ pub fn verify(opts: &Options) -> Result<Report, VerifyError> {
     })
 }
 
+/// Refuses goldens whose `weights.sha256` is not the weights this run uses: the checkpoint
+/// folder's (`weights::dir_sha256`), or the file `ocr-patch synth` writes for the golden's
+/// config, seed, dtype and writer (`synth.tool`, this build's when absent), hashed in memory.
+fn check_weights(goldens: &[Golden], dir: Option<&Path>) -> Result<(), VerifyError> {
+    let dir_sha = match dir {
+        Some(d) => Some(weights::dir_sha256(d)?),
+        None => None,
+    };
+    for g in goldens {
+        let want = g.meta("weights.sha256");
+        let (got, what) = match (&dir_sha, dir) {
+            (Some(sha), Some(d)) => (sha.clone(), format!("the weights in {}", d.display())),
+            _ => {
+                let (seed, dtype) = synth_params(g)?;
+                let tool = g.meta.get("synth.tool").map(String::as_str).filter(|t| *t != "?");
+                (
+                    weights::synth_sha256(&g.config, seed, dtype, tool)?,
+                    format!("the synthetic weights ({} seed {seed}, {dtype}) of its config", synth::ALGORITHM),
+                )
+            }
+        };
+        if want != got {
+            return Err(VerifyError::WeightsMismatch { golden: g.file_name(), want: want.into(), got, what });
+        }
+    }
+    Ok(())
+}
+
 fn source_for(g: &Golden, dir: Option<&Source>) -> Result<Source, VerifyError> {
     if let Some(s) = dir {
         return Ok(s.clone());
     }
+    let (seed, dtype) = synth_params(g)?;
+    Source::synth(&g.config, seed, dtype)
+}
+
+/// The seed and file dtype of a golden's synthetic weights; an error when it was made with
+/// other weights.
+fn synth_params(g: &Golden) -> Result<(u64, synth::DType), VerifyError> {
     let bad = |message: String| VerifyError::Golden { path: g.path.display().to_string(), message };
     let algo = g.meta("synth.algorithm");
     if algo != synth::ALGORITHM {
@@ -182,7 +230,7 @@ fn source_for(g: &Golden, dir: Option<&Source>) -> Result<Source, VerifyError> {
     }
     let seed = g.seed.ok_or_else(|| bad("header has no numeric `synth.seed`".into()))?;
     let dtype: synth::DType = g.meta("synth.dtype").parse().map_err(|e: synth::SynthError| bad(e.to_string()))?;
-    Source::synth(&g.config, seed, dtype)
+    Ok((seed, dtype))
 }
 
 fn provenance(g: &Golden) -> Provenance {
@@ -301,6 +349,7 @@ fn run_group(group: &[&Golden], dir: Option<&Source>, opts: &Options) -> Result<
     let mut vision_charged = false;
     for g in group {
         match g.kind {
+            Kind::Summary => unreachable!("summaries run on their own"),
             Kind::Vision => {
                 out.push(finish(g, vision_stages.clone(), vision_seconds));
                 vision_charged = true;

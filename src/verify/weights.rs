@@ -15,6 +15,7 @@ use crate::model::synth::{self, TensorSpec};
 use crate::model::Weights;
 
 use super::VerifyError;
+use sha2::Digest as _;
 
 /// A change made to the model on purpose (tests, `--perturb`).
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +103,10 @@ impl Source {
 /// `(seed, dtype, name, shape, init)` -> the generated tensor (f32, CPU).
 type MemoKey = (u64, String, String, Vec<usize>, String);
 
+fn memo_key(seed: u64, dtype: synth::DType, spec: &TensorSpec) -> MemoKey {
+    (seed, dtype.to_string(), spec.name.clone(), spec.shape.clone(), format!("{:?}", spec.init))
+}
+
 /// Generated tensors are kept for the life of the process: the vision tower (400M values, the
 /// bulk of the time) is the same for every config and case of a seed, so one `verify` run and
 /// a test binary generate it once. Costs its size in memory (1.6 GB f32 at the real vision
@@ -135,7 +140,7 @@ impl SimpleBackend for SynthBackend {
         let Some(spec) = self.specs.get(name) else {
             candle_core::bail!("tensor `{name}` is not in the synthetic plan of this config")
         };
-        let key = (self.seed, self.dtype.to_string(), spec.name.clone(), spec.shape.clone(), format!("{:?}", spec.init));
+        let key = memo_key(self.seed, self.dtype, spec);
         let cached = memo().lock().ok().and_then(|m| m.get(&key).cloned());
         let t = match cached {
             Some(t) => t,
@@ -205,6 +210,91 @@ impl SimpleBackend for Perturbed {
     fn contains_tensor(&self, name: &str) -> bool {
         self.inner.contains_tensor(&self.rename(name))
     }
+}
+
+/// What a golden's `weights.sha256` names for a checkpoint folder: with one `*.safetensors`
+/// file, that file's sha256; with several (shards), the sha256 of the lines
+/// `<sha256 of the file>  <file name>\n` in file-name order (`sha256sum`'s format).
+pub fn dir_sha256(dir: &Path) -> Result<String, VerifyError> {
+    let files = crate::model::weights::safetensors_files(dir).map_err(|e| VerifyError::Weights(e.to_string()))?;
+    let mut lines = String::new();
+    let mut single = None;
+    for f in &files {
+        let sha = file_sha256(f)?;
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        lines.push_str(&format!("{sha}  {name}\n"));
+        single = Some(sha);
+    }
+    match (files.len(), single) {
+        (1, Some(sha)) => Ok(sha),
+        _ => Ok(hex::encode(sha2::Sha256::digest(lines.as_bytes()))),
+    }
+}
+
+/// sha256 (hex) of one file, streamed.
+pub fn file_sha256(path: &Path) -> Result<String, VerifyError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| VerifyError::Weights(format!("{}: cannot read ({e})", path.display())))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 22];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| VerifyError::Weights(format!("{}: cannot read ({e})", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The sha256 of the synthetic checkpoint file `ocr-patch synth` writes for `config`, `seed`,
+/// `dtype` (and writer `tool`), computed in memory once per process and arguments.
+pub fn synth_sha256(config: &serde_json::Value, seed: u64, dtype: synth::DType, tool: Option<&str>) -> Result<String, VerifyError> {
+    type Key = (String, u64, String, Option<String>);
+    static MEMO: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
+    let key = (synth::config_sha256(config), seed, dtype.to_string(), tool.map(String::from));
+    if let Some(s) = MEMO.get_or_init(Default::default).lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return Ok(s);
+    }
+    // One pass: each tensor is generated once (or taken from the memo), hashed, and kept in
+    // the memo for the model that is built next.
+    let sha = synth::file_sha256_with(config, seed, dtype, tool, |spec, buf| {
+        let key = memo_key(seed, dtype, spec);
+        let cached = memo().lock().ok().and_then(|m| m.get(&key).cloned());
+        let values = cached.and_then(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok());
+        match values {
+            Some(v) if v.len() * dtype.size() == buf.len() => match dtype {
+                synth::DType::Bf16 => {
+                    for (dst, x) in buf.chunks_exact_mut(2).zip(v) {
+                        dst.copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
+                    }
+                }
+                synth::DType::F32 => {
+                    for (dst, x) in buf.chunks_exact_mut(4).zip(v) {
+                        dst.copy_from_slice(&x.to_le_bytes());
+                    }
+                }
+            },
+            _ => {
+                synth::fill(spec, seed, dtype, buf);
+                let data = synth::TensorData { dtype, shape: spec.shape.clone(), data: buf.to_vec() };
+                if let Ok(t) = Tensor::from_vec(data.to_f32(), spec.shape.as_slice(), &Device::Cpu) {
+                    if let Ok(mut m) = memo().lock() {
+                        m.insert(key, t);
+                    }
+                }
+            }
+        }
+    })
+    .map_err(|e| VerifyError::Weights(e.to_string()))?;
+    if let Ok(mut m) = MEMO.get_or_init(Default::default).lock() {
+        m.insert(key, sha.clone());
+    }
+    Ok(sha)
 }
 
 #[cfg(test)]

@@ -15,7 +15,9 @@ the neighbours allow.
 The attention variant matters only before 5.0 with the shims: MHA runs transformers'
 LlamaAttention, which breaks first (C, 4.48); MLA runs the remote DeepseekV2Attention, so
 the run goes on to generate and meets D (4.49) or G (4.54) in prepare_inputs_for_generation.
-From 5.0 the vision tower (L) or the config (Q) fails before any attention runs.
+From 5.0 the vision tower (L) or the config (Q) fails before any attention runs; with MLA the
+remote attention's constructor may fail first (V: 5.x reads a missing rope_scaling back as
+{"rope_type": "default"}, and the attention looks up its "type").
 """
 from e2e_support import version_tuple
 
@@ -28,6 +30,7 @@ L_POSITION_IDS = ("forward", "IndexError", "index out of range", "L")
 Q_CONFIG = ("load", "AttributeError", "pad_token_id", "Q")
 D_MAX_LENGTH = ("generate", "AttributeError", "get_max_length", "D")
 G_SEEN_TOKENS = ("generate", "AttributeError", "seen_tokens", "G")
+V_ROPE_SCALING = ("load", "KeyError", "'type'", "V")
 
 
 def predict(version, mode, attn="mha"):
@@ -53,9 +56,10 @@ def predict(version, mode, attn="mha"):
             return [D_MAX_LENGTH]
         if v < (5, 0, 0):
             return [G_SEEN_TOKENS]
+        extra = [V_ROPE_SCALING] if attn == "mla" else []
         if v < (5, 4, 0):
-            return [L_POSITION_IDS]  # the vision tower runs before the decoder's J and C
-        return [Q_CONFIG]
+            return [L_POSITION_IDS, *extra]  # the vision tower runs before the decoder's J and C
+        return [Q_CONFIG, *extra]
     raise ValueError(f"unknown mode {mode}")
 
 
