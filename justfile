@@ -92,3 +92,8 @@ bench config="../shared/data/deepseek-ocr/config.json" remote=".gpu/remote" *arg
     [ -s "$w/model.safetensors" ] || target/release/ocr-patch-synth --config "$w/config.json" --seed 1 -o "$w/model.safetensors" --dtype bf16
     target/release/ocr-patch bench --model-dir "$w" --remote-code "{{remote}}" \
       --gpu "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --out-file target/bench.json {{args}}
+
+# Load test of `ocr-patch serve` on loopback: 1,000 requests from 64 clients on the synthetic
+# `cpu` model (gated test tests/serve_load.rs; numbers in docs/benchmarks.md).
+load-test:
+    OCR_PATCH_LOAD_TEST=1 cargo test --test serve_load -- --nocapture

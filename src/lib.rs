@@ -7,5 +7,7 @@ pub mod cache;
 pub mod cli;
 #[cfg(feature = "model")]
 pub mod verify;
+#[cfg(feature = "serve")]
+pub mod serve;
 #[cfg(feature = "python")]
 pub mod hook;

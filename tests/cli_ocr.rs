@@ -309,3 +309,20 @@ fn synthetic_weights_run_end_to_end() {
     assert_eq!(r["stop"], "MaxTokens");
     assert!(r["boxes"].is_array());
 }
+
+#[cfg(feature = "serve")]
+#[test]
+fn a_pdf_with_too_many_pages_is_refused_before_the_model_loads() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("big.pdf");
+    std::fs::write(&p, ocr_patch::serve::pdf::synthetic_pdf(10_000, 10, 10)).unwrap();
+    ocr()
+        .arg(&p)
+        .arg("--synthetic")
+        .arg(golden_config("cpu"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "10000 pages, more than the limit of 500",
+        ));
+}

@@ -28,6 +28,8 @@ pub mod mirror;
 #[cfg(feature = "model")]
 pub mod ocr;
 pub mod revert;
+#[cfg(feature = "serve")]
+pub mod serve;
 #[cfg(feature = "model")]
 pub mod verify;
 
@@ -64,6 +66,8 @@ pub enum Command {
     Ocr(ocr::OcrArgs),
     #[cfg(feature = "model")]
     Bench(bench::BenchArgs),
+    #[cfg(feature = "serve")]
+    Serve(serve::ServeArgs),
 }
 
 /// What a command ends with; `main` turns it into the process exit code.
@@ -91,6 +95,8 @@ impl Cli {
             Command::Ocr(a) => a.out.json,
             #[cfg(feature = "model")]
             Command::Bench(a) => a.out.json,
+            #[cfg(feature = "serve")]
+            Command::Serve(_) => false,
         }
     }
 
@@ -111,6 +117,8 @@ impl Cli {
             Command::Ocr(a) => ocr::run(a),
             #[cfg(feature = "model")]
             Command::Bench(a) => bench::run(a),
+            #[cfg(feature = "serve")]
+            Command::Serve(a) => serve::run(a),
         }
     }
 }

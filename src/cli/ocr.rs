@@ -60,7 +60,8 @@ pub enum DeviceArg {
 #[derive(Debug, Clone, Args)]
 #[command(after_help = super::EXIT_CODES)]
 pub struct OcrArgs {
-    /// Image files (PNG, JPEG, WebP, BMP, TIFF, GIF)
+    /// Image files (PNG, JPEG, WebP, BMP, TIFF, GIF) or PDFs (each page rendered at --dpi and
+    /// run as one image)
     #[arg(required = true, value_name = "IMAGE")]
     pub images: Vec<PathBuf>,
 
@@ -113,6 +114,14 @@ pub struct OcrArgs {
     #[arg(long, default_value_t = MAX_IMAGE_PIXELS, value_name = "N")]
     pub max_pixels: u64,
 
+    /// Resolution PDF pages are rendered at
+    #[arg(long, default_value_t = 144, value_name = "DPI")]
+    pub dpi: u32,
+
+    /// Refuse PDFs with more pages than this (checked before rendering)
+    #[arg(long, default_value_t = 500, value_name = "N")]
+    pub max_pages: usize,
+
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -146,11 +155,42 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
     });
 
     // Everything a user can get wrong is checked before the model loads.
-    let images = a
-        .images
-        .iter()
-        .map(|p| preprocess::load_image(p, a.max_pixels))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut inputs: Vec<(String, image::RgbImage)> = vec![];
+    for p in &a.images {
+        let head = preprocess::sniff(p).unwrap_or_default();
+        if head.starts_with(b"%PDF-") {
+            #[cfg(not(feature = "serve"))]
+            anyhow::bail!(
+                "{}: PDF input needs a build with the `serve` feature (the default)",
+                p.display()
+            );
+            #[cfg(feature = "serve")]
+            {
+                let bytes = std::fs::read(p).with_context(|| {
+                    format!("{}: cannot read the PDF; check the path", p.display())
+                })?;
+                let name = p.display().to_string();
+                let pages = crate::serve::pdf::render_pages(
+                    &bytes,
+                    &name,
+                    &[],
+                    a.dpi,
+                    a.max_pages,
+                    a.max_pixels,
+                )?;
+                inputs.extend(
+                    pages
+                        .into_iter()
+                        .map(|(n, img)| (format!("{name} page {n}"), img)),
+                );
+            }
+        } else {
+            inputs.push((
+                p.display().to_string(),
+                preprocess::load_image(p, a.max_pixels)?,
+            ));
+        }
+    }
     let tokenizer = match (&a.tokenizer, &a.model) {
         (Some(f), _) => OcrTokenizer::from_file(f)?,
         (None, Some(dir)) => OcrTokenizer::from_dir(dir)?,
@@ -170,10 +210,9 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
     let text_cfg = crate::model::OcrConfig::from_file(&config_path)
         .and_then(|c| c.text())
         .with_context(|| format!("{}: cannot use this model config", config_path.display()))?;
-    let prepared = images
+    let prepared = inputs
         .iter()
-        .zip(&a.images)
-        .map(|(img, path)| {
+        .map(|(path, img)| {
             ocr::prepare(
                 &tokenizer,
                 text_cfg.max_position_embeddings,
@@ -181,7 +220,7 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
                 mode,
                 &prompt,
             )
-            .with_context(|| format!("{}: cannot prepare the prompt", path.display()))
+            .with_context(|| format!("{path}: cannot prepare the prompt"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
@@ -203,9 +242,9 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
 
     let stream = !a.out.json;
     let mut results = Vec::new();
-    for (p, path) in prepared.iter().zip(&a.images) {
-        if stream && a.images.len() > 1 {
-            println!("==> {} <==", path.display());
+    for (p, (path, _)) in prepared.iter().zip(&inputs) {
+        if stream && inputs.len() > 1 {
+            println!("==> {path} <==");
         }
         let out = engine
             .run(p, a.max_tokens, |s| {
@@ -214,12 +253,12 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
                     let _ = std::io::stdout().flush();
                 }
             })
-            .with_context(|| format!("{}: the model failed", path.display()))?;
+            .with_context(|| format!("{path}: the model failed"))?;
         if stream {
             println!();
             eprintln!(
                 "[{}: {} prompt tokens, {} generated, stop: {:?}]",
-                path.display(),
+                path,
                 out.prompt_tokens,
                 out.tokens.len(),
                 out.stop
@@ -230,12 +269,12 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
             .then(|| grounding::parse(&out.text, p.width, p.height));
         if stream {
             if let Some(b) = &boxes {
-                let v = serde_json::json!({ "image": path.display().to_string(), "boxes": b });
+                let v = serde_json::json!({ "image": path, "boxes": b });
                 println!("{}", serde_json::to_string(&v)?);
             }
         }
         results.push(ImageResult {
-            image: path.display().to_string(),
+            image: path.clone(),
             width: p.width,
             height: p.height,
             mode: mode.to_string(),

@@ -268,6 +268,90 @@ pub fn generate<S: Step>(
     }
 }
 
+/// [`generate`] one token at a time, for a caller that interleaves many sequences (the
+/// server's continuous batching): the same choices, stops and order as `generate`, with the
+/// model step left to the caller. Feed it the prompt's last logits, then after each chosen
+/// token (while [`Decoding::stop`] is `None`) the logits of the step that appended it.
+#[derive(Debug, Clone)]
+pub struct Decoding {
+    cfg: GenerationConfig,
+    rng: rand::rngs::StdRng,
+    history: Vec<u32>,
+    out: Vec<u32>,
+    stop: Option<StopReason>,
+}
+
+impl Decoding {
+    pub fn new(cfg: GenerationConfig, prompt: &[u32]) -> Self {
+        let seed = match cfg.sampling {
+            Sampling::Sample { seed, .. } => seed,
+            Sampling::Greedy => 0,
+        };
+        let history = if cfg.ngram_sees_prompt {
+            prompt.to_vec()
+        } else {
+            vec![]
+        };
+        Self {
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            history,
+            out: vec![],
+            stop: if cfg.max_new_tokens == 0 {
+                Some(StopReason::MaxTokens)
+            } else {
+                None
+            },
+            cfg,
+        }
+    }
+
+    /// Chooses the next token from `logits`; `None` once the sequence has ended. After it
+    /// returns a token, [`Self::stop`] says whether that token ended the sequence.
+    pub fn choose(&mut self, mut logits: Vec<f32>) -> Option<u32> {
+        if self.stop.is_some() {
+            return None;
+        }
+        if let Some(g) = &self.cfg.no_repeat {
+            for t in g.banned(&self.history) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let tok = match &self.cfg.sampling {
+            Sampling::Greedy => argmax(&logits),
+            Sampling::Sample {
+                temperature,
+                top_k,
+                top_p,
+                ..
+            } => sample(&logits, *temperature, *top_k, *top_p, &mut self.rng),
+        };
+        self.out.push(tok);
+        self.history.push(tok);
+        if self.cfg.stop_tokens.contains(&tok) {
+            self.stop = Some(StopReason::StopToken);
+        } else if self.out.len() >= self.cfg.max_new_tokens {
+            self.stop = Some(StopReason::MaxTokens);
+        }
+        Some(tok)
+    }
+
+    /// Ends the sequence now (the caller's "stop", as a callback's `Break` in `generate`).
+    pub fn cancel(&mut self) {
+        self.stop.get_or_insert(StopReason::Callback);
+    }
+
+    pub fn stop(&self) -> Option<StopReason> {
+        self.stop
+    }
+
+    /// The tokens chosen so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,5 +487,63 @@ mod tests {
         };
         assert_eq!(draw(3), draw(3));
         assert!(draw(3).iter().all(|&t| t == 0 || t == 1));
+    }
+    #[test]
+    fn decoding_step_by_step_chooses_what_generate_chooses() {
+        let configs = [
+            cfg(0),
+            cfg(1),
+            cfg(7),
+            GenerationConfig {
+                no_repeat: Some(NoRepeatNgram::hf(3)),
+                ngram_sees_prompt: true,
+                ..cfg(12)
+            },
+            GenerationConfig {
+                sampling: Sampling::Sample {
+                    temperature: 2.0,
+                    top_k: Some(4),
+                    top_p: Some(0.9),
+                    seed: 11,
+                },
+                ..cfg(20)
+            },
+        ];
+        for c in configs {
+            for cycle in [vec![2, 3], vec![5, 6, 1, 7], vec![4]] {
+                let prompt = [2, 3, 2];
+                let mut m = Scripted {
+                    cycle: cycle.clone(),
+                    i: 0,
+                    vocab: 10,
+                };
+                let first = m.logits();
+                let want =
+                    generate(&mut m, &prompt, first, &c, |_| ControlFlow::Continue(())).unwrap();
+                let mut m = Scripted {
+                    cycle,
+                    i: 0,
+                    vocab: 10,
+                };
+                let mut d = Decoding::new(c.clone(), &prompt);
+                let mut logits = m.logits();
+                while let Some(t) = d.choose(logits) {
+                    if d.stop().is_some() {
+                        break;
+                    }
+                    logits = m.step(t).unwrap();
+                }
+                assert_eq!(d.tokens(), want.tokens.as_slice(), "{c:?}");
+                assert_eq!(d.stop(), Some(want.stop), "{c:?}");
+                assert_eq!(d.choose(vec![0.0; 10]), None);
+            }
+        }
+        let mut d = Decoding::new(cfg(5), &[]);
+        assert_eq!((d.choose(vec![0.0, 0.0, 1.0]), d.stop()), (Some(2), None));
+        d.cancel();
+        assert_eq!(
+            (d.choose(vec![0.0, 0.0, 1.0]), d.stop()),
+            (None, Some(StopReason::Callback))
+        );
     }
 }

@@ -19,6 +19,7 @@ pub mod grounding;
 pub mod kernels;
 pub mod ocr;
 pub mod preprocess;
+pub mod stepwise;
 pub mod synth;
 pub mod tokenizer;
 pub mod vision;

@@ -147,14 +147,10 @@ def patcher_missing_reason():
 
 
 def apply_command(hub_dir):
-    """`ocr-patch apply` on a hub cache: pinned by tests/fixtures/lock.toml once it exists.
-
-    TODO(lock): until the fixture's lock is written, the fixture is patched unpinned.
-    """
-    cmd = [str(ocr_patch_bin()), "apply", "--cache-dir", str(hub_dir)]
-    if LOCK.exists():
-        return cmd + ["--lock", str(LOCK)]
-    return cmd + ["--allow-unpinned"]
+    """`ocr-patch apply` on a hub cache and the modules cache beside it (`hub_dir/../modules`),
+    pinned by tests/fixtures/lock.toml: never the machine's own caches."""
+    modules = Path(hub_dir).parent / "modules"
+    return [str(ocr_patch_bin()), "apply", "--cache-dir", str(hub_dir), "--modules-dir", str(modules), "--lock", str(LOCK)]
 
 
 # ----------------------------------------------------------------------------- hub layout
