@@ -150,6 +150,7 @@ def apply_command(hub_dir):
     """`ocr-patch apply` on a hub cache and the modules cache beside it (`hub_dir/../modules`),
     pinned by tests/fixtures/lock.toml: never the machine's own caches."""
     modules = Path(hub_dir).parent / "modules"
+    modules.mkdir(parents=True, exist_ok=True)
     return [str(ocr_patch_bin()), "apply", "--cache-dir", str(hub_dir), "--modules-dir", str(modules), "--lock", str(LOCK)]
 
 
