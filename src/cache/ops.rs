@@ -518,7 +518,16 @@ fn plan_all(
     let mut out = Vec::with_capacity(targets.len());
     for t in targets {
         pb.set_message(t.dir.display().to_string());
-        out.push(plan(t)?);
+        match plan(t) {
+            Ok(rep) => out.push(rep),
+            // Planning reads without the lock, so another process may be half-way through this
+            // folder (a backup already removed, its file not yet restored). Plan again under
+            // the lock before calling it an error; a folder we cannot lock keeps the first error.
+            Err(first) => {
+                let Ok(_lock) = FolderLock::acquire(&t.dir, fsx::LOCK_TIMEOUT) else { return Err(first) };
+                out.push(plan(t)?);
+            }
+        }
         pb.inc(1);
     }
     Ok(out)
