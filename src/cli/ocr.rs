@@ -65,28 +65,8 @@ pub struct OcrArgs {
     #[arg(required = true, value_name = "IMAGE")]
     pub images: Vec<PathBuf>,
 
-    /// Model folder: config.json, tokenizer.json and the *.safetensors of DeepSeek-OCR
-    #[arg(
-        long,
-        value_name = "DIR",
-        required_unless_present = "synthetic",
-        conflicts_with = "synthetic"
-    )]
-    pub model: Option<PathBuf>,
-
-    /// Run on synthetic weights (ocrp-synth-v1) made in memory for this config.json instead of
-    /// a checkpoint: shows the pipeline working, the text is noise. Without --tokenizer a
-    /// built-in byte-level stand-in tokenizer is used
-    #[arg(long, value_name = "CONFIG")]
-    pub synthetic: Option<PathBuf>,
-
-    /// Seed of the synthetic weights
-    #[arg(long, default_value_t = 1, requires = "synthetic")]
-    pub seed: u64,
-
-    /// tokenizer.json to use instead of the model folder's
-    #[arg(long, value_name = "FILE")]
-    pub tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: ModelSource,
 
     /// Resolution mode
     #[arg(long, value_enum, default_value = "gundam")]
@@ -96,10 +76,6 @@ pub struct OcrArgs {
     /// with --grounding "<image>\n<|grounding|>Convert the document to markdown."]
     #[arg(long)]
     pub prompt: Option<String>,
-
-    /// Where the model runs (cuda needs a build with `--features cuda`; it runs in bf16)
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceArg,
 
     /// Most tokens to generate per image (also bounded by the model's context)
     #[arg(long, default_value_t = 8192, value_name = "N")]
@@ -124,6 +100,83 @@ pub struct OcrArgs {
 
     #[command(flatten)]
     pub out: OutputArgs,
+}
+
+/// Which model runs and where; shared by `ocr` and `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ModelSource {
+    /// Model folder: config.json, tokenizer.json and the *.safetensors of DeepSeek-OCR
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "synthetic",
+        conflicts_with = "synthetic"
+    )]
+    pub model: Option<PathBuf>,
+
+    /// Run on synthetic weights (ocrp-synth-v1) made in memory for this config.json instead of
+    /// a checkpoint: shows the pipeline working, the text is noise. Without --tokenizer a
+    /// built-in byte-level stand-in tokenizer is used
+    #[arg(long, value_name = "CONFIG")]
+    pub synthetic: Option<PathBuf>,
+
+    /// Seed of the synthetic weights
+    #[arg(long, default_value_t = 1, requires = "synthetic")]
+    pub seed: u64,
+
+    /// tokenizer.json to use instead of the model folder's
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+
+    /// Where the model runs (cuda needs a build with `--features cuda`; it runs in bf16)
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+
+}
+
+impl ModelSource {
+    /// --tokenizer, else the model folder's tokenizer.json, else (synthetic weights) a
+    /// byte-level stand-in; warns when DeepSeek-OCR's special tokens are missing.
+    pub fn tokenizer(&self) -> anyhow::Result<OcrTokenizer> {
+        let tokenizer = match (&self.tokenizer, &self.model) {
+            (Some(f), _) => OcrTokenizer::from_file(f)?,
+            (None, Some(dir)) => OcrTokenizer::from_dir(dir)?,
+            (None, None) => OcrTokenizer::byte_level(),
+        };
+        for problem in tokenizer.check_ocr_tokens() {
+            eprintln!("warning: {}: {problem}; prompts will not tokenise as DeepSeek-OCR's", tokenizer.source);
+        }
+        Ok(tokenizer)
+    }
+
+    /// The model's config.json.
+    pub fn config_path(&self) -> anyhow::Result<PathBuf> {
+        match (&self.model, &self.synthetic) {
+            (Some(dir), _) => Ok(dir.join("config.json")),
+            (None, Some(c)) => Ok(c.clone()),
+            (None, None) => anyhow::bail!("pass --model DIR or --synthetic CONFIG"),
+        }
+    }
+
+    /// The checkpoint loaded, or the synthetic weights made, on the chosen device (CPU in f32,
+    /// CUDA in bf16).
+    pub fn engine(&self, tokenizer: OcrTokenizer) -> anyhow::Result<OcrEngine> {
+        let (device, dtype) = match self.device {
+            DeviceArg::Cpu => (candle_core::Device::Cpu, candle_core::DType::F32),
+            DeviceArg::Cuda => (
+                candle_core::Device::new_cuda(0)
+                    .context("cannot open CUDA device 0; build with `--features cuda` on a machine with an NVIDIA GPU, or use --device cpu")?,
+                candle_core::DType::BF16,
+            ),
+        };
+        match (&self.model, &self.synthetic) {
+            (Some(dir), _) => OcrEngine::load(dir, tokenizer, dtype, &device)
+                .with_context(|| format!("{}: cannot load the model", dir.display())),
+            (None, Some(cfg)) => OcrEngine::synthetic(cfg, self.seed, tokenizer, dtype, &device)
+                .with_context(|| format!("{}: cannot build synthetic weights", cfg.display())),
+            (None, None) => anyhow::bail!("pass --model DIR or --synthetic CONFIG"),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -191,22 +244,8 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
             ));
         }
     }
-    let tokenizer = match (&a.tokenizer, &a.model) {
-        (Some(f), _) => OcrTokenizer::from_file(f)?,
-        (None, Some(dir)) => OcrTokenizer::from_dir(dir)?,
-        (None, None) => OcrTokenizer::byte_level(),
-    };
-    for problem in tokenizer.check_ocr_tokens() {
-        eprintln!(
-            "warning: {}: {problem}; prompts will not tokenise as DeepSeek-OCR's",
-            tokenizer.source
-        );
-    }
-    let config_path = match (&a.model, &a.synthetic) {
-        (Some(dir), _) => dir.join("config.json"),
-        (None, Some(c)) => c.clone(),
-        (None, None) => anyhow::bail!("pass --model DIR or --synthetic CONFIG"),
-    };
+    let tokenizer = a.source.tokenizer()?;
+    let config_path = a.source.config_path()?;
     let text_cfg = crate::model::OcrConfig::from_file(&config_path)
         .and_then(|c| c.text())
         .with_context(|| format!("{}: cannot use this model config", config_path.display()))?;
@@ -224,21 +263,7 @@ pub fn run(a: OcrArgs) -> anyhow::Result<Exit> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let (device, dtype) = match a.device {
-        DeviceArg::Cpu => (candle_core::Device::Cpu, candle_core::DType::F32),
-        DeviceArg::Cuda => (
-            candle_core::Device::new_cuda(0)
-                .context("cannot open CUDA device 0; build with `--features cuda` on a machine with an NVIDIA GPU, or use --device cpu")?,
-            candle_core::DType::BF16,
-        ),
-    };
-    let engine = match (&a.model, &a.synthetic) {
-        (Some(dir), _) => OcrEngine::load(dir, tokenizer, dtype, &device)
-            .with_context(|| format!("{}: cannot load the model", dir.display()))?,
-        (None, Some(cfg)) => OcrEngine::synthetic(cfg, a.seed, tokenizer, dtype, &device)
-            .with_context(|| format!("{}: cannot build synthetic weights", cfg.display()))?,
-        (None, None) => unreachable!("checked above"),
-    };
+    let engine = a.source.engine(tokenizer)?;
 
     let stream = !a.out.json;
     let mut results = Vec::new();

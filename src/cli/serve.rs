@@ -9,11 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use super::ocr::{DeviceArg, ModeArg};
+use super::ocr::{ModeArg, ModelSource};
 use super::Exit;
-use crate::model::ocr::OcrEngine;
 use crate::model::preprocess::MAX_IMAGE_PIXELS;
-use crate::model::tokenizer::OcrTokenizer;
 use crate::serve::{self, ServeConfig};
 
 /// Serve DeepSeek-OCR (the Rust model) over an OpenAI-compatible HTTP API, as vLLM's server.
@@ -26,31 +24,8 @@ use crate::serve::{self, ServeConfig};
 #[derive(Debug, Clone, Args)]
 #[command(after_help = super::EXIT_CODES)]
 pub struct ServeArgs {
-    /// Model folder: config.json, tokenizer.json and the *.safetensors of DeepSeek-OCR
-    #[arg(
-        long,
-        value_name = "DIR",
-        required_unless_present = "synthetic",
-        conflicts_with = "synthetic"
-    )]
-    pub model: Option<PathBuf>,
-
-    /// Serve synthetic weights (ocrp-synth-v1) made in memory for this config.json (tests and
-    /// demos: the text is noise). Without --tokenizer a built-in byte-level tokenizer is used
-    #[arg(long, value_name = "CONFIG")]
-    pub synthetic: Option<PathBuf>,
-
-    /// Seed of the synthetic weights
-    #[arg(long, default_value_t = 1, requires = "synthetic")]
-    pub seed: u64,
-
-    /// tokenizer.json to use instead of the model folder's
-    #[arg(long, value_name = "FILE")]
-    pub tokenizer: Option<PathBuf>,
-
-    /// Where the model runs (cuda needs a build with `--features cuda`; it runs in bf16)
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub source: ModelSource,
 
     /// Address to bind (0.0.0.0 to accept other hosts, e.g. inside a container)
     #[arg(long, default_value = "127.0.0.1")]
@@ -145,32 +120,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<Exit> {
             dir.display()
         );
     }
-    let tokenizer = match (&a.tokenizer, &a.model) {
-        (Some(f), _) => OcrTokenizer::from_file(f)?,
-        (None, Some(dir)) => OcrTokenizer::from_dir(dir)?,
-        (None, None) => OcrTokenizer::byte_level(),
-    };
-    for problem in tokenizer.check_ocr_tokens() {
-        eprintln!(
-            "warning: {}: {problem}; prompts will not tokenise as DeepSeek-OCR's",
-            tokenizer.source
-        );
-    }
-    let (device, dtype) = match a.device {
-        DeviceArg::Cpu => (candle_core::Device::Cpu, candle_core::DType::F32),
-        DeviceArg::Cuda => (
-            candle_core::Device::new_cuda(0)
-                .context("cannot open CUDA device 0; build with `--features cuda` on a machine with an NVIDIA GPU, or use --device cpu")?,
-            candle_core::DType::BF16,
-        ),
-    };
-    let engine = match (&a.model, &a.synthetic) {
-        (Some(dir), _) => OcrEngine::load(dir, tokenizer, dtype, &device)
-            .with_context(|| format!("{}: cannot load the model", dir.display()))?,
-        (None, Some(cfg)) => OcrEngine::synthetic(cfg, a.seed, tokenizer, dtype, &device)
-            .with_context(|| format!("{}: cannot build synthetic weights", cfg.display()))?,
-        (None, None) => anyhow::bail!("pass --model DIR or --synthetic CONFIG"),
-    };
+    let engine = a.source.engine(a.source.tokenizer()?)?;
     let cfg = ServeConfig {
         model_name: a.served_model_name,
         api_key: a.api_key.filter(|k| !k.is_empty()),

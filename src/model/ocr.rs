@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
-use super::generate::{self, GenerationConfig, NoRepeatNgram, Sampling, StopReason};
+use super::generate::{self, StopReason};
 use super::preprocess::{self, Mode, PreprocessError, PromptTokens, Views};
 use super::tokenizer::{OcrTokenizer, StreamDecoder, TokenizerError, EOS_ID};
 use super::{
@@ -147,6 +147,13 @@ impl OcrEngine {
     }
 
     /// `max_position_embeddings`.
+    /// The prompt's ids as the model's embedding takes them: a synthetic model with a reduced
+    /// vocabulary folds DeepSeek's ids into it (`fold_ids`).
+    pub(crate) fn model_ids(&self, ids: &[u32]) -> Vec<u32> {
+        let vocab = self.text.vocab_size as u32;
+        ids.iter().map(|&i| if self.fold_ids { i % vocab } else { i }).collect()
+    }
+
     pub fn context(&self) -> usize {
         self.text.max_position_embeddings
     }
@@ -168,31 +175,10 @@ impl OcrEngine {
         max_new_tokens: usize,
         mut on_text: impl FnMut(&str),
     ) -> Result<OcrOutput, OcrError> {
-        let ids: Vec<u32> = p
-            .tokens
-            .input_ids
-            .iter()
-            .map(|&i| {
-                if self.fold_ids {
-                    i % self.text.vocab_size as u32
-                } else {
-                    i
-                }
-            })
-            .collect();
+        let ids = self.model_ids(&p.tokens.input_ids);
         let n = ids.len();
         let input = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        let tensor = |img: &RgbImage| -> candle_core::Result<Tensor> {
-            let (w, h) = img.dimensions();
-            Tensor::from_vec(
-                preprocess::to_chw(img),
-                (1, 3, h as usize, w as usize),
-                &Device::Cpu,
-            )?
-            .to_dtype(self.dtype)?
-            .to_device(&self.device)
-        };
-        let global = tensor(&p.views.global)?;
+        let global = self.pixels(&p.views.global)?;
         let tiles = if p.views.tiles.is_empty() {
             None
         } else {
@@ -200,7 +186,7 @@ impl OcrEngine {
                 .views
                 .tiles
                 .iter()
-                .map(tensor)
+                .map(|v| self.pixels(v))
                 .collect::<candle_core::Result<_>>()?;
             Some(Tensor::cat(&t, 0)?)
         };
@@ -229,14 +215,7 @@ impl OcrEngine {
             .logits(&out.last_hidden_state.narrow(1, n - 1, 1)?)?
             .flatten_all()?
             .to_vec1()?;
-        let cfg = GenerationConfig {
-            // the context bounds the output: positions past max_position_embeddings are not trained
-            max_new_tokens: max_new_tokens.min(self.context().saturating_sub(n)),
-            stop_tokens: vec![EOS_ID],
-            sampling: Sampling::Greedy,
-            no_repeat: Some(NoRepeatNgram::hf(20)),
-            ngram_sees_prompt: true,
-        };
+        let cfg = self.infer_config(n, max_new_tokens);
         let mut stream = StreamDecoder::new(&self.tokenizer);
         let mut err = None;
         let g = generate::generate(&mut session, &p.tokens.input_ids, first, &cfg, |t| {

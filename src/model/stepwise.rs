@@ -52,7 +52,8 @@ impl Sequence {
 }
 
 impl OcrEngine {
-    fn pixels(&self, img: &image::RgbImage) -> candle_core::Result<Tensor> {
+    /// One view as the vision tower takes it: (1, 3, h, w) in the model's dtype and device.
+    pub(crate) fn pixels(&self, img: &image::RgbImage) -> candle_core::Result<Tensor> {
         let (w, h) = img.dimensions();
         Tensor::from_vec(
             preprocess::to_chw(img),
@@ -154,17 +155,7 @@ impl OcrEngine {
         features: &Tensor,
         mut cfg: GenerationConfig,
     ) -> Result<Sequence, OcrError> {
-        let ids: Vec<u32> = prompt
-            .input_ids
-            .iter()
-            .map(|&i| {
-                if self.fold_ids {
-                    i % self.text.vocab_size as u32
-                } else {
-                    i
-                }
-            })
-            .collect();
+        let ids = self.model_ids(&prompt.input_ids);
         let n = ids.len();
         cfg.max_new_tokens = cfg.max_new_tokens.min(self.context().saturating_sub(n));
         let input = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
