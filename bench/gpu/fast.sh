@@ -11,13 +11,14 @@
 #   tf_peer.py   bench/gpu/tf_peer.py (the peer), fast.sh (this file)
 # and .gpu/config.json + .gpu/remote/ (the patched remote code) as bench/gpu/run.sh describes,
 # .whl/ the wheels the remote code needs. Carry [".gpu", ".whl"].
-# Usage: bash $G/fast.sh [STEPS (default "tests bench profile")]
-# Results go to $OUT: gpu.txt, kernel-tests.log, bench.json, bench.log, profile.csv.
+# Usage: bash $G/fast.sh [STEPS (default "tests bench profile vprofile")]
+# Results go to $OUT: gpu.txt, kernel-tests.log, bench.json, bench.log, profile.csv (decode),
+# vprofile.csv (vision).
 set -uo pipefail
 G=${G:-.gpu/gpu}
 OUT=${OUT:-/tmp/ocrp-out}
 WORK=${WORK:-/tmp/ocrp-fast}
-STEPS=${1:-tests bench profile}
+STEPS=${1:-tests bench profile vprofile}
 mkdir -p "$OUT" "$WORK/w"
 NVPIP=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)/nvidia/cu13/lib
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:$NVPIP:${LD_LIBRARY_PATH:-}
@@ -46,13 +47,9 @@ case " $STEPS " in *" bench "*)
   OCR_PATCH_LINEAR=cublas timeout 200 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --gpu "$GPU" \
     --out-file "$OUT/bench-cublas.json" 2> "$OUT/bench-cublas.log" | grep -E "decode|memory" ;;
 esac
-case " $STEPS " in *" profile "*)
-  echo "== ncu: 2 eager batch-1 decode steps"
-  timeout 240 ncu --profile-from-start off --clock-control none --csv --page raw \
-    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-    "$WORK/ocr-patch" bench --profile --steps 2 --model-dir "$WORK/w" > "$OUT/profile.csv" 2> "$OUT/profile.log"
-  echo "rc=$?"
-  python3 - "$OUT/profile.csv" <<'PY'
+# Per-kernel totals of an ncu CSV (time, share, HBM GB/s).
+summarise() {
+  python3 - "$1" <<'PY'
 import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if r]
 head = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
@@ -71,5 +68,20 @@ for name, (n, ns, b) in sorted(agg.items(), key=lambda x: -x[1][1]):
     print(f"{name:60s} {n:4d} {ns/1e3:9.1f} {100*ns/tot:5.1f} {b/ns if ns else 0:7.0f}")
 print(f"total kernel time {tot/1e3:.1f} us over the profiled steps")
 PY
-  ;;
+}
+case " $STEPS " in *" profile "*)
+  echo "== ncu: 2 eager batch-1 decode steps"
+  timeout 240 ncu --profile-from-start off --clock-control none --csv --page raw \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+    "$WORK/ocr-patch" bench --profile --steps 2 --model-dir "$WORK/w" > "$OUT/profile.csv" 2> "$OUT/profile.log"
+  echo "rc=$?"
+  summarise "$OUT/profile.csv" ;;
+esac
+case " $STEPS " in *" vprofile "*)
+  echo "== ncu: one Base vision encode on the fast path"
+  timeout 240 ncu --profile-from-start off --clock-control none --csv --page raw \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+    "$WORK/ocr-patch" bench --profile vision --model-dir "$WORK/w" > "$OUT/vprofile.csv" 2> "$OUT/vprofile.log"
+  echo "rc=$?"
+  summarise "$OUT/vprofile.csv" ;;
 esac

@@ -29,7 +29,12 @@ pub struct BenchArgs {
     pub remote_code: Option<PathBuf>,
 
     /// Attention implementations to run transformers with, comma-separated
-    #[arg(long, value_delimiter = ',', default_value = "eager,sdpa", value_name = "IMPLS")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "eager,sdpa",
+        value_name = "IMPLS"
+    )]
     pub peer_attn: Vec<String>,
 
     /// The Python that has torch and transformers
@@ -57,7 +62,12 @@ pub struct BenchArgs {
     pub repeat: usize,
 
     /// Concurrent sequences for the batched decode, comma-separated
-    #[arg(long, value_delimiter = ',', default_value = "8,32,64", value_name = "N")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "8,32,64",
+        value_name = "N"
+    )]
     pub batches: Vec<usize>,
 
     /// Cache positions of the batch-1 decoder (its peak memory is reported at this size)
@@ -72,10 +82,11 @@ pub struct BenchArgs {
     #[arg(long, default_value = "unnamed GPU")]
     pub gpu: String,
 
-    /// Only run --steps eager batch-1 decode steps of the fast path between cuProfilerStart and
-    /// cuProfilerStop (for `ncu --profile-from-start off`), no peer, no report
-    #[arg(long)]
-    pub profile: bool,
+    /// Only run, between cuProfilerStart and cuProfilerStop (for `ncu --profile-from-start
+    /// off`), --steps eager batch-1 decode steps of the fast path (`decode`, the default) or one
+    /// Base vision encode (`vision`); no peer, no report
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "decode", value_name = "WHAT")]
+    pub profile: Option<ProfileTarget>,
 
     /// Write the JSON report here too
     #[arg(long, value_name = "FILE")]
@@ -83,6 +94,13 @@ pub struct BenchArgs {
 
     #[command(flatten)]
     pub out: OutputArgs,
+}
+
+/// What `--profile` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfileTarget {
+    Decode,
+    Vision,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<Exit> {
@@ -102,17 +120,26 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Exit> {
         max_t_b1: a.max_t,
         bandwidth_gbs: a.bandwidth_gbs,
     };
-    if a.profile {
-        let v = profile_side(&c)?;
+    if let Some(what) = a.profile {
+        let v = profile_side(&c, what)?;
         print_json(&v)?;
         return Ok(Exit::Done);
     }
     let cfg = OcrConfig::from_file(&c.model_dir.join("config.json"))
         .and_then(|c| c.text())
-        .with_context(|| format!("cannot read the model's config in {}; is --model-dir the checkpoint folder?", c.model_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot read the model's config in {}; is --model-dir the checkpoint folder?",
+                c.model_dir.display()
+            )
+        })?;
     // the peer first: its process is gone when the Rust side measures device memory
     let peers: Vec<_> = match &c.remote_code {
-        Some(r) => c.peer_attn.iter().map(|attn| bench::run_peer(&c, r, attn)).collect(),
+        Some(r) => c
+            .peer_attn
+            .iter()
+            .map(|attn| bench::run_peer(&c, r, attn))
+            .collect(),
         None => vec![],
     };
     if let Some(p) = &a.out_file {
@@ -141,12 +168,15 @@ fn rust_side(c: &BenchConfig) -> anyhow::Result<serde_json::Value> {
 }
 
 #[cfg(feature = "cuda")]
-fn profile_side(c: &BenchConfig) -> anyhow::Result<serde_json::Value> {
-    bench::rust::profile(c)
+fn profile_side(c: &BenchConfig, what: ProfileTarget) -> anyhow::Result<serde_json::Value> {
+    match what {
+        ProfileTarget::Decode => bench::rust::profile(c),
+        ProfileTarget::Vision => bench::rust::profile_vision(c),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn profile_side(c: &BenchConfig) -> anyhow::Result<serde_json::Value> {
+fn profile_side(c: &BenchConfig, _: ProfileTarget) -> anyhow::Result<serde_json::Value> {
     rust_side(c)
 }
 

@@ -76,6 +76,26 @@ pub struct OcrOutput {
     pub stop: StopReason,
 }
 
+/// On a CUDA device in bf16 (a build with `--features cuda`), the vision towers run on the fused
+/// kernels of the GPU fast path ([`crate::model::fast::vision`]); everywhere else, or with
+/// `OCR_PATCH_VISION=reference` (to compare), on the reference ops.
+#[cfg(feature = "cuda")]
+fn fast_vision(model: &mut DeepseekOcr, dtype: DType, device: &Device) -> Result<(), OcrError> {
+    if std::env::var("OCR_PATCH_VISION").is_ok_and(|v| v == "reference") {
+        return Ok(());
+    }
+    if let (Device::Cuda(cd), DType::BF16) = (device, dtype) {
+        let kernels = std::sync::Arc::new(crate::model::kernels::Kernels::load(cd)?);
+        crate::model::fast::vision::accelerate(&mut model.vision, kernels);
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fast_vision(_: &mut DeepseekOcr, _: DType, _: &Device) -> Result<(), OcrError> {
+    Ok(())
+}
+
 impl OcrEngine {
     /// A checkpoint folder: `config.json`, `*.safetensors`; the tokenizer is passed in.
     pub fn load(
@@ -88,7 +108,8 @@ impl OcrEngine {
             .map_err(ModelError::from)?
             .text()
             .map_err(ModelError::from)?;
-        let model = DeepseekOcr::load(dir, dtype, device)?;
+        let mut model = DeepseekOcr::load(dir, dtype, device)?;
+        fast_vision(&mut model, dtype, device)?;
         Ok(Self {
             model,
             tokenizer,
@@ -133,8 +154,9 @@ impl OcrEngine {
             map.insert(n, tensor);
         }
         let vb = candle_nn::VarBuilder::from_tensors(map, dtype, device);
-        let model =
+        let mut model =
             DeepseekOcr::new(&text, &VisionConfig::deepseek_ocr(), vb).map_err(ModelError::from)?;
+        fast_vision(&mut model, dtype, device)?;
         let fold_ids = text.vocab_size < 129280;
         Ok(Self {
             model,
@@ -151,7 +173,9 @@ impl OcrEngine {
     /// vocabulary folds DeepSeek's ids into it (`fold_ids`).
     pub(crate) fn model_ids(&self, ids: &[u32]) -> Vec<u32> {
         let vocab = self.text.vocab_size as u32;
-        ids.iter().map(|&i| if self.fold_ids { i % vocab } else { i }).collect()
+        ids.iter()
+            .map(|&i| if self.fold_ids { i % vocab } else { i })
+            .collect()
     }
 
     pub fn context(&self) -> usize {

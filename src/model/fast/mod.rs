@@ -5,12 +5,15 @@
 //! replayed as one CUDA graph per batch size.
 //!
 //! Owns: the packed weights, the cache and the per-sequence decode state (token, position,
-//! generated history). Does not own the vision encoder (the reference path's, run before) nor
-//! the choice of tokens beyond greedy (sampling stays on [`crate::model::generate`]).
+//! generated history); [`vision`] puts the vision towers' ops on fused kernels. Does not own the
+//! vision encoder's structure nor the choice of tokens beyond greedy (sampling stays on
+//! [`crate::model::generate`]).
 //!
 //! Prefill runs the same kernels with one row per prompt token (`decode_attn` is causal by
 //! position), in chunks of `max_rows`. MHA decoders only (DeepSeek-OCR's): MLA configs and
 //! biased attention are refused with an error and run on the reference path.
+
+pub mod vision;
 
 use std::collections::HashMap;
 

@@ -20,6 +20,7 @@ pub mod attn;
 pub mod moe;
 pub mod norm;
 pub mod sample;
+pub mod vision;
 
 use std::sync::Arc;
 
@@ -45,6 +46,9 @@ mod ptx {
     ptx!(NGRAM_BAN, "ngram_ban");
     ptx!(GREEDY_NEXT, "greedy_next");
     ptx!(LINEAR, "linear");
+    ptx!(SAM_SOFTMAX, "sam_softmax");
+    ptx!(BIAS_ACT, "bias_act");
+    ptx!(PERMUTE, "permute");
 }
 
 pub(crate) fn cuda_err(e: impl std::fmt::Display) -> candle_core::Error {
@@ -85,7 +89,11 @@ impl<T: DeviceRepr> Buf<T> {
     /// Copies `host` into elements `off..off + host.len()` (synchronous).
     pub fn upload(&self, stream: &CudaStream, off: usize, host: &[T]) -> Result<()> {
         if off + host.len() > self.len {
-            candle_core::bail!("upload of {} elements at {off} overflows a buffer of {}", host.len(), self.len);
+            candle_core::bail!(
+                "upload of {} elements at {off} overflows a buffer of {}",
+                host.len(),
+                self.len
+            );
         }
         unsafe {
             cudarc::driver::result::memcpy_htod_async(self.at(off), host, stream.cu_stream())
@@ -111,10 +119,16 @@ impl<T: DeviceRepr> Buf<T> {
 
 /// Address of a contiguous CUDA tensor's first element; valid while the tensor lives.
 pub fn tensor_ptr<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(t: &Tensor) -> Result<u64> {
-    let (st, layout) = t.storage_and_layout();
-    if !layout.is_contiguous() {
+    if !t.layout().is_contiguous() {
         candle_core::bail!("tensor_ptr: the tensor must be contiguous");
     }
+    view_ptr::<T>(t)
+}
+
+/// Address of the first element of a CUDA tensor's view (its layout's start), contiguous or
+/// not; valid while the tensor lives.
+pub fn view_ptr<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(t: &Tensor) -> Result<u64> {
+    let (st, layout) = t.storage_and_layout();
     let candle_core::Storage::Cuda(cs) = &*st else {
         candle_core::bail!("tensor_ptr: not a CUDA tensor");
     };
@@ -148,6 +162,11 @@ pub struct Kernels {
     ngram_ban: CudaFunction,
     greedy_next: CudaFunction,
     linear_rows: CudaFunction,
+    sam_softmax_v8: CudaFunction,
+    sam_softmax_v4: CudaFunction,
+    sam_softmax_rows_v4: CudaFunction,
+    bias_act: CudaFunction,
+    permute: CudaFunction,
     /// `OCR_PATCH_LINEAR=cublas`: every projection through cuBLAS (to compare).
     cublas_only: bool,
 }
@@ -187,7 +206,11 @@ impl Kernels {
             rope_kv: f("rope_kv", ptx::ROPE_KV)?,
             decode_attn: f("decode_attn", ptx::DECODE_ATTN)?,
             decode_attn_combine: dev
-                .get_or_load_custom_func("decode_attn_combine", "ocr_patch_decode_attn", ptx::DECODE_ATTN)?
+                .get_or_load_custom_func(
+                    "decode_attn_combine",
+                    "ocr_patch_decode_attn",
+                    ptx::DECODE_ATTN,
+                )?
                 .into_cuda_function(),
             moe_route: f("moe_route", ptx::MOE_ROUTE)?,
             moe_plan: f("moe_plan", ptx::MOE_PLAN)?,
@@ -196,6 +219,24 @@ impl Kernels {
             ngram_ban: f("ngram_ban", ptx::NGRAM_BAN)?,
             greedy_next: f("greedy_next", ptx::GREEDY_NEXT)?,
             linear_rows: f("linear", ptx::LINEAR)?,
+            sam_softmax_v8: f("sam_softmax_v8", ptx::SAM_SOFTMAX)?,
+            sam_softmax_v4: dev
+                .get_or_load_custom_func(
+                    "sam_softmax_v4",
+                    "ocr_patch_sam_softmax_v8",
+                    ptx::SAM_SOFTMAX,
+                )?
+                .into_cuda_function(),
+            sam_softmax_rows_v4: dev
+                .get_or_load_custom_func(
+                    "sam_softmax_rows_v4",
+                    "ocr_patch_sam_softmax_v8",
+                    ptx::SAM_SOFTMAX,
+                )?
+                .into_cuda_function(),
+
+            bias_act: f("bias_act", ptx::BIAS_ACT)?,
+            permute: f("permute", ptx::PERMUTE)?,
             cublas_only: std::env::var("OCR_PATCH_LINEAR").is_ok_and(|v| v == "cublas"),
             stream,
         })
@@ -213,8 +254,26 @@ impl Kernels {
     }
 
     /// [`Self::linear`] by the `linear` kernel.
-    pub fn linear_kernel(&self, x: u64, w: u64, y: u64, n: usize, k: usize, out: usize) -> Result<()> {
-        launch!(self, self.linear_rows, cfg((out.div_ceil(8) as u32, 1, 1), 256, 0), x, w, y, n as i32, k as i32, out as i32)
+    pub fn linear_kernel(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        n: usize,
+        k: usize,
+        out: usize,
+    ) -> Result<()> {
+        launch!(
+            self,
+            self.linear_rows,
+            cfg((out.div_ceil(8) as u32, 1, 1), 256, 0),
+            x,
+            w,
+            y,
+            n as i32,
+            k as i32,
+            out as i32
+        )
     }
 
     /// [`Self::linear`] by cuBLAS (`cublasGemmEx`, bf16 in and out, f32 compute).
@@ -280,10 +339,14 @@ pub(crate) mod testutil {
     /// Uniform values in `[-scale, scale)` from a seeded LCG, as a CPU f32 tensor.
     pub fn rand(shape: &[usize], scale: f32, seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let v: Vec<f32> = (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
             })
             .collect();
@@ -296,10 +359,32 @@ pub(crate) mod testutil {
 
     /// max |a - b| over all elements, in f32 on the host.
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-        let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        let f = |t: &Tensor| {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let (a, b) = (f(a), f(b));
         assert_eq!(a.dims(), b.dims(), "shapes differ");
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        max_abs(&(a - b).unwrap())
+    }
+
+    /// max |t| over all elements, in f32 on the host.
+    pub fn max_abs(t: &Tensor) -> f32 {
+        let t = t
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 }
 
@@ -319,7 +404,9 @@ mod tests {
         let (kk, out) = (1280usize, 3840usize);
         let w = rand_bf16(&[out, kk], 0.05, 31).to_device(&dev).unwrap();
         for n in [1usize, 5, 8] {
-            let x = rand_bf16(&[n, kk], 1.0, 32 + n as u64).to_device(&dev).unwrap();
+            let x = rand_bf16(&[n, kk], 1.0, 32 + n as u64)
+                .to_device(&dev)
+                .unwrap();
             let want = x.matmul(&w.t().unwrap()).unwrap();
             let y1 = Tensor::zeros((n, out), DType::BF16, &dev).unwrap();
             let y2 = Tensor::zeros((n, out), DType::BF16, &dev).unwrap();
@@ -329,7 +416,10 @@ mod tests {
             let (d1, d2) = (max_diff(&y1, &want), max_diff(&y2, &want));
             eprintln!("linear, {n} rows: kernel max |diff| {d1:.3e}, cuBLAS max |diff| {d2:.3e}");
             // |y| < 4: one bf16 ulp is 2^-6 (sums in another order may round the other way)
-            assert!(d1 <= 1.6e-2 && d2 <= 1.6e-2, "{n} rows: kernel {d1}, cuBLAS {d2}");
+            assert!(
+                d1 <= 1.6e-2 && d2 <= 1.6e-2,
+                "{n} rows: kernel {d1}, cuBLAS {d2}"
+            );
         }
     }
 }

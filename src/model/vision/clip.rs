@@ -7,11 +7,14 @@
 //! `embeddings.patch_embedding.weight` is never used (DeepSeek-OCR always passes SAM's
 //! features), so it is not loaded; nor is the `position_ids` buffer (it is `arange`).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::interp;
-use super::sam::sdpa;
+use super::ops::{Act, ReferenceOps, VisionOps};
+use super::sam::{sdpa, GridCache};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipConfig {
@@ -47,11 +50,6 @@ impl ClipConfig {
     }
 }
 
-fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    // x * torch.sigmoid(1.702 * x)
-    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
-}
-
 struct Attention {
     qkv_proj: Linear,
     out_proj: Linear,
@@ -60,23 +58,24 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x` is the normed input; returns `residual + out_proj(attention)`.
+    fn forward(&self, x: &Tensor, residual: &Tensor, ops: &dyn VisionOps) -> Result<Tensor> {
         let _enter = self.span.enter();
         let (b, s, c) = x.dims3()?;
         let nh = self.num_heads;
         let hd = c / nh;
         // xqkv.view(bsz, seqlen, 3, num_heads, head_dim); split on dim 2; permute(0, 2, 1, 3)
-        let qkv = self
-            .qkv_proj
-            .forward(x)?
+        let qkv = ops
+            .linear(&self.qkv_proj, x, Act::None, None)?
             .reshape((b, s, 3, nh, hd))?
             .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
+        let qkv = ops.contiguous(&qkv)?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
         let o = sdpa(&q, &k, &v, None)?;
-        let o = o.permute((0, 2, 1, 3))?.reshape((b, s, c))?;
-        self.out_proj.forward(&o)
+        let o = ops
+            .contiguous(&o.permute((0, 2, 1, 3))?)?
+            .reshape((b, s, c))?;
+        ops.linear(&self.out_proj, &o, Act::None, Some(residual))
     }
 }
 
@@ -107,13 +106,19 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ops: &dyn VisionOps) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let h = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
-        let m = self.fc2.forward(&quick_gelu(
-            &self.fc1.forward(&self.layer_norm2.forward(&h)?)?,
-        )?)?;
-        h + m
+        // h = x + self_attn(layer_norm1(x)); h + mlp(layer_norm2(h)), mlp = fc2(quick_gelu(fc1))
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, x, ops)?;
+        let m = ops.linear(
+            &self.fc1,
+            &self.layer_norm2.forward(&h)?,
+            Act::QuickGelu,
+            None,
+        )?;
+        ops.linear(&self.fc2, &m, Act::None, Some(&h))
     }
 }
 
@@ -123,6 +128,10 @@ pub struct VitModel {
     position_embedding: Embedding,
     pre_layrnorm: LayerNorm,
     layers: Vec<Block>,
+    /// tokens -> [`Self::abs_pos`] when resized (computed on the host once per size).
+    abs_pos_cache: GridCache<usize, Tensor>,
+    /// How the blocks compute their linears ([`ReferenceOps`] unless set).
+    ops: Arc<dyn VisionOps>,
     span: tracing::Span,
 }
 
@@ -138,20 +147,40 @@ impl VitModel {
             position_embedding: embedding(cfg.num_positions(), h, emb.pp("position_embedding"))?,
             pre_layrnorm: layer_norm(h, cfg.pre_layernorm_epsilon, vb.pp("pre_layrnorm"))?,
             layers,
+            abs_pos_cache: Default::default(),
+            ops: Arc::new(ReferenceOps),
             span: tracing::span!(tracing::Level::TRACE, "clip"),
         })
+    }
+
+    /// Swaps the blocks' linears (the GPU fast path's fused epilogue); [`ReferenceOps`] is the
+    /// default.
+    pub fn set_ops(&mut self, ops: Arc<dyn VisionOps>) {
+        self.ops = ops;
     }
 
     /// `get_abs_pos(self.position_embedding(self.position_ids), n)`: `(1, n, c)`; the 16x16 grid
     /// is bicubic-resized to `int(sqrt(n))` squared when that differs.
     pub fn abs_pos(&self, n: usize) -> Result<Tensor> {
         let table = self.position_embedding.embeddings();
-        let (l, c) = table.dims2()?;
+        let (l, _) = table.dims2()?;
         let src = ((l - 1) as f64).sqrt() as usize;
         let tgt = (n as f64).sqrt() as usize;
         if src == tgt {
             return table.unsqueeze(0);
         }
+        let mut cache = self.abs_pos_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = cache.get(&n) {
+            return Ok(t.clone());
+        }
+        let t = self.resized_abs_pos(src, tgt)?;
+        cache.insert(n, t.clone());
+        Ok(t)
+    }
+
+    fn resized_abs_pos(&self, src: usize, tgt: usize) -> Result<Tensor> {
+        let table = self.position_embedding.embeddings();
+        let (l, c) = table.dims2()?;
         let dtype = table.dtype();
         let cls = table.narrow(0, 0, 1)?;
         // old_pos_embed.view(1, src, src, dim).permute(0, 3, 1, 2), interpolated in f32
@@ -184,7 +213,7 @@ impl VitModel {
         let x = x.broadcast_add(&self.abs_pos(n)?)?;
         let mut h = self.pre_layrnorm.forward(&x)?;
         for layer in &self.layers {
-            h = layer.forward(&h)?;
+            h = layer.forward(&h, self.ops.as_ref())?;
         }
         Ok(h)
     }
@@ -198,7 +227,7 @@ mod tests {
     #[test]
     fn quick_gelu_hand_values() {
         let x = Tensor::new(&[0f32, 1.0, -2.0], &Device::Cpu).unwrap();
-        let y = quick_gelu(&x).unwrap().to_vec1::<f32>().unwrap();
+        let y = Act::QuickGelu.apply(&x).unwrap().to_vec1::<f32>().unwrap();
         let f = |v: f32| v / (1.0 + (-1.702 * v).exp());
         for (a, v) in y.iter().zip([0f32, 1.0, -2.0]) {
             assert!((a - f(v)).abs() < 1e-6);

@@ -8,12 +8,16 @@
 
 pub mod clip;
 pub mod interp;
+pub mod ops;
 pub mod sam;
+
+use std::sync::Arc;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
 pub use clip::{ClipConfig, VitModel};
+pub use ops::{Act, ReferenceOps, VisionOps};
 pub use sam::{ImageEncoderViT, SamConfig};
 
 /// The vision sizes; deepencoder.py hard-codes them, `DeepseekOCRModel.__init__` hard-codes
@@ -79,6 +83,13 @@ impl DeepEncoder {
         })
     }
 
+    /// Swaps how SAM and CLIP compute their attention and linears (the GPU fast path's fused
+    /// kernels, `crate::model::fast::vision`); [`ReferenceOps`] is the default.
+    pub fn set_ops(&mut self, ops: Arc<dyn VisionOps>) {
+        self.sam.set_ops(ops.clone());
+        self.clip.set_ops(ops);
+    }
+
     /// One view through SAM, CLIP and the projector: pixels `(b, 3, H, W)` -> `(b, h*w, n_embed)`.
     pub fn encode_views(&self, pixels: &Tensor) -> Result<Tensor> {
         Ok(self.encode_views_staged(pixels)?.projected)
@@ -124,7 +135,11 @@ impl DeepEncoder {
         let _enter = self.span.enter();
         let g = self.encode_views(global)?;
         let l = match local {
-            Some(t) => Some((self.encode_views(t.pixels)?, t.width_crop_num, t.height_crop_num)),
+            Some(t) => Some((
+                self.encode_views(t.pixels)?,
+                t.width_crop_num,
+                t.height_crop_num,
+            )),
             None => None,
         };
         self.layout(&g, l.as_ref().map(|(l, wc, hc)| (l, *wc, *hc)))

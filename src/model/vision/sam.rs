@@ -6,12 +6,16 @@
 //! `_build_sam` (not read from config.json); [`SamConfig::vit_b`] holds them, and smaller
 //! configs exist for tests only.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{
     conv2d, conv2d_no_bias, layer_norm, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder,
 };
 
 use super::interp;
+use super::ops::{Act, ReferenceOps, VisionOps};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamConfig {
@@ -110,6 +114,25 @@ pub fn decomposed_rel_pos_bias(
 ) -> Result<Tensor> {
     let rh = get_rel_pos(q_h, k_h, rel_pos_h)?; // (q_h, k_h, c)
     let rw = get_rel_pos(q_w, k_w, rel_pos_w)?; // (q_w, k_w, c)
+    let (rel_h, rel_w) = rel_pos_terms(q, &rh, &rw, (q_h, q_w), (k_h, k_w))?;
+    // attn_bias = (rel_h[..., None] + rel_w[..., None, :]).view(B, nH, q_h*q_w, k_h*k_w)
+    let b = q.dim(0)?;
+    rel_h
+        .unsqueeze(4)?
+        .broadcast_add(&rel_w.unsqueeze(3)?)?
+        .reshape((b, q_h * q_w, k_h * k_w))
+}
+
+/// The two terms of [`decomposed_rel_pos_bias`] from the tables [`get_rel_pos`] gathered
+/// (`rh` `(q_h, k_h, c)`, `rw` `(q_w, k_w, c)`): `rel_h` `(b, q_h, q_w, k_h)` and `rel_w`
+/// `(b, q_h, q_w, k_w)` (strided views).
+pub fn rel_pos_terms(
+    q: &Tensor,
+    rh: &Tensor,
+    rw: &Tensor,
+    (q_h, q_w): (usize, usize),
+    (k_h, k_w): (usize, usize),
+) -> Result<(Tensor, Tensor)> {
     let (b, _, c) = q.dims3()?;
     let r_q = q.reshape((b, q_h, q_w, c))?;
     // rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh): batch the matmul over h.
@@ -126,19 +149,21 @@ pub fn decomposed_rel_pos_bias(
         .matmul(&rw.transpose(1, 2)?.contiguous()?)?
         .reshape((q_w, b, q_h, k_w))?
         .permute((1, 2, 0, 3))?;
-    // attn_bias = (rel_h[..., None] + rel_w[..., None, :]).view(B, nH, q_h*q_w, k_h*k_w)
-    let bias = rel_h
-        .unsqueeze(4)?
-        .broadcast_add(&rel_w.unsqueeze(3)?)?
-        .reshape((b, q_h * q_w, k_h * k_w))?;
-    Ok(bias)
+    Ok((rel_h, rel_w))
 }
+
+/// Values that depend only on the grid size, computed at its first use: `get_rel_pos`'s
+/// gathered tables per block, the resized absolute positions. A model serves a handful of
+/// sizes (1024 global views, 640 or 512 tiles...), so the caches stay small.
+pub(crate) type GridCache<K, V> = Mutex<HashMap<K, V>>;
 
 struct Attention {
     qkv: Linear,
     proj: Linear,
     rel_pos_h: Tensor,
     rel_pos_w: Tensor,
+    /// `(h, w)` -> `(get_rel_pos(h, h, rel_pos_h), get_rel_pos(w, w, rel_pos_w))`
+    tables: GridCache<(usize, usize), (Tensor, Tensor)>,
     num_heads: usize,
     span: tracing::Span,
 }
@@ -156,40 +181,57 @@ impl Attention {
             proj: linear(dim, dim, vb.pp("proj"))?,
             rel_pos_h: vb.get((2 * input_size.0 - 1, head_dim), "rel_pos_h")?,
             rel_pos_w: vb.get((2 * input_size.1 - 1, head_dim), "rel_pos_w")?,
+            tables: Mutex::default(),
             num_heads,
             span: tracing::span!(tracing::Level::TRACE, "sam-attn"),
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The gathered relative-position tables of an `h x w` grid (cached).
+    fn tables(&self, h: usize, w: usize) -> Result<(Tensor, Tensor)> {
+        let mut cache = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = cache.get(&(h, w)) {
+            return Ok(t.clone());
+        }
+        let t = (
+            get_rel_pos(h, h, &self.rel_pos_h)?.contiguous()?,
+            get_rel_pos(w, w, &self.rel_pos_w)?.contiguous()?,
+        );
+        cache.insert((h, w), t.clone());
+        Ok(t)
+    }
+
+    /// `Attention.forward` up to `self.proj`, which [`Block::forward`] applies (a per-token
+    /// linear: after the windows are put back, fused with the residual add).
+    fn heads(&self, x: &Tensor, ops: &dyn VisionOps) -> Result<Tensor> {
         let _enter = self.span.enter();
         let (b, h, w, c) = x.dims4()?;
         let nh = self.num_heads;
         let hd = c / nh;
         // qkv = self.qkv(x).reshape(B, H * W, 3, nHead, -1).permute(2, 0, 3, 1, 4)
-        let qkv = self
-            .qkv
-            .forward(x)?
+        let qkv = ops
+            .linear(&self.qkv, x, Act::None, None)?
             .reshape((b, h * w, 3, nh, hd))?
-            .permute((2, 0, 3, 1, 4))?
-            .reshape((3, b * nh, h * w, hd))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let bias = decomposed_rel_pos_bias(&q, &self.rel_pos_h, &self.rel_pos_w, (h, w), (h, w))?;
-        let x = sdpa(&q, &k, &v, Some(&bias))?;
+            .permute((2, 0, 3, 1, 4))?;
+        let qkv = ops.contiguous(&qkv)?.reshape((3, b * nh, h * w, hd))?;
+        let q = qkv.get(0)?;
+        let k = qkv.get(1)?;
+        let v = qkv.get(2)?;
+        let tables = self.tables(h, w)?;
+        let x = ops.attend(&q, &k, &v, &tables.0, &tables.1, (h, w))?;
         // x.view(B, nHead, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
-        let x = x
-            .reshape((b, nh, h, w, hd))?
-            .permute((0, 2, 3, 1, 4))?
-            .reshape((b, h, w, c))?;
-        self.proj.forward(&x)
+        let x = x.reshape((b, nh, h, w, hd))?.permute((0, 2, 3, 1, 4))?;
+        ops.contiguous(&x)?.reshape((b, h, w, c))
     }
 }
 
 /// `window_partition`: `(b, h, w, c)` -> `(b * n_windows, ws, ws, c)`, zero-padded to a multiple
-/// of the window; returns the padded size.
-pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
+/// of the window; returns the padded size. `ops` copies the permuted view.
+pub fn window_partition(
+    x: &Tensor,
+    ws: usize,
+    ops: &dyn VisionOps,
+) -> Result<(Tensor, (usize, usize))> {
     let (b, h, w, c) = x.dims4()?;
     let pad_h = (ws - h % ws) % ws;
     let pad_w = (ws - w % ws) % ws;
@@ -201,9 +243,8 @@ pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize)
     let (hp, wp) = (h + pad_h, w + pad_w);
     let windows = x
         .reshape((b, hp / ws, ws, wp / ws, ws, c))?
-        .permute((0, 1, 3, 2, 4, 5))?
-        .contiguous()?
-        .reshape(((), ws, ws, c))?;
+        .permute((0, 1, 3, 2, 4, 5))?;
+    let windows = ops.contiguous(&windows)?.reshape(((), ws, ws, c))?;
     Ok((windows, (hp, wp)))
 }
 
@@ -213,16 +254,16 @@ pub fn window_unpartition(
     ws: usize,
     (hp, wp): (usize, usize),
     (h, w): (usize, usize),
+    ops: &dyn VisionOps,
 ) -> Result<Tensor> {
     let (nw, _, _, c) = windows.dims4()?;
     let b = nw / (hp * wp / ws / ws);
     let x = windows
         .reshape((b, hp / ws, wp / ws, ws, ws, c))?
-        .permute((0, 1, 3, 2, 4, 5))?
-        .contiguous()?
-        .reshape((b, hp, wp, c))?;
+        .permute((0, 1, 3, 2, 4, 5))?;
+    let x = ops.contiguous(&x)?.reshape((b, hp, wp, c))?;
     if hp > h || wp > w {
-        x.narrow(1, 0, h)?.narrow(2, 0, w)?.contiguous()
+        ops.contiguous(&x.narrow(1, 0, h)?.narrow(2, 0, w)?)
     } else {
         Ok(x)
     }
@@ -260,24 +301,25 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ops: &dyn VisionOps) -> Result<Tensor> {
         let _enter = self.span.enter();
         let shortcut = x;
         let x = self.norm1.forward(x)?;
-        let x = if self.window_size > 0 {
+        let y = if self.window_size > 0 {
             let (_, h, w, _) = x.dims4()?;
-            let (win, pad_hw) = window_partition(&x, self.window_size)?;
-            let y = self.attn.forward(&win)?;
-            window_unpartition(&y, self.window_size, pad_hw, (h, w))?
+            let (win, pad_hw) = window_partition(&x, self.window_size, ops)?;
+            let y = self.attn.heads(&win, ops)?;
+            window_unpartition(&y, self.window_size, pad_hw, (h, w), ops)?
         } else {
-            self.attn.forward(&x)?
+            self.attn.heads(&x, ops)?
         };
-        let x = (shortcut + x)?;
-        // MLPBlock: lin2(GELU(lin1(x))) with nn.GELU's exact (erf) form
-        let m = self
-            .lin2
-            .forward(&self.lin1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
-        x + m
+        // x = shortcut + window_unpartition(attn(windows)), attn ending in self.proj: the
+        // projection is per token, so it is applied after the windows are put back (the padding
+        // cropped), with the residual add fused
+        let x = ops.linear(&self.attn.proj, &y, Act::None, Some(shortcut))?;
+        // x = x + self.mlp(self.norm2(x)); MLPBlock: lin2(GELU(lin1(x))), nn.GELU's exact (erf) form
+        let m = ops.linear(&self.lin1, &self.norm2.forward(&x)?, Act::GeluErf, None)?;
+        ops.linear(&self.lin2, &m, Act::None, Some(&x))
     }
 }
 
@@ -320,6 +362,10 @@ pub struct ImageEncoderViT {
     neck_ln2: LayerNorm2d,
     net_2: Conv2d,
     net_3: Conv2d,
+    /// How the blocks compute their attention and linears ([`ReferenceOps`] unless set).
+    ops: Arc<dyn VisionOps>,
+    /// grid size -> `get_abs_pos_sam(pos_embed, size)`, contiguous.
+    abs_pos_cache: GridCache<usize, Tensor>,
     span: tracing::Span,
 }
 
@@ -370,17 +416,36 @@ impl ImageEncoderViT {
             neck_ln2: LayerNorm2d::new(cfg.out_chans, vb.pp("neck.3"))?,
             net_2: conv2d_no_bias(cfg.out_chans, c2, 3, pad1_s2, vb.pp("net_2"))?,
             net_3: conv2d_no_bias(c2, c3, 3, pad1_s2, vb.pp("net_3"))?,
+            ops: Arc::new(ReferenceOps),
+            abs_pos_cache: Mutex::default(),
             span: tracing::span!(tracing::Level::TRACE, "sam"),
         })
     }
 
+    /// Swaps the blocks' attention and linears (the GPU fast path's fused kernels);
+    /// [`ReferenceOps`] is the default.
+    pub fn set_ops(&mut self, ops: Arc<dyn VisionOps>) {
+        self.ops = ops;
+    }
+
     /// `get_abs_pos_sam(self.pos_embed, tgt_size)`: `(1, t, t, c)`, bicubic-resized when the
-    /// grid differs from the trained one.
+    /// grid differs from the trained one (computed on the host once per size, then cached).
     pub fn abs_pos(&self, tgt_size: usize) -> Result<Tensor> {
-        let (_, src, _, c) = self.pos_embed.dims4()?;
+        let (_, src, _, _) = self.pos_embed.dims4()?;
         if src == tgt_size {
             return Ok(self.pos_embed.clone());
         }
+        let mut cache = self.abs_pos_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = cache.get(&tgt_size) {
+            return Ok(t.clone());
+        }
+        let t = self.resized_abs_pos(tgt_size)?.contiguous()?;
+        cache.insert(tgt_size, t.clone());
+        Ok(t)
+    }
+
+    fn resized_abs_pos(&self, tgt_size: usize) -> Result<Tensor> {
+        let (_, src, _, c) = self.pos_embed.dims4()?;
         let dtype = self.pos_embed.dtype();
         // old_pos_embed = abs_pos.permute(0, 3, 1, 2).to(float32); F.interpolate(bicubic, antialias)
         let chw: Vec<f32> = self
@@ -404,7 +469,7 @@ impl ImageEncoderViT {
         // x = x + get_abs_pos_sam(self.pos_embed, x.size(1))
         let mut x = x.broadcast_add(&self.abs_pos(h)?)?;
         for blk in &self.blocks {
-            x = blk.forward(&x)?;
+            x = blk.forward(&x, self.ops.as_ref())?;
         }
         let x = x.permute((0, 3, 1, 2))?.contiguous()?;
         let x = self.neck_ln1.forward(&self.neck_conv1.forward(&x)?)?;
@@ -419,6 +484,92 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// A 2-block SAM of random weights (window 2, block 1 global), trained at 64 px.
+    fn tiny_sam() -> ImageEncoderViT {
+        let cfg = SamConfig {
+            img_size: 64,
+            embed_dim: 32,
+            depth: 2,
+            num_heads: 2,
+            out_chans: 16,
+            window_size: 2,
+            global_attn_indexes: vec![1],
+            downsample_channels: [16, 32],
+            ..SamConfig::vit_b()
+        };
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let sam = ImageEncoderViT::new(&cfg, vb).unwrap();
+        // every tensor random (the map zero-fills positions and tables)
+        for var in vm.all_vars() {
+            let r = Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap();
+            var.set(&r).unwrap();
+        }
+        sam
+    }
+
+    /// Counts the blocks' attention and linear calls and answers as the reference does.
+    #[derive(Default)]
+    struct Counting(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    );
+
+    impl VisionOps for Counting {
+        fn attend(
+            &self,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            rh: &Tensor,
+            rw: &Tensor,
+            hw: (usize, usize),
+        ) -> Result<Tensor> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            ReferenceOps.attend(q, k, v, rh, rw, hw)
+        }
+
+        fn linear(&self, l: &Linear, x: &Tensor, act: Act, r: Option<&Tensor>) -> Result<Tensor> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            ReferenceOps.linear(l, x, act, r)
+        }
+
+        fn contiguous(&self, x: &Tensor) -> Result<Tensor> {
+            x.contiguous()
+        }
+    }
+
+    #[test]
+    fn grid_caches_and_swapped_attention_change_nothing() {
+        let mut sam = tiny_sam();
+        // 96 px: a 6x6 grid, so the absolute positions (4x4) and the global block's relative
+        // tables are resized; the second call takes them from the caches.
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 96, 96), &Device::Cpu).unwrap();
+        let first = sam.forward(&x).unwrap();
+        let again = sam.forward(&x).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            flat(&first),
+            flat(&again),
+            "a cached grid must give the same features"
+        );
+        assert_eq!(sam.abs_pos_cache.lock().unwrap().len(), 1);
+        assert_eq!(sam.blocks[1].attn.tables.lock().unwrap().len(), 1);
+        // the fresh computation equals what the cache holds
+        assert_eq!(
+            flat(&sam.abs_pos(6).unwrap()),
+            flat(&sam.resized_abs_pos(6).unwrap())
+        );
+        let counting = Arc::new(Counting::default());
+        sam.set_ops(counting.clone());
+        let swapped = sam.forward(&x).unwrap();
+        assert_eq!(flat(&first), flat(&swapped));
+        // one attention per block (the windowed block attends all its windows at once), four
+        // linears per block (qkv, proj, lin1, lin2)
+        assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(counting.1.load(std::sync::atomic::Ordering::SeqCst), 8);
+    }
+
     #[test]
     fn window_partition_round_trips_with_padding() {
         let dev = Device::Cpu;
@@ -426,7 +577,7 @@ mod tests {
             .unwrap()
             .reshape((1, 5, 7, 2))
             .unwrap();
-        let (win, pad) = window_partition(&x, 3).unwrap();
+        let (win, pad) = window_partition(&x, 3, &ReferenceOps).unwrap();
         assert_eq!(pad, (6, 9));
         assert_eq!(win.dims(), &[6, 3, 3, 2]);
         // Window (0, 1) starts at column 3 of row 0.
@@ -453,7 +604,7 @@ mod tests {
                 .unwrap(),
             0.0
         );
-        let back = window_unpartition(&win, 3, pad, (5, 7)).unwrap();
+        let back = window_unpartition(&win, 3, pad, (5, 7), &ReferenceOps).unwrap();
         assert_eq!(
             back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             x.flatten_all().unwrap().to_vec1::<f32>().unwrap()

@@ -1,0 +1,161 @@
+//! The vision encoder on the GPU fast path: the reference towers ([`DeepEncoder`]) with their
+//! [`VisionOps`] swapped for [`FastVisionOps`]: SAM's attention as cuBLAS + the fused
+//! `sam_softmax` kernel (the relative-position bias is never materialised, the scores are held
+//! a few heads at a time), every linear layer as one cuBLAS GEMM + the `bias_act` epilogue
+//! (bias, activation and residual add in one pass), and the head splits, merges and window
+//! partitions as the `permute` kernel. The rest (layer norms, convolutions, CLIP's softmax
+//! attention, the layout) is the reference path's code.
+//!
+//! Owns: the fused ops and [`accelerate`]. Does not own the towers' structure nor their
+//! weights ([`crate::model::vision`]).
+
+use std::sync::Arc;
+
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor};
+use candle_nn::Linear;
+use half::bf16;
+
+use crate::model::kernels::vision::{View, SAM_HEAD_DIMS};
+use crate::model::kernels::{tensor_ptr, view_ptr, Kernels};
+use crate::model::vision::{Act, DeepEncoder, ReferenceOps, VisionOps};
+
+/// The fused vision ops, bf16 on CUDA; any other dtype or device goes to [`ReferenceOps`].
+pub struct FastVisionOps {
+    k: Arc<Kernels>,
+}
+
+impl FastVisionOps {
+    pub fn new(k: Arc<Kernels>) -> Self {
+        Self { k }
+    }
+
+    /// A bf16 tensor whose every element the caller's kernel writes (no zero fill).
+    fn uninit(
+        &self,
+        dev: &candle_core::CudaDevice,
+        shape: impl Into<candle_core::Shape>,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        let out = unsafe { dev.alloc::<bf16>(shape.elem_count())? };
+        Ok(Tensor::from_storage(
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone())),
+            shape,
+            BackpropOp::none(),
+            false,
+        ))
+    }
+}
+
+fn fusable(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cuda() && t.dtype() == DType::BF16)
+}
+
+fn ptr(t: &Tensor) -> Result<u64> {
+    tensor_ptr::<bf16>(t)
+}
+
+impl VisionOps for FastVisionOps {
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rh: &Tensor,
+        rw: &Tensor,
+        (h, w): (usize, usize),
+    ) -> Result<Tensor> {
+        let (n, t, d) = q.dims3()?;
+        if !fusable(&[q, k, v, rh, rw]) || t != h * w || t % 4 != 0 || !SAM_HEAD_DIMS.contains(&d) {
+            return ReferenceOps.attend(q, k, v, rh, rw, (h, w));
+        }
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (rh, rw) = (rh.contiguous()?, rw.contiguous()?);
+        let scale = 1.0 / (d as f32).sqrt();
+        // the scores of at most SCORE_BYTES at once (a few heads of a global view, every
+        // window of a windowed block): the device's peak stays low
+        let chunk = (SCORE_BYTES / (t * t * 2)).clamp(1, n);
+        let mut outs = Vec::with_capacity(n.div_ceil(chunk));
+        for c0 in (0..n).step_by(chunk) {
+            let c = chunk.min(n - c0);
+            let qc = q.narrow(0, c0, c)?;
+            // scores = q @ k^T: a fresh (c, t, t) tensor, overwritten in place by the
+            // probabilities
+            let s = qc.matmul(&k.narrow(0, c0, c)?.t()?)?;
+            self.k.sam_softmax(
+                ptr(&s)?,
+                ptr(&qc)?,
+                (ptr(&rh)?, ptr(&rw)?),
+                c * t,
+                (h, w),
+                (h, w),
+                d,
+                scale,
+            )?;
+            outs.push(s.matmul(&v.narrow(0, c0, c)?)?);
+        }
+        if outs.len() == 1 {
+            Ok(outs.remove(0))
+        } else {
+            Tensor::cat(&outs, 0)
+        }
+    }
+
+    fn linear(
+        &self,
+        l: &Linear,
+        x: &Tensor,
+        act: Act,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut ts = vec![x, l.weight()];
+        ts.extend(l.bias());
+        ts.extend(residual);
+        let (out, kdim) = l.weight().dims2()?;
+        if !fusable(&ts) || out % 8 != 0 {
+            return ReferenceOps.linear(l, x, act, residual);
+        }
+        let mut dims = x.dims().to_vec();
+        let rows = x.elem_count() / kdim;
+        // one GEMM over all rows (cuBLAS), then the epilogue in place on its fresh output
+        let y = x
+            .contiguous()?
+            .reshape((rows, kdim))?
+            .matmul(&l.weight().t()?)?;
+        // contiguous copies (if any) live until the launch is queued
+        let bias = l.bias().map(Tensor::contiguous).transpose()?;
+        let res = residual.map(Tensor::contiguous).transpose()?;
+        let opt_ptr = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0), ptr);
+        self.k
+            .bias_act(ptr(&y)?, opt_ptr(&bias)?, opt_ptr(&res)?, rows, out, act)?;
+        *dims.last_mut().expect("a linear input has dims") = out;
+        y.reshape(dims)
+    }
+
+    fn contiguous(&self, x: &Tensor) -> Result<Tensor> {
+        let l = x.layout();
+        let view = View::of(x.dims(), l.stride());
+        let (Some(view), true, Device::Cuda(dev)) =
+            (view, fusable(&[x]) && l.start_offset() % 8 == 0, x.device())
+        else {
+            return x.contiguous();
+        };
+        if x.is_contiguous() {
+            return Ok(x.clone());
+        }
+        let out = self.uninit(dev, x.dims())?;
+        self.k.permute(view_ptr::<bf16>(x)?, ptr(&out)?, view)?;
+        Ok(out)
+    }
+}
+
+/// The most bytes of scores [`FastVisionOps::attend`] holds at once (128 MiB: four heads of a
+/// 1024 view; fewer heads per GEMM run the score GEMMs less efficiently, more raise the peak).
+const SCORE_BYTES: usize = 128 << 20;
+
+/// Puts `encoder` on the fast path: SAM and CLIP use [`FastVisionOps`] (bf16 on CUDA; other
+/// dtypes keep the reference ops).
+pub fn accelerate(encoder: &mut DeepEncoder, k: Arc<Kernels>) {
+    encoder.set_ops(Arc::new(FastVisionOps::new(k)));
+}

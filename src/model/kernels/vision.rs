@@ -1,0 +1,293 @@
+//! The vision towers' kernels: `sam_softmax` (SAM's attention probabilities with the decomposed
+//! relative positions, the bias never materialised), `bias_act` (a linear layer's bias,
+//! activation and residual add in one pass over cuBLAS's output) and `permute` (a strided view
+//! made contiguous, 16 bytes per thread). References: [`crate::model::vision::ReferenceOps`]
+//! (`attend`: the full bias + `sdpa`; `linear`: candle's linear, the activation and the add as
+//! separate ops; `contiguous`: candle's copy), the vision encoder's own code.
+
+use candle_core::cuda_backend::cudarc;
+use candle_core::Result;
+
+use super::{cfg, launch, Kernels};
+use crate::model::vision::Act;
+
+/// Scores per row one thread of `sam_softmax` keeps in registers (`SAM_MAXV` in the kernel).
+const SAM_MAXV: usize = 16;
+
+/// Head dims `sam_softmax` takes (`d / 8` lanes per relative-position term must divide a warp).
+pub const SAM_HEAD_DIMS: [usize; 6] = [8, 16, 32, 64, 128, 256];
+
+/// A strided view as `permute` takes it: up to 6 dims, outermost first, strides in elements.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct View {
+    pub n: [i32; 6],
+    pub st: [i64; 6],
+}
+
+unsafe impl cudarc::driver::DeviceRepr for View {}
+
+impl View {
+    /// The view of `dims`/`strides` if `permute` can copy it: rank <= 6, innermost stride 1 and
+    /// size a multiple of 8, other strides multiples of 8, fewer than 2^31 elements.
+    pub fn of(dims: &[usize], strides: &[usize]) -> Option<Self> {
+        let rank = dims.len();
+        let n: usize = dims.iter().product();
+        if rank == 0
+            || rank > 6
+            || n >= i32::MAX as usize
+            || strides[rank - 1] != 1
+            || dims[rank - 1] % 8 != 0
+        {
+            return None;
+        }
+        if strides[..rank - 1].iter().any(|s| s % 8 != 0) {
+            return None;
+        }
+        let mut v = View::default();
+        for k in 0..rank {
+            v.n[k] = dims[k] as i32;
+            v.st[k] = strides[k] as i64;
+        }
+        Some(v)
+    }
+}
+
+impl Kernels {
+    /// In place over the scores `s` `(rows, kh*kw)` bf16 (`q k^T`, unscaled):
+    /// `softmax(s * scale + q . rh[y(i)] + q . rw[x(i)])` per row (the relative-position terms
+    /// computed in the kernel), `q` `(rows, d)`, `rh` `(qh, kh, d)`, `rw` `(qw, kw, d)` bf16, row
+    /// `r`'s query at grid position `r % (qh*qw)`. `kh*kw` a multiple of 4.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sam_softmax(
+        &self,
+        s: u64,
+        q: u64,
+        (rh, rw): (u64, u64),
+        rows: usize,
+        (qh, qw): (usize, usize),
+        (kh, kw): (usize, usize),
+        d: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let nk = kh * kw;
+        if nk > 1024 * SAM_MAXV || nk % 4 != 0 {
+            candle_core::bail!(
+                "sam_softmax: {nk} keys per row (at most {} and a multiple of 4)",
+                1024 * SAM_MAXV
+            );
+        }
+        if !SAM_HEAD_DIMS.contains(&d) {
+            candle_core::bail!("sam_softmax: head dim {d} is not one of {SAM_HEAD_DIMS:?}");
+        }
+        if rows > i32::MAX as usize {
+            candle_core::bail!("sam_softmax: {rows} rows do not fit one grid");
+        }
+        let (func, grid, block, shared) = if nk <= 32 * SAM_MAXV && nk % 8 != 0 {
+            // short rows (SAM's windows): a warp per row, 8 rows a block
+            (
+                &self.sam_softmax_rows_v4,
+                rows.div_ceil(8),
+                256,
+                8 * (d + kh + kw) * 4,
+            )
+        } else {
+            let threads = nk.div_ceil(SAM_MAXV).next_multiple_of(32).clamp(64, 1024);
+            let func = if nk % 8 == 0 {
+                &self.sam_softmax_v8
+            } else {
+                &self.sam_softmax_v4
+            };
+            (func, rows, threads, (d + kh + kw) * 4)
+        };
+        launch!(
+            self,
+            func,
+            cfg((grid as u32, 1, 1), block as u32, shared as u32),
+            s,
+            q,
+            rh,
+            rw,
+            qh as i32,
+            qw as i32,
+            kh as i32,
+            kw as i32,
+            d as i32,
+            scale,
+            rows as i32
+        )
+    }
+
+    /// In place over `y` `(rows, out)` bf16: `act(y + bias) (+ res)`, `bias` `(out)` and `res`
+    /// `(rows, out)` optional (0). `out` a multiple of 8.
+    pub fn bias_act(
+        &self,
+        y: u64,
+        bias: u64,
+        res: u64,
+        rows: usize,
+        out: usize,
+        act: Act,
+    ) -> Result<()> {
+        if out % 8 != 0 {
+            candle_core::bail!("bias_act: {out} columns is not a multiple of 8");
+        }
+        let n8 = (rows * out / 8) as i64;
+        let blocks = (n8 as usize).div_ceil(256);
+        let act = match act {
+            Act::None => 0i32,
+            Act::GeluErf => 1,
+            Act::QuickGelu => 2,
+        };
+        launch!(
+            self,
+            self.bias_act,
+            cfg((blocks as u32, 1, 1), 256, 0),
+            y,
+            bias,
+            res,
+            n8,
+            out as i32,
+            act
+        )
+    }
+
+    /// The view `v` of bf16 elements at `src` (its start, 16-byte aligned) copied to `dst`,
+    /// contiguous.
+    pub fn permute(&self, src: u64, dst: u64, v: View) -> Result<()> {
+        let rank = v.n.iter().take_while(|&&n| n > 0).count();
+        let n: usize = v.n[..rank].iter().map(|&n| n as usize).product();
+        let n8 = (n / 8) as i32;
+        launch!(
+            self,
+            self.permute,
+            cfg(((n / 8).div_ceil(256) as u32, 1, 1), 256, 0),
+            src,
+            dst,
+            n8,
+            rank as i32,
+            v
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::fast::vision::FastVisionOps;
+    use crate::model::kernels::testutil::*;
+    use crate::model::kernels::Kernels;
+    use crate::model::vision::sam::get_rel_pos;
+    use crate::model::vision::{Act, ReferenceOps, VisionOps};
+    use candle_core::{DType, Tensor};
+    use std::sync::Arc;
+
+    /// The fused attention (cuBLAS scores + `sam_softmax` + cuBLAS) against the reference
+    /// attention computed in f32, on SAM's shapes, one per kernel variant: windows of 14x14 (196
+    /// keys: a warp per row) and global grids whose tables are resized (40x40 and 30x30 on tables
+    /// trained for 64: a block per row, 16- and 8-byte loads), 12 heads of 64.
+    #[test]
+    fn sam_attention_matches_the_reference() {
+        let (dev, cd) = device();
+        let fast = FastVisionOps::new(Arc::new(Kernels::load(&cd).unwrap()));
+        let cases = [
+            ("windows 14x14 (a warp per row)", 2 * 12, 14usize, 27usize),
+            ("global 40x40 (resized tables, 16-byte loads)", 12, 40, 127),
+            ("global 30x30 (8-byte loads)", 12, 30, 127),
+        ];
+        for (name, n, grid, table) in cases {
+            let t = grid * grid;
+            let d = 64;
+            let q = rand(&[n, t, d], 1.5, 41);
+            let kk = rand(&[n, t, d], 1.5, 42);
+            let v = rand(&[n, t, d], 1.0, 43);
+            let rel_h = rand(&[table, d], 0.5, 44);
+            let rel_w = rand(&[table, d], 0.5, 45);
+            let rh = get_rel_pos(grid, grid, &rel_h)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let rw = get_rel_pos(grid, grid, &rel_w)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let want = ReferenceOps
+                .attend(&q, &kk, &v, &rh, &rw, (grid, grid))
+                .unwrap();
+            let g = |x: &Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+            let got = fast
+                .attend(&g(&q), &g(&kk), &g(&v), &g(&rh), &g(&rw), (grid, grid))
+                .unwrap();
+            let diff = max_diff(&got, &want);
+            eprintln!("sam attention, {name}: max |diff| {diff:.3e} at |out| <= {:.2} (bf16 inputs vs f32 reference)", max_abs(&want));
+            // bf16 inputs (rounded q, k, v, tables) and bf16 probabilities: a few bf16 ulps at
+            // |out| < 1
+            assert!(diff <= 2.5e-2, "{name}: {diff}");
+        }
+    }
+
+    /// `contiguous` of the towers' permuted views (head split, window partition, a cropped
+    /// window unpartition) against candle's copy: bit-identical.
+    #[test]
+    fn permute_matches_candle_contiguous() {
+        let (dev, cd) = device();
+        let fast = FastVisionOps::new(Arc::new(Kernels::load(&cd).unwrap()));
+        let x = rand_bf16(&[2, 10, 3, 4, 64], 1.0, 61)
+            .to_device(&dev)
+            .unwrap();
+        let w = rand_bf16(&[1, 2, 14, 3, 14, 32], 1.0, 62)
+            .to_device(&dev)
+            .unwrap();
+        let cases: Vec<(&str, Tensor)> = vec![
+            ("qkv head split", x.permute((2, 0, 3, 1, 4)).unwrap()),
+            ("window partition", w.permute((0, 1, 3, 2, 4, 5)).unwrap()),
+            (
+                "cropped",
+                w.reshape((1, 28, 42, 32))
+                    .unwrap()
+                    .narrow(1, 0, 27)
+                    .unwrap()
+                    .narrow(2, 0, 40)
+                    .unwrap(),
+            ),
+        ];
+        for (name, v) in cases {
+            assert!(!v.is_contiguous(), "{name}");
+            let got = fast.contiguous(&v).unwrap();
+            assert!(got.is_contiguous());
+            let diff = max_diff(&got, &v.contiguous().unwrap());
+            eprintln!("permute, {name}: max |diff| {diff:.3e}");
+            assert_eq!(diff, 0.0, "{name}");
+        }
+    }
+
+    /// `linear` with each activation, with and without the residual, on CLIP's and SAM's
+    /// widths: the fused epilogue against the reference's ops, both in bf16 on the GPU.
+    #[test]
+    fn bias_act_linear_matches_the_reference() {
+        let (dev, cd) = device();
+        let fast = FastVisionOps::new(Arc::new(Kernels::load(&cd).unwrap()));
+        let (rows, k, out) = (37usize, 256usize, 1024usize);
+        let g = |x: Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+        let w = g(rand(&[out, k], 0.1, 51));
+        let b = g(rand(&[out], 1.0, 52));
+        let lin = candle_nn::Linear::new(w, Some(b));
+        // (2, rows, k): a batch dim, as the towers pass (b, t, c) or (b, h, w, c)
+        let x = g(rand(&[2, rows, k], 1.5, 53));
+        let res = g(rand(&[2, rows, out], 2.0, 54));
+        for act in [Act::None, Act::GeluErf, Act::QuickGelu] {
+            for r in [None, Some(&res)] {
+                let want = ReferenceOps.linear(&lin, &x, act, r).unwrap();
+                let got = fast.linear(&lin, &x, act, r).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let diff = max_diff(&got, &want);
+                eprintln!(
+                    "linear {act:?}, residual {}: max |diff| {diff:.3e} at |y| <= {:.2}",
+                    r.is_some(),
+                    max_abs(&want)
+                );
+                // the activation rounded once rather than per op: <= 2 bf16 ulps at |y| < 8
+                assert!(diff <= 6.25e-2, "{act:?} residual {}: {diff}", r.is_some());
+            }
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The operations of the vision towers that the GPU fast path replaces: SAM's attention with
+//! decomposed relative positions, a linear layer with its activation and residual add, and the
+//! copy of a permuted view (head splits and merges, window partitions).
+//! [`ReferenceOps`] computes them as deepencoder.py does (on every device; the default);
+//! `crate::model::fast::vision` fuses them on CUDA. A tower holds an `Arc<dyn VisionOps>` and
+//! [`crate::model::vision::DeepEncoder::set_ops`] swaps it.
+//!
+//! Owns: the contract (shapes, what is rounded where) and the reference. Does not own the
+//! towers' structure (`sam`, `clip`).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::Linear;
+
+use super::sam::{rel_pos_terms, sdpa};
+
+/// The activation a linear layer's output goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None,
+    /// `nn.GELU()`: `x * (1 + erf(x / sqrt 2)) / 2` (SAM's MLP).
+    GeluErf,
+    /// `x * sigmoid(1.702 x)` (CLIP's MLP).
+    QuickGelu,
+}
+
+impl Act {
+    /// The activation as the reference computes it (candle ops in the tensor's dtype).
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Act::None => Ok(x.clone()),
+            Act::GeluErf => x.gelu_erf(),
+            Act::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        }
+    }
+}
+
+pub trait VisionOps: Send + Sync {
+    /// SAM's attention over an `h x w` grid, `softmax(q k^T / sqrt(d) + rel_h + rel_w) v`
+    /// (`Attention.forward` with `add_decomposed_rel_pos`). `q`, `k`, `v`: `(n, h*w, d)`
+    /// contiguous; `rh` `(h, h, d)`, `rw` `(w, w, d)`: the tables `get_rel_pos` gathered.
+    /// Returns `(n, h*w, d)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rh: &Tensor,
+        rw: &Tensor,
+        hw: (usize, usize),
+    ) -> Result<Tensor>;
+
+    /// `act(l(x)) + residual` over the last dim of `x`, each step rounded to the dtype as the
+    /// reference's ops round.
+    fn linear(&self, l: &Linear, x: &Tensor, act: Act, residual: Option<&Tensor>)
+        -> Result<Tensor>;
+
+    /// `x` with contiguous storage (a copy when it is a strided view), same values.
+    fn contiguous(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// deepencoder.py as written: the full relative-position bias, then [`sdpa`]; candle's linear,
+/// then the activation and the add as separate ops.
+pub struct ReferenceOps;
+
+impl VisionOps for ReferenceOps {
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rh: &Tensor,
+        rw: &Tensor,
+        hw: (usize, usize),
+    ) -> Result<Tensor> {
+        let (rel_h, rel_w) = rel_pos_terms(q, rh, rw, hw, hw)?;
+        // attn_bias = (rel_h[..., None] + rel_w[..., None, :]).view(B, nH, q_h*q_w, k_h*k_w)
+        let (b, t, _) = q.dims3()?;
+        let bias = rel_h
+            .unsqueeze(4)?
+            .broadcast_add(&rel_w.unsqueeze(3)?)?
+            .reshape((b, t, t))?;
+        sdpa(q, k, v, Some(&bias))
+    }
+
+    fn linear(
+        &self,
+        l: &Linear,
+        x: &Tensor,
+        act: Act,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let y = act.apply(&l.forward(x)?)?;
+        match residual {
+            Some(r) => r + y,
+            None => Ok(y),
+        }
+    }
+
+    fn contiguous(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()
+    }
+}
