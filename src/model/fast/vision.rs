@@ -18,7 +18,7 @@ use half::bf16;
 
 use crate::model::kernels::vision::{View, SAM_HEAD_DIMS};
 use crate::model::kernels::{tensor_ptr, view_ptr, Kernels};
-use crate::model::vision::{Act, DeepEncoder, ReferenceOps, VisionOps};
+use crate::model::vision::{Act, DeepEncoder, GridAttention, ReferenceOps, VisionOps};
 
 /// The fused vision ops, bf16 on CUDA; any other dtype or device goes to [`ReferenceOps`].
 pub struct FastVisionOps {
@@ -57,21 +57,15 @@ fn ptr(t: &Tensor) -> Result<u64> {
 }
 
 impl VisionOps for FastVisionOps {
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        rh: &Tensor,
-        rw: &Tensor,
-        (h, w): (usize, usize),
-    ) -> Result<Tensor> {
-        let (n, t, d) = q.dims3()?;
-        if !fusable(&[q, k, v, rh, rw]) || t != h * w || t % 4 != 0 || !SAM_HEAD_DIMS.contains(&d) {
-            return ReferenceOps.attend(q, k, v, rh, rw, (h, w));
+    fn attend(&self, a: &GridAttention<'_>) -> Result<Tensor> {
+        let (n, t, d) = a.q.dims3()?;
+        let (h, w) = a.hw;
+        let shapes_fit = t == h * w && t % 4 == 0 && SAM_HEAD_DIMS.contains(&d);
+        if !fusable(&[a.q, a.k, a.v, a.rh, a.rw]) || !shapes_fit {
+            return ReferenceOps.attend(a);
         }
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let (rh, rw) = (rh.contiguous()?, rw.contiguous()?);
+        let (q, k, v) = (a.q.contiguous()?, a.k.contiguous()?, a.v.contiguous()?);
+        let (rh, rw) = (a.rh.contiguous()?, a.rw.contiguous()?);
         let scale = 1.0 / (d as f32).sqrt();
         // the scores of at most SCORE_BYTES at once (a few heads of a global view, every
         // window of a windowed block): the device's peak stays low

@@ -177,7 +177,7 @@ mod tests {
     use crate::model::kernels::testutil::*;
     use crate::model::kernels::Kernels;
     use crate::model::vision::sam::get_rel_pos;
-    use crate::model::vision::{Act, ReferenceOps, VisionOps};
+    use crate::model::vision::{Act, GridAttention, ReferenceOps, VisionOps};
     use candle_core::{DType, Tensor};
     use std::sync::Arc;
 
@@ -210,13 +210,22 @@ mod tests {
                 .unwrap()
                 .contiguous()
                 .unwrap();
-            let want = ReferenceOps
-                .attend(&q, &kk, &v, &rh, &rw, (grid, grid))
-                .unwrap();
+            // [q, k, v, rh, rw] through `ops`
+            let attend = |ops: &dyn VisionOps, t: [&Tensor; 5]| {
+                let (q, k, v, rh, rw) = (t[0], t[1], t[2], t[3], t[4]);
+                ops.attend(&GridAttention {
+                    q,
+                    k,
+                    v,
+                    rh,
+                    rw,
+                    hw: (grid, grid),
+                })
+                .unwrap()
+            };
+            let want = attend(&ReferenceOps, [&q, &kk, &v, &rh, &rw]);
             let g = |x: &Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
-            let got = fast
-                .attend(&g(&q), &g(&kk), &g(&v), &g(&rh), &g(&rw), (grid, grid))
-                .unwrap();
+            let got = attend(&fast, [&g(&q), &g(&kk), &g(&v), &g(&rh), &g(&rw)]);
             let diff = max_diff(&got, &want);
             eprintln!("sam attention, {name}: max |diff| {diff:.3e} at |out| <= {:.2} (bf16 inputs vs f32 reference)", max_abs(&want));
             // bf16 inputs (rounded q, k, v, tables) and bf16 probabilities: a few bf16 ulps at

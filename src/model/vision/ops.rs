@@ -34,21 +34,22 @@ impl Act {
     }
 }
 
+/// The inputs of SAM's attention over one `h x w` grid: `q`, `k`, `v` `(n, h*w, d)`
+/// contiguous (n = views x heads, or windows x heads); `rh` `(h, h, d)`, `rw` `(w, w, d)`: the
+/// relative-position tables `get_rel_pos` gathered for this grid.
+pub struct GridAttention<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub rh: &'a Tensor,
+    pub rw: &'a Tensor,
+    pub hw: (usize, usize),
+}
+
 pub trait VisionOps: Send + Sync {
-    /// SAM's attention over an `h x w` grid, `softmax(q k^T / sqrt(d) + rel_h + rel_w) v`
-    /// (`Attention.forward` with `add_decomposed_rel_pos`). `q`, `k`, `v`: `(n, h*w, d)`
-    /// contiguous; `rh` `(h, h, d)`, `rw` `(w, w, d)`: the tables `get_rel_pos` gathered.
-    /// Returns `(n, h*w, d)`.
-    #[allow(clippy::too_many_arguments)]
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        rh: &Tensor,
-        rw: &Tensor,
-        hw: (usize, usize),
-    ) -> Result<Tensor>;
+    /// SAM's attention, `softmax(q k^T / sqrt(d) + rel_h + rel_w) v` (`Attention.forward` with
+    /// `add_decomposed_rel_pos`): `(n, h*w, d)`.
+    fn attend(&self, a: &GridAttention<'_>) -> Result<Tensor>;
 
     /// `act(l(x)) + residual` over the last dim of `x`, each step rounded to the dtype as the
     /// reference's ops round.
@@ -64,23 +65,15 @@ pub trait VisionOps: Send + Sync {
 pub struct ReferenceOps;
 
 impl VisionOps for ReferenceOps {
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        rh: &Tensor,
-        rw: &Tensor,
-        hw: (usize, usize),
-    ) -> Result<Tensor> {
-        let (rel_h, rel_w) = rel_pos_terms(q, rh, rw, hw, hw)?;
+    fn attend(&self, a: &GridAttention<'_>) -> Result<Tensor> {
+        let (rel_h, rel_w) = rel_pos_terms(a.q, a.rh, a.rw, a.hw, a.hw)?;
         // attn_bias = (rel_h[..., None] + rel_w[..., None, :]).view(B, nH, q_h*q_w, k_h*k_w)
-        let (b, t, _) = q.dims3()?;
+        let (b, t, _) = a.q.dims3()?;
         let bias = rel_h
             .unsqueeze(4)?
             .broadcast_add(&rel_w.unsqueeze(3)?)?
             .reshape((b, t, t))?;
-        sdpa(q, k, v, Some(&bias))
+        sdpa(a.q, a.k, a.v, Some(&bias))
     }
 
     fn linear(

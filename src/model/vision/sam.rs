@@ -15,7 +15,7 @@ use candle_nn::{
 };
 
 use super::interp;
-use super::ops::{Act, ReferenceOps, VisionOps};
+use super::ops::{Act, GridAttention, ReferenceOps, VisionOps};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamConfig {
@@ -218,7 +218,8 @@ impl Attention {
         let k = qkv.get(1)?;
         let v = qkv.get(2)?;
         let tables = self.tables(h, w)?;
-        let x = ops.attend(&q, &k, &v, &tables.0, &tables.1, (h, w))?;
+        let (rh, rw) = (&tables.0, &tables.1);
+        let x = ops.attend(&GridAttention { q: &q, k: &k, v: &v, rh, rw, hw: (h, w) })?;
         // x.view(B, nHead, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
         let x = x.reshape((b, nh, h, w, hd))?.permute((0, 2, 3, 1, 4))?;
         ops.contiguous(&x)?.reshape((b, h, w, c))
@@ -516,17 +517,9 @@ mod tests {
     );
 
     impl VisionOps for Counting {
-        fn attend(
-            &self,
-            q: &Tensor,
-            k: &Tensor,
-            v: &Tensor,
-            rh: &Tensor,
-            rw: &Tensor,
-            hw: (usize, usize),
-        ) -> Result<Tensor> {
+        fn attend(&self, a: &GridAttention<'_>) -> Result<Tensor> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            ReferenceOps.attend(q, k, v, rh, rw, hw)
+            ReferenceOps.attend(a)
         }
 
         fn linear(&self, l: &Linear, x: &Tensor, act: Act, r: Option<&Tensor>) -> Result<Tensor> {
