@@ -2,9 +2,9 @@
 //! [`VisionOps`] swapped for [`FastVisionOps`]: SAM's attention as cuBLAS + the fused
 //! `sam_softmax` kernel (the relative-position bias is never materialised, the scores are held
 //! a few heads at a time), every linear layer as one cuBLAS GEMM + the `bias_act` epilogue
-//! (bias, activation and residual add in one pass), and the head splits, merges and window
-//! partitions as the `permute` kernel. The rest (layer norms, convolutions, CLIP's softmax
-//! attention, the layout) is the reference path's code.
+//! (bias, activation and residual add in one pass), the head splits, merges and window
+//! partitions as the `permute` kernel, the layer norms as `layer_norm`. The rest (convolutions,
+//! the neck's channel norms, CLIP's softmax attention, the layout) is the reference path's code.
 //!
 //! Owns: the fused ops and [`accelerate`]. Does not own the towers' structure nor their
 //! weights ([`crate::model::vision`]).
@@ -16,9 +16,9 @@ use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor};
 use candle_nn::Linear;
 use half::bf16;
 
-use crate::model::kernels::vision::{View, SAM_HEAD_DIMS};
+use crate::model::kernels::vision::{View, LAYER_NORM_MAX, SAM_HEAD_DIMS};
 use crate::model::kernels::{tensor_ptr, view_ptr, Kernels};
-use crate::model::vision::{Act, DeepEncoder, GridAttention, ReferenceOps, VisionOps};
+use crate::model::vision::{Act, DeepEncoder, GridAttention, Norm, ReferenceOps, VisionOps};
 
 /// The fused vision ops, bf16 on CUDA; any other dtype or device goes to [`ReferenceOps`].
 pub struct FastVisionOps {
@@ -141,6 +141,27 @@ impl VisionOps for FastVisionOps {
         let out = self.uninit(dev, x.dims())?;
         self.k.permute(view_ptr::<bf16>(x)?, ptr(&out)?, view)?;
         Ok(out)
+    }
+
+    fn layer_norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor> {
+        let Some(b) = n.ln.bias() else {
+            return ReferenceOps.layer_norm(n, x);
+        };
+        let w = n.ln.weight();
+        let c = x.dim(candle_core::D::Minus1)?;
+        let (Device::Cuda(dev), true) = (
+            x.device(),
+            fusable(&[x, w, b]) && c % 8 == 0 && c <= LAYER_NORM_MAX,
+        ) else {
+            return ReferenceOps.layer_norm(n, x);
+        };
+        let x = x.contiguous()?;
+        let (w, b) = (w.contiguous()?, b.contiguous()?);
+        let y = self.uninit(dev, x.dims())?;
+        let rows = x.elem_count() / c;
+        self.k
+            .layer_norm(ptr(&x)?, ptr(&w)?, ptr(&b)?, ptr(&y)?, rows, c, n.eps)?;
+        Ok(y)
     }
 }
 

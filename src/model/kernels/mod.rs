@@ -49,6 +49,7 @@ mod ptx {
     ptx!(SAM_SOFTMAX, "sam_softmax");
     ptx!(BIAS_ACT, "bias_act");
     ptx!(PERMUTE, "permute");
+    ptx!(LAYER_NORM, "layer_norm");
 }
 
 pub(crate) fn cuda_err(e: impl std::fmt::Display) -> candle_core::Error {
@@ -167,6 +168,7 @@ pub struct Kernels {
     sam_softmax_rows_v4: CudaFunction,
     bias_act: CudaFunction,
     permute: CudaFunction,
+    layer_norm: CudaFunction,
     /// `OCR_PATCH_LINEAR=cublas`: every projection through cuBLAS (to compare).
     cublas_only: bool,
 }
@@ -237,6 +239,7 @@ impl Kernels {
 
             bias_act: f("bias_act", ptx::BIAS_ACT)?,
             permute: f("permute", ptx::PERMUTE)?,
+            layer_norm: f("layer_norm", ptx::LAYER_NORM)?,
             cublas_only: std::env::var("OCR_PATCH_LINEAR").is_ok_and(|v| v == "cublas"),
             stream,
         })

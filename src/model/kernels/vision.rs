@@ -1,9 +1,10 @@
 //! The vision towers' kernels: `sam_softmax` (SAM's attention probabilities with the decomposed
 //! relative positions, the bias never materialised), `bias_act` (a linear layer's bias,
-//! activation and residual add in one pass over cuBLAS's output) and `permute` (a strided view
-//! made contiguous, 16 bytes per thread). References: [`crate::model::vision::ReferenceOps`]
+//! activation and residual add in one pass over cuBLAS's output), `permute` (a strided view
+//! made contiguous, 16 bytes per thread) and `layer_norm` (a warp per row). References: [`crate::model::vision::ReferenceOps`]
 //! (`attend`: the full bias + `sdpa`; `linear`: candle's linear, the activation and the add as
-//! separate ops; `contiguous`: candle's copy), the vision encoder's own code.
+//! separate ops; `contiguous`: candle's copy; `layer_norm`: candle's), the vision encoder's own
+//! code.
 
 use candle_core::cuda_backend::cudarc;
 use candle_core::Result;
@@ -13,6 +14,9 @@ use crate::model::vision::Act;
 
 /// Scores per row one thread of `sam_softmax` keeps in registers (`SAM_MAXV` in the kernel).
 const SAM_MAXV: usize = 16;
+
+/// The widest row `layer_norm` takes (`LN_MAXU` 16-byte loads per lane).
+pub const LAYER_NORM_MAX: usize = 1024;
 
 /// Head dims `sam_softmax` takes (`d / 8` lanes per relative-position term must divide a warp).
 pub const SAM_HEAD_DIMS: [usize; 6] = [8, 16, 32, 64, 128, 256];
@@ -152,6 +156,38 @@ impl Kernels {
         )
     }
 
+    /// `y` `(rows, c)` = the layer norm of `x` `(rows, c)` with `w`, `b` `(c)`, all bf16; `c` a
+    /// multiple of 8, at most [`LAYER_NORM_MAX`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn layer_norm(
+        &self,
+        x: u64,
+        w: u64,
+        b: u64,
+        y: u64,
+        rows: usize,
+        c: usize,
+        eps: f64,
+    ) -> Result<()> {
+        if c % 8 != 0 || c > LAYER_NORM_MAX || rows > i32::MAX as usize {
+            candle_core::bail!(
+                "layer_norm: {rows} rows of {c} (a multiple of 8, at most {LAYER_NORM_MAX})"
+            );
+        }
+        launch!(
+            self,
+            self.layer_norm,
+            cfg((rows.div_ceil(8) as u32, 1, 1), 256, 0),
+            x,
+            w,
+            b,
+            y,
+            rows as i32,
+            c as i32,
+            eps as f32
+        )
+    }
+
     /// The view `v` of bf16 elements at `src` (its start, 16-byte aligned) copied to `dst`,
     /// contiguous.
     pub fn permute(&self, src: u64, dst: u64, v: View) -> Result<()> {
@@ -177,7 +213,7 @@ mod tests {
     use crate::model::kernels::testutil::*;
     use crate::model::kernels::Kernels;
     use crate::model::vision::sam::get_rel_pos;
-    use crate::model::vision::{Act, GridAttention, ReferenceOps, VisionOps};
+    use crate::model::vision::{Act, GridAttention, Norm, ReferenceOps, VisionOps};
     use candle_core::{DType, Tensor};
     use std::sync::Arc;
 
@@ -266,6 +302,38 @@ mod tests {
             let diff = max_diff(&got, &v.contiguous().unwrap());
             eprintln!("permute, {name}: max |diff| {diff:.3e}");
             assert_eq!(diff, 0.0, "{name}");
+        }
+    }
+
+    /// `layer_norm` against candle's layer norm (the reference's), SAM's and CLIP's widths.
+    #[test]
+    fn layer_norm_matches_candle() {
+        let (dev, cd) = device();
+        let fast = FastVisionOps::new(Arc::new(Kernels::load(&cd).unwrap()));
+        for (c, eps) in [(768usize, 1e-6), (1024, 1e-5), (40, 1e-6)] {
+            let mut m = std::collections::HashMap::new();
+            m.insert(
+                "weight".to_string(),
+                rand_bf16(&[c], 1.5, 71).to_device(&dev).unwrap(),
+            );
+            m.insert(
+                "bias".to_string(),
+                rand_bf16(&[c], 0.5, 72).to_device(&dev).unwrap(),
+            );
+            let vb = candle_nn::VarBuilder::from_tensors(m, DType::BF16, &dev);
+            let n = Norm::new(c, eps, vb).unwrap();
+            // (2, 37, c) around an offset, as the towers' residual streams
+            let x = (rand_bf16(&[2, 37, c], 2.0, 73).to_device(&dev).unwrap() + 3.0).unwrap();
+            let want = ReferenceOps.layer_norm(&n, &x).unwrap();
+            let got = fast.layer_norm(&n, &x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = max_diff(&got, &want);
+            eprintln!(
+                "layer_norm, {c} wide: max |diff| {diff:.3e} at |y| <= {:.2}",
+                max_abs(&want)
+            );
+            // f32 statistics in another order: one bf16 ulp at |y| < 8
+            assert!(diff <= 3.2e-2, "{c}: {diff}");
         }
     }
 

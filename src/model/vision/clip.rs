@@ -9,11 +9,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, Result, Tensor};
+use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 
 use super::interp;
-use super::ops::{Act, ReferenceOps, VisionOps};
+use super::ops::{Act, Norm, ReferenceOps, VisionOps};
 use super::sam::{sdpa, GridCache};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,9 +80,9 @@ impl Attention {
 }
 
 struct Block {
-    layer_norm1: LayerNorm,
+    layer_norm1: Norm,
     self_attn: Attention,
-    layer_norm2: LayerNorm,
+    layer_norm2: Norm,
     fc1: Linear,
     fc2: Linear,
     span: tracing::Span,
@@ -92,14 +92,14 @@ impl Block {
     fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            layer_norm1: layer_norm(h, cfg.layernorm_epsilon, vb.pp("layer_norm1"))?,
+            layer_norm1: Norm::new(h, cfg.layernorm_epsilon, vb.pp("layer_norm1"))?,
             self_attn: Attention {
                 qkv_proj: linear(h, 3 * h, vb.pp("self_attn.qkv_proj"))?,
                 out_proj: linear(h, h, vb.pp("self_attn.out_proj"))?,
                 num_heads: cfg.num_attention_heads,
                 span: tracing::span!(tracing::Level::TRACE, "clip-attn"),
             },
-            layer_norm2: layer_norm(h, cfg.layernorm_epsilon, vb.pp("layer_norm2"))?,
+            layer_norm2: Norm::new(h, cfg.layernorm_epsilon, vb.pp("layer_norm2"))?,
             fc1: linear(h, cfg.ffn_hidden_size, vb.pp("mlp.fc1"))?,
             fc2: linear(cfg.ffn_hidden_size, h, vb.pp("mlp.fc2"))?,
             span: tracing::span!(tracing::Level::TRACE, "clip-block"),
@@ -111,10 +111,10 @@ impl Block {
         // h = x + self_attn(layer_norm1(x)); h + mlp(layer_norm2(h)), mlp = fc2(quick_gelu(fc1))
         let h = self
             .self_attn
-            .forward(&self.layer_norm1.forward(x)?, x, ops)?;
+            .forward(&ops.layer_norm(&self.layer_norm1, x)?, x, ops)?;
         let m = ops.linear(
             &self.fc1,
-            &self.layer_norm2.forward(&h)?,
+            &ops.layer_norm(&self.layer_norm2, &h)?,
             Act::QuickGelu,
             None,
         )?;
@@ -126,7 +126,7 @@ impl Block {
 pub struct VitModel {
     class_embedding: Tensor,
     position_embedding: Embedding,
-    pre_layrnorm: LayerNorm,
+    pre_layrnorm: Norm,
     layers: Vec<Block>,
     /// tokens -> [`Self::abs_pos`] when resized (computed on the host once per size).
     abs_pos_cache: GridCache<usize, Tensor>,
@@ -145,7 +145,7 @@ impl VitModel {
         Ok(Self {
             class_embedding: emb.get(h, "class_embedding")?,
             position_embedding: embedding(cfg.num_positions(), h, emb.pp("position_embedding"))?,
-            pre_layrnorm: layer_norm(h, cfg.pre_layernorm_epsilon, vb.pp("pre_layrnorm"))?,
+            pre_layrnorm: Norm::new(h, cfg.pre_layernorm_epsilon, vb.pp("pre_layrnorm"))?,
             layers,
             abs_pos_cache: Default::default(),
             ops: Arc::new(ReferenceOps),
@@ -211,7 +211,7 @@ impl VitModel {
         let x = Tensor::cat(&[&cls, &patches], 1)?;
         let n = x.dim(1)?;
         let x = x.broadcast_add(&self.abs_pos(n)?)?;
-        let mut h = self.pre_layrnorm.forward(&x)?;
+        let mut h = self.ops.layer_norm(&self.pre_layrnorm, &x)?;
         for layer in &self.layers {
             h = layer.forward(&h, self.ops.as_ref())?;
         }

@@ -1,6 +1,6 @@
 //! The operations of the vision towers that the GPU fast path replaces: SAM's attention with
-//! decomposed relative positions, a linear layer with its activation and residual add, and the
-//! copy of a permuted view (head splits and merges, window partitions).
+//! decomposed relative positions, a linear layer with its activation and residual add, the
+//! copy of a permuted view (head splits and merges, window partitions) and the layer norms.
 //! [`ReferenceOps`] computes them as deepencoder.py does (on every device; the default);
 //! `crate::model::fast::vision` fuses them on CUDA. A tower holds an `Arc<dyn VisionOps>` and
 //! [`crate::model::vision::DeepEncoder::set_ops`] swaps it.
@@ -9,7 +9,7 @@
 //! towers' structure (`sam`, `clip`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::Linear;
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use super::sam::{rel_pos_terms, sdpa};
 
@@ -46,6 +46,23 @@ pub struct GridAttention<'a> {
     pub hw: (usize, usize),
 }
 
+/// `nn.LayerNorm` with its eps readable (candle's keeps it private): the fast path's kernel
+/// needs it, and one constructor keeps the two from disagreeing.
+pub struct Norm {
+    pub ln: LayerNorm,
+    pub eps: f64,
+}
+
+impl Norm {
+    /// `weight` and `bias` of `dim` under `vb`.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            ln: candle_nn::layer_norm(dim, eps, vb)?,
+            eps,
+        })
+    }
+}
+
 pub trait VisionOps: Send + Sync {
     /// SAM's attention, `softmax(q k^T / sqrt(d) + rel_h + rel_w) v` (`Attention.forward` with
     /// `add_decomposed_rel_pos`): `(n, h*w, d)`.
@@ -58,6 +75,9 @@ pub trait VisionOps: Send + Sync {
 
     /// `x` with contiguous storage (a copy when it is a strided view), same values.
     fn contiguous(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The layer norm over the last dim of `x`.
+    fn layer_norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor>;
 }
 
 /// deepencoder.py as written: the full relative-position bias, then [`sdpa`]; candle's linear,
@@ -92,5 +112,9 @@ impl VisionOps for ReferenceOps {
 
     fn contiguous(&self, x: &Tensor) -> Result<Tensor> {
         x.contiguous()
+    }
+
+    fn layer_norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor> {
+        n.ln.forward(x)
     }
 }

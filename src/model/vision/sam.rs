@@ -10,12 +10,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{
-    conv2d, conv2d_no_bias, layer_norm, linear, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder,
-};
+use candle_nn::{conv2d, conv2d_no_bias, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use super::interp;
-use super::ops::{Act, GridAttention, ReferenceOps, VisionOps};
+use super::ops::{Act, GridAttention, Norm, ReferenceOps, VisionOps};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamConfig {
@@ -219,7 +217,14 @@ impl Attention {
         let v = qkv.get(2)?;
         let tables = self.tables(h, w)?;
         let (rh, rw) = (&tables.0, &tables.1);
-        let x = ops.attend(&GridAttention { q: &q, k: &k, v: &v, rh, rw, hw: (h, w) })?;
+        let x = ops.attend(&GridAttention {
+            q: &q,
+            k: &k,
+            v: &v,
+            rh,
+            rw,
+            hw: (h, w),
+        })?;
         // x.view(B, nHead, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
         let x = x.reshape((b, nh, h, w, hd))?.permute((0, 2, 3, 1, 4))?;
         ops.contiguous(&x)?.reshape((b, h, w, c))
@@ -271,9 +276,9 @@ pub fn window_unpartition(
 }
 
 struct Block {
-    norm1: LayerNorm,
+    norm1: Norm,
     attn: Attention,
-    norm2: LayerNorm,
+    norm2: Norm,
     lin1: Linear,
     lin2: Linear,
     window_size: usize,
@@ -292,9 +297,9 @@ impl Block {
         };
         let mlp_dim = (dim as f64 * cfg.mlp_ratio) as usize;
         Ok(Self {
-            norm1: layer_norm(dim, cfg.layer_norm_eps, vb.pp("norm1"))?,
+            norm1: Norm::new(dim, cfg.layer_norm_eps, vb.pp("norm1"))?,
             attn: Attention::new(dim, cfg.num_heads, input_size, vb.pp("attn"))?,
-            norm2: layer_norm(dim, cfg.layer_norm_eps, vb.pp("norm2"))?,
+            norm2: Norm::new(dim, cfg.layer_norm_eps, vb.pp("norm2"))?,
             lin1: linear(dim, mlp_dim, vb.pp("mlp.lin1"))?,
             lin2: linear(mlp_dim, dim, vb.pp("mlp.lin2"))?,
             window_size,
@@ -305,7 +310,7 @@ impl Block {
     fn forward(&self, x: &Tensor, ops: &dyn VisionOps) -> Result<Tensor> {
         let _enter = self.span.enter();
         let shortcut = x;
-        let x = self.norm1.forward(x)?;
+        let x = ops.layer_norm(&self.norm1, x)?;
         let y = if self.window_size > 0 {
             let (_, h, w, _) = x.dims4()?;
             let (win, pad_hw) = window_partition(&x, self.window_size, ops)?;
@@ -319,7 +324,12 @@ impl Block {
         // cropped), with the residual add fused
         let x = ops.linear(&self.attn.proj, &y, Act::None, Some(shortcut))?;
         // x = x + self.mlp(self.norm2(x)); MLPBlock: lin2(GELU(lin1(x))), nn.GELU's exact (erf) form
-        let m = ops.linear(&self.lin1, &self.norm2.forward(&x)?, Act::GeluErf, None)?;
+        let m = ops.linear(
+            &self.lin1,
+            &ops.layer_norm(&self.norm2, &x)?,
+            Act::GeluErf,
+            None,
+        )?;
         ops.linear(&self.lin2, &m, Act::None, Some(&x))
     }
 }
@@ -529,6 +539,10 @@ mod tests {
 
         fn contiguous(&self, x: &Tensor) -> Result<Tensor> {
             x.contiguous()
+        }
+
+        fn layer_norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor> {
+            ReferenceOps.layer_norm(n, x)
         }
     }
 
