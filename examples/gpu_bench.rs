@@ -27,6 +27,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
+use ocr_patch::bench::{median, view_pixels};
 use ocr_patch::model::generate::{self, GenerationConfig, Sampling, Step};
 use ocr_patch::model::{DeepseekOcr, LocalTiles, OcrConfig, VisionConfig, Weights};
 use serde_json::json;
@@ -70,43 +71,9 @@ struct Args {
     logits: Option<PathBuf>,
 }
 
-/// golden/README.md: `u8 = (3*x*(c+1) + 5*y + 2*((x XOR y) AND 63) + 50*c + 37*view) mod 256`,
-/// `pixel = (f32(u8) / 255 - 0.5) / 0.5` in f32. Returns `(3, h, w)` values.
-/// With `page`, `u8' = 255 - (u8 >> 2)`: a bright, document-like image. The golden pattern's
-/// pixels sum to ~0 (exactly 0 once in bf16), and the remote code takes `sum(pixels) == 0` to
-/// mean "no image" and skips the vision tower; `page` keeps both engines on the vision path.
-fn view_pixels(view: u64, h: usize, w: usize, x0: usize, y0: usize, page: bool) -> Vec<f32> {
-    let mut out = Vec::with_capacity(3 * h * w);
-    for c in 0..3u64 {
-        for y in 0..h as u64 {
-            for x in 0..w as u64 {
-                let (x, y) = (x + x0 as u64, y + y0 as u64);
-                let u = (3 * x * (c + 1) + 5 * y + 2 * ((x ^ y) & 63) + 50 * c + 37 * view) % 256;
-                let u = if page { 255 - (u >> 2) } else { u };
-                out.push((u as f32 / 255.0 - 0.5) / 0.5);
-            }
-        }
-    }
-    out
-}
-
 fn sync(dev: &Device) -> Result<()> {
     dev.synchronize()?;
     Ok(())
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
 }
 
 /// Runs `f` `warmup` times untimed, then `repeat` times timed (ms, synchronised).
@@ -239,13 +206,8 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let text = OcrConfig::from_file(&args.model_dir.join("config.json"))?.text()?;
     let weights = Weights::open_dir(&args.model_dir)?;
-    let model = DeepseekOcr::from_weights(
-        &text,
-        &VisionConfig::deepseek_ocr(),
-        &weights,
-        dtype,
-        &dev,
-    )?;
+    let model =
+        DeepseekOcr::from_weights(&text, &VisionConfig::deepseek_ocr(), &weights, dtype, &dev)?;
     sync(&dev)?;
     let load_s = t.elapsed().as_secs_f64();
     let after_load = used_now(&dev);
@@ -258,8 +220,12 @@ fn main() -> Result<()> {
         "golden" => false,
         p => bail!("--pixels {p}: expected page or golden"),
     };
-    let global = Tensor::from_vec(view_pixels(0, 1024, 1024, 0, 0, page), (1, 3, 1024, 1024), &dev)?
-        .to_dtype(dtype)?;
+    let global = Tensor::from_vec(
+        view_pixels(0, 1024, 1024, 0, 0, page),
+        (1, 3, 1024, 1024),
+        &dev,
+    )?
+    .to_dtype(dtype)?;
     let (wt, ht, ts) = (3usize, 2usize, 640usize);
     let mut tiles = Vec::with_capacity(wt * ht * 3 * ts * ts);
     for i in 0..wt * ht {
@@ -270,7 +236,10 @@ fn main() -> Result<()> {
     let mut real_ids = vec![0u32];
     real_ids.extend(std::iter::repeat(IMAGE_TOKEN_ID).take(n_img));
     real_ids.extend(PROMPT_TAIL_IDS);
-    let ids: Vec<u32> = real_ids.iter().map(|&i| if i < vocab { i } else { i % vocab }).collect();
+    let ids: Vec<u32> = real_ids
+        .iter()
+        .map(|&i| if i < vocab { i } else { i % vocab })
+        .collect();
     let mask: Vec<bool> = (0..ids.len()).map(|p| p >= 1 && p <= n_img).collect();
     let input_ids = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
 
@@ -403,7 +372,10 @@ fn main() -> Result<()> {
             Tensor::from_vec(flat, (n, text.vocab_size), &Device::Cpu)?,
         );
         let toks: Vec<i64> = g.tokens[..n].iter().map(|&t| t as i64).collect();
-        t.insert("tokens".to_string(), Tensor::new(toks.as_slice(), &Device::Cpu)?);
+        t.insert(
+            "tokens".to_string(),
+            Tensor::new(toks.as_slice(), &Device::Cpu)?,
+        );
         t.insert("vision_rows".to_string(), stages.0.clone());
         t.insert("hidden".to_string(), stages.1.clone());
         candle_core::safetensors::save(&t, path)?;

@@ -98,6 +98,21 @@ fn decode_run(fast: &FastDecoder, n: usize, steps: usize) -> Result<(Vec<f64>, V
 
 /// Prefills slot 0 with `embeds`, copies it to slots `1..n`, and gives every sequence its own
 /// current token (so that the sequences route to different experts, as different prompts do).
+/// Batch-1 decode as measured: warm-up steps, then `c.decode_runs` runs of `c.steps` steps
+/// from the prompt; every step's ms and the last run's tokens.
+fn timed_decode_runs(fast: &mut FastDecoder, embeds: &Tensor, vocab: usize, c: &BenchConfig) -> Result<(Vec<f64>, Vec<u32>)> {
+    start_batch(fast, embeds, 1, vocab)?;
+    decode_run(fast, 1, c.warmup_steps)?;
+    let (mut times, mut tokens) = (vec![], vec![]);
+    for _ in 0..c.decode_runs {
+        start_batch(fast, embeds, 1, vocab)?;
+        let (t, tk) = decode_run(fast, 1, c.steps)?;
+        times.extend(t);
+        tokens = tk;
+    }
+    Ok((times, tokens))
+}
+
 fn start_batch(fast: &mut FastDecoder, embeds: &Tensor, n: usize, vocab: usize) -> Result<()> {
     fast.prefill(0, embeds)?;
     let first = fast.tokens(1)?[0];
@@ -243,30 +258,9 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
     let peak_prompt = sampler.finish();
     let sampler = MemSampler::start(cd);
     // ---- batch-1 decode: eager launches, then the CUDA graph ----
-    start_batch(&mut fast, &embeds, 1, vocab)?;
-    decode_run(&fast, 1, c.warmup_steps)?;
-    let mut eager = vec![];
-    let mut eager_tokens = vec![];
-    for _ in 0..c.decode_runs {
-        start_batch(&mut fast, &embeds, 1, vocab)?;
-        let (t, tk) = decode_run(&fast, 1, steps)?;
-        eager.extend(t);
-        eager_tokens = tk;
-    }
+    let (eager, eager_tokens) = timed_decode_runs(&mut fast, &embeds, vocab, c)?;
     let graph = match fast.capture(1) {
-        Ok(()) => {
-            start_batch(&mut fast, &embeds, 1, vocab)?;
-            decode_run(&fast, 1, c.warmup_steps)?;
-            let mut g = vec![];
-            let mut toks = vec![];
-            for _ in 0..c.decode_runs {
-                start_batch(&mut fast, &embeds, 1, vocab)?;
-                let (t, tk) = decode_run(&fast, 1, steps)?;
-                g.extend(t);
-                toks = tk;
-            }
-            Ok((g, toks))
-        }
+        Ok(()) => Ok(timed_decode_runs(&mut fast, &embeds, vocab, c)?),
         Err(e) => Err(format!("{e}")),
     };
     let peak_b1 = sampler.finish();

@@ -229,16 +229,7 @@ impl OcrEngine {
             model: &self.model.text,
             cache: self.model.text.new_cache(),
         };
-        let out = self
-            .model
-            .text
-            .forward_embeds(&embeds, &mut session.cache, false)?;
-        let first: Vec<f32> = self
-            .model
-            .text
-            .logits(&out.last_hidden_state.narrow(1, n - 1, 1)?)?
-            .flatten_all()?
-            .to_vec1()?;
+        let first = self.prefill(&embeds, &mut session.cache)?;
         let cfg = self.infer_config(n, max_new_tokens);
         let mut stream = StreamDecoder::new(&self.tokenizer);
         let mut err = None;

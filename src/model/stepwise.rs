@@ -146,6 +146,19 @@ impl OcrEngine {
         }
     }
 
+    /// `embeds` `(1, n, h)` through the decoder into `cache`; the logits of the last position
+    /// (the first token's), on the host. Shared by [`Self::start`] and [`OcrEngine::run`].
+    pub(crate) fn prefill(&self, embeds: &Tensor, cache: &mut Cache) -> Result<Vec<f32>, OcrError> {
+        let n = embeds.dim(1)?;
+        let out = self.model.text.forward_embeds(embeds, cache, false)?;
+        Ok(self
+            .model
+            .text
+            .logits(&out.last_hidden_state.narrow(1, n - 1, 1)?)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+
     /// Prefill: the prompt's embeddings with `features` (from [`Self::encode_views`]) in its
     /// image positions, through the decoder into a fresh cache. `cfg.max_new_tokens` is cut to
     /// what the context leaves.
@@ -164,13 +177,7 @@ impl OcrEngine {
             decoder::merge_image_features(&embeds.squeeze(0)?, &prompt.images_seq_mask, features)?
                 .unsqueeze(0)?;
         let mut cache = self.model.text.new_cache();
-        let out = self.model.text.forward_embeds(&embeds, &mut cache, false)?;
-        let first: Vec<f32> = self
-            .model
-            .text
-            .logits(&out.last_hidden_state.narrow(1, n - 1, 1)?)?
-            .flatten_all()?
-            .to_vec1()?;
+        let first = self.prefill(&embeds, &mut cache)?;
         Ok(Sequence {
             cache,
             decoding: Decoding::new(cfg, &prompt.input_ids),
