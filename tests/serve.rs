@@ -7,6 +7,8 @@
 //! are 4xx JSON errors while the server keeps serving.
 #![cfg(feature = "serve")]
 
+mod png_support;
+use png_support::png_bomb;
 #[path = "serve_support/mod.rs"]
 mod support;
 
