@@ -11,7 +11,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
-use super::sam::{rel_pos_terms, sdpa};
+use super::sam::{rel_pos_bias, sdpa};
 
 /// The activation a linear layer's output goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,13 +86,7 @@ pub struct ReferenceOps;
 
 impl VisionOps for ReferenceOps {
     fn attend(&self, a: &GridAttention<'_>) -> Result<Tensor> {
-        let (rel_h, rel_w) = rel_pos_terms(a.q, a.rh, a.rw, a.hw, a.hw)?;
-        // attn_bias = (rel_h[..., None] + rel_w[..., None, :]).view(B, nH, q_h*q_w, k_h*k_w)
-        let (b, t, _) = a.q.dims3()?;
-        let bias = rel_h
-            .unsqueeze(4)?
-            .broadcast_add(&rel_w.unsqueeze(3)?)?
-            .reshape((b, t, t))?;
+        let bias = rel_pos_bias(a.q, a.rh, a.rw, a.hw, a.hw)?;
         sdpa(a.q, a.k, a.v, Some(&bias))
     }
 

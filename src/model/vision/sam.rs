@@ -102,35 +102,15 @@ pub fn get_rel_pos(q_size: usize, k_size: usize, rel_pos: &Tensor) -> Result<Ten
     resized.index_select(&idx, 0)?.reshape((q_size, k_size, c))
 }
 
-/// `add_decomposed_rel_pos` folded into the attention bias: `(b, q_h*q_w, k_h*k_w)`.
-pub fn decomposed_rel_pos_bias(
-    q: &Tensor,
-    rel_pos_h: &Tensor,
-    rel_pos_w: &Tensor,
-    (q_h, q_w): (usize, usize),
-    (k_h, k_w): (usize, usize),
-) -> Result<Tensor> {
-    let rh = get_rel_pos(q_h, k_h, rel_pos_h)?; // (q_h, k_h, c)
-    let rw = get_rel_pos(q_w, k_w, rel_pos_w)?; // (q_w, k_w, c)
-    let (rel_h, rel_w) = rel_pos_terms(q, &rh, &rw, (q_h, q_w), (k_h, k_w))?;
-    // attn_bias = (rel_h[..., None] + rel_w[..., None, :]).view(B, nH, q_h*q_w, k_h*k_w)
-    let b = q.dim(0)?;
-    rel_h
-        .unsqueeze(4)?
-        .broadcast_add(&rel_w.unsqueeze(3)?)?
-        .reshape((b, q_h * q_w, k_h * k_w))
-}
-
-/// The two terms of [`decomposed_rel_pos_bias`] from the tables [`get_rel_pos`] gathered
-/// (`rh` `(q_h, k_h, c)`, `rw` `(q_w, k_w, c)`): `rel_h` `(b, q_h, q_w, k_h)` and `rel_w`
-/// `(b, q_h, q_w, k_w)` (strided views).
-pub fn rel_pos_terms(
+/// `add_decomposed_rel_pos` folded into the attention bias, `(b, q_h*q_w, k_h*k_w)`, from the
+/// tables [`get_rel_pos`] gathered: `rh` `(q_h, k_h, c)`, `rw` `(q_w, k_w, c)`.
+pub fn rel_pos_bias(
     q: &Tensor,
     rh: &Tensor,
     rw: &Tensor,
     (q_h, q_w): (usize, usize),
     (k_h, k_w): (usize, usize),
-) -> Result<(Tensor, Tensor)> {
+) -> Result<Tensor> {
     let (b, _, c) = q.dims3()?;
     let r_q = q.reshape((b, q_h, q_w, c))?;
     // rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh): batch the matmul over h.
@@ -147,7 +127,11 @@ pub fn rel_pos_terms(
         .matmul(&rw.transpose(1, 2)?.contiguous()?)?
         .reshape((q_w, b, q_h, k_w))?
         .permute((1, 2, 0, 3))?;
-    Ok((rel_h, rel_w))
+    // attn_bias = (rel_h[..., None] + rel_w[..., None, :]).view(B, nH, q_h*q_w, k_h*k_w)
+    rel_h
+        .unsqueeze(4)?
+        .broadcast_add(&rel_w.unsqueeze(3)?)?
+        .reshape((b, q_h * q_w, k_h * k_w))
 }
 
 /// Values that depend only on the grid size, computed at its first use: `get_rel_pos`'s
@@ -660,7 +644,8 @@ mod tests {
         let q = Tensor::new(&[[[1f32], [2.0], [3.0], [4.0]]], &dev).unwrap(); // b=1, 2x2 grid, c=1
         let rh = Tensor::new(&[[10f32], [20.0], [30.0]], &dev).unwrap();
         let rw = Tensor::new(&[[1f32], [2.0], [3.0]], &dev).unwrap();
-        let bias = decomposed_rel_pos_bias(&q, &rh, &rw, (2, 2), (2, 2)).unwrap();
+        let (rh, rw) = (get_rel_pos(2, 2, &rh).unwrap(), get_rel_pos(2, 2, &rw).unwrap());
+        let bias = rel_pos_bias(&q, &rh, &rw, (2, 2), (2, 2)).unwrap();
         let bias = bias.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
         // query (h=1, w=0) = 3.0; key (kh=0, kw=1): q*Rh[1-0+1] + q*Rw[0-1+1] = 3*30 + 3*1
         assert_eq!(bias[2][1], 93.0);
