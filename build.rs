@@ -21,14 +21,16 @@ fn main() {
         Some(root) => PathBuf::from(root).join("bin").join("nvcc"),
         None => PathBuf::from("nvcc"),
     };
-    let mut entries: Vec<PathBuf> = std::fs::read_dir("kernels")
+    let mut files: Vec<PathBuf> = std::fs::read_dir("kernels")
         .expect("kernels/ exists next to Cargo.toml")
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
         .collect();
-    entries.sort();
-    for cu in entries {
-        println!("cargo:rerun-if-changed={}", cu.display());
+    files.sort();
+    // headers (`*.cuh`) too: an edit of one must rebuild the kernels that include it
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    for cu in files.iter().filter(|p| p.extension().is_some_and(|x| x == "cu")) {
         let stem = cu.file_stem().expect("a .cu file has a stem").to_string_lossy().into_owned();
         let ptx = out.join(format!("{stem}.ptx"));
         let status = Command::new(&nvcc)
@@ -37,7 +39,7 @@ fn main() {
             .arg("-Ikernels")
             .arg("-o")
             .arg(&ptx)
-            .arg(&cu)
+            .arg(cu)
             .status()
             .unwrap_or_else(|e| panic!("cannot run nvcc ({}): {e}; eval \"$(../shared/tools/cuda-build-env.sh)\" first", nvcc.display()));
         assert!(status.success(), "nvcc failed on {}", cu.display());

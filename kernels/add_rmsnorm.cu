@@ -5,38 +5,75 @@
 //           weighted sum of the experts' outputs, shared experts with weight 1)
 //   resid <- x (modes 1, 2); out = bf16(bf16(x / sqrt(mean(x^2) + eps)) * weight)
 // resid, delta, out: (rows, h) bf16; slot_out: (rows*k, h) f32; slot_w: (rows*k) f32;
-// weight: (h) bf16. Grid: rows blocks of 512 threads; dynamic shared memory h floats.
+// weight: (h) bf16. h a multiple of 8, at most 8192.
+// Grid: rows blocks of ceil(h / 256) * 32 threads, a thread per 8 columns: every load of the
+// row (residual, delta or the slots' outputs, the norm's weight) is issued at once, so the
+// kernel waits on memory about once (it is latency-bound: one row of 1280 is 2.5 KB).
 #include "common.cuh"
+
+__device__ __forceinline__ void unpack8(uint4 u, float* v) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __bfloat1622float2(p[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ uint4 pack8(const float* v) {
+  uint4 u;
+  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+  return u;
+}
 
 extern "C" __global__ void add_rmsnorm(bf16* __restrict__ resid, const bf16* __restrict__ delta,
                                        const float* __restrict__ slot_out,
                                        const float* __restrict__ slot_w, int k, int mode,
                                        const bf16* __restrict__ weight, bf16* __restrict__ out,
                                        int h, float eps) {
-  extern __shared__ float xs[];
   __shared__ float red[32];
-  int r = blockIdx.x;
-  bf16* x = resid + (size_t)r * h;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < h; i += blockDim.x) {
-    float v = bf(x[i]);
-    if (mode == 1) {
-      v = round_bf16(v + bf(delta[(size_t)r * h + i]));
-      x[i] = f2bf(v);
-    } else if (mode == 2) {
-      float d = 0.f;
-#pragma unroll 8
-      for (int j = 0; j < k; ++j)
-        d = fmaf(slot_w[r * k + j], slot_out[((size_t)r * k + j) * h + i], d);
-      v = round_bf16(v + round_bf16(d));
-      x[i] = f2bf(v);
+  int r = blockIdx.x, c = threadIdx.x, nc = h / 8;
+  bool on = c < nc;
+  uint4* x8 = reinterpret_cast<uint4*>(resid + (size_t)r * h);
+  uint4 wt = on ? __ldg(reinterpret_cast<const uint4*>(weight) + c) : make_uint4(0u, 0u, 0u, 0u);
+  float v[8];
+  unpack8(on ? x8[c] : make_uint4(0u, 0u, 0u, 0u), v);
+  if (mode == 1 && on) {
+    float d[8];
+    unpack8(reinterpret_cast<const uint4*>(delta + (size_t)r * h)[c], d);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = round_bf16(v[i] + d[i]);
+  } else if (mode == 2 && on) {
+    float d[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) d[i] = 0.f;
+#pragma unroll 4
+    for (int j = 0; j < k; ++j) {
+      float wj = slot_w[r * k + j];
+      const float4* so = reinterpret_cast<const float4*>(slot_out + ((size_t)r * k + j) * h) + 2 * c;
+      float4 a = so[0], b = so[1];
+      d[0] = fmaf(wj, a.x, d[0]); d[1] = fmaf(wj, a.y, d[1]);
+      d[2] = fmaf(wj, a.z, d[2]); d[3] = fmaf(wj, a.w, d[3]);
+      d[4] = fmaf(wj, b.x, d[4]); d[5] = fmaf(wj, b.y, d[5]);
+      d[6] = fmaf(wj, b.z, d[6]); d[7] = fmaf(wj, b.w, d[7]);
     }
-    xs[i] = v;
-    ss = fmaf(v, v, ss);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = round_bf16(v[i] + round_bf16(d[i]));
   }
+  // the values are bf16 now: packing them back is exact
+  if (mode != 0 && on) x8[c] = pack8(v);
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
   ss = block_sum(ss, red);
   float denom = sqrtf(ss / (float)h + eps);
-  bf16* o = out + (size_t)r * h;
-  for (int i = threadIdx.x; i < h; i += blockDim.x)
-    o[i] = f2bf(round_bf16(xs[i] / denom) * bf(weight[i]));
+  if (!on) return;
+  float w[8], o[8];
+  unpack8(wt, w);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = round_bf16(v[i] / denom) * w[i];
+  reinterpret_cast<uint4*>(out + (size_t)r * h)[c] = pack8(o);
 }

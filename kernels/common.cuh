@@ -47,6 +47,21 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return t;
 }
 
+// cos and sin of half-split RoPE's pair i (of hd/2) at position p, as the reference's
+// rope_tables: inv_freq = 1 / theta^(2i/hd) and p * inv_freq in f32, each rounded to bf16.
+__device__ __forceinline__ void rope_cs(uint32_t p, int i, int hd, float theta, float* c, float* s) {
+  float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+  float f = (float)p * inv_freq;
+  *c = round_bf16(cosf(f));
+  *s = round_bf16(sinf(f));
+}
+
+// p[c] when c < n, else zeros: the predicated 16-byte load the matrix-vector kernels issue
+// several of before using any.
+__device__ __forceinline__ uint4 load_or_zero(const uint4* __restrict__ p, int c, int n) {
+  return c < n ? __ldg(p + c) : make_uint4(0u, 0u, 0u, 0u);
+}
+
 // Dot product of 8 bf16 pairs packed in two uint4, accumulated in f32.
 __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
   const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);

@@ -1,11 +1,15 @@
 // linear: y (rows, out) = x (rows, k) . w (out, k)^T in bf16 with f32 accumulation, for the
 // decode step's few rows (attention projections), where cuBLAS's GEMM tiles leave HBM
 // bandwidth unused. A warp per output row reads that row of w once for every row of x
-// (rows taken 4 at a time), 8 bf16 per load. k a multiple of 8.
+// (rows taken 4 at a time): each lane first issues all of its loads of a span of U * 256
+// columns (8 bf16 per load, predicated), then multiplies, so a warp keeps U loads in flight
+// instead of waiting on one at a time; a row that fits one span (k <= U * 256) stays in
+// registers for every row of x. k a multiple of 8.
 // Grid: ceil(out / 8) blocks of 256 threads.
 #include "common.cuh"
 
 #define CHUNK 4
+#define U 8
 
 extern "C" __global__ void linear(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                   bf16* __restrict__ y, int rows, int k, int out) {
@@ -14,6 +18,12 @@ extern "C" __global__ void linear(const bf16* __restrict__ x, const bf16* __rest
   if (o >= out) return;
   const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)o * k);
   int nc = k / 8;
+  bool resident = nc <= 32 * U;  // the whole row in registers, read once for every row of x
+  uint4 wv[U];
+  if (resident) {
+#pragma unroll
+    for (int i = 0; i < U; ++i) wv[i] = load_or_zero(wr, lane + 32 * i, nc);
+  }
   for (int r0 = 0; r0 < rows; r0 += CHUNK) {
     int nr = min(CHUNK, rows - r0);
     const uint4* xr[CHUNK];
@@ -22,10 +32,20 @@ extern "C" __global__ void linear(const bf16* __restrict__ x, const bf16* __rest
     float acc[CHUNK];
 #pragma unroll
     for (int t = 0; t < CHUNK; ++t) acc[t] = 0.f;
-    for (int c = lane; c < nc; c += 32) {
-      uint4 wv = wr[c];
+    for (int c0 = lane; c0 < nc; c0 += 32 * U) {
+      if (!resident) {
 #pragma unroll
-      for (int t = 0; t < CHUNK; ++t) acc[t] += dot8(wv, xr[t][c]);
+        for (int i = 0; i < U; ++i) wv[i] = load_or_zero(wr, c0 + 32 * i, nc);
+      }
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        int c = c0 + 32 * i;
+        if (c < nc) {
+#pragma unroll
+          for (int t = 0; t < CHUNK; ++t)
+            if (t < nr) acc[t] += dot8(wv[i], xr[t][c]);
+        }
+      }
     }
 #pragma unroll
     for (int t = 0; t < CHUNK; ++t) {

@@ -3,12 +3,16 @@
 // a row's slots is done by add_rmsnorm (mode 2), fused with the residual add and the next norm.
 // w_down: (e_total, h, inter) bf16; act: (n_slots, inter) bf16; slot_out: (n_slots, h) f32;
 // offsets, list, active, n_active: from moe_plan. inter a multiple of 8.
-// Grid: (min(e_total, n_slots), ceil(h / (8 * RPW))) blocks of 256 threads (a warp per RPW
-// output rows).
+// A warp per RPW output rows: each lane issues all its loads of a span of U * 256 columns
+// before using any; when a row fits one span (inter <= U * 256, the routed experts) the rows
+// stay in registers for all the expert's slots, else spans are reloaded per 4 slots (the dense
+// MLP's wide down_proj).
+// Grid: (min(e_total, n_slots), ceil(h / (8 * RPW))) blocks of 256 threads.
 #include "common.cuh"
 
 #define CHUNK 4
-#define RPW 4
+#define RPW 2
+#define U 4
 
 extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16* __restrict__ act,
                                     const int* __restrict__ offsets, const int* __restrict__ list,
@@ -25,6 +29,14 @@ extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16*
   for (int q = 0; q < RPW; ++q)
     w[q] = reinterpret_cast<const uint4*>(w_down + ((size_t)ex * h + min(row0 + q, h - 1)) * inter);
   int nc = inter / 8;
+  bool resident = nc <= 32 * U;
+  uint4 wv[RPW][U];
+  if (resident) {
+#pragma unroll
+    for (int q = 0; q < RPW; ++q)
+#pragma unroll
+      for (int i = 0; i < U; ++i) wv[q][i] = load_or_zero(w[q], lane + 32 * i, nc);
+  }
   for (int s0 = beg; s0 < end; s0 += CHUNK) {
     int ns = min(CHUNK, end - s0);
     const uint4* ar[CHUNK];
@@ -39,15 +51,24 @@ extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16*
     for (int q = 0; q < RPW; ++q)
 #pragma unroll
       for (int t = 0; t < CHUNK; ++t) acc[q][t] = 0.f;
-    for (int c = lane; c < nc; c += 32) {
-      uint4 wv[RPW];
+    for (int c0 = lane; c0 < nc; c0 += 32 * U) {
+      if (!resident) {
 #pragma unroll
-      for (int q = 0; q < RPW; ++q) wv[q] = w[q][c];
+        for (int q = 0; q < RPW; ++q)
 #pragma unroll
-      for (int t = 0; t < CHUNK; ++t) {
-        uint4 av = ar[t][c];
+          for (int i = 0; i < U; ++i) wv[q][i] = load_or_zero(w[q], c0 + 32 * i, nc);
+      }
 #pragma unroll
-        for (int q = 0; q < RPW; ++q) acc[q][t] += dot8(wv[q], av);
+      for (int i = 0; i < U; ++i) {
+        int c = c0 + 32 * i;
+        if (c >= nc) break;
+#pragma unroll
+        for (int t = 0; t < CHUNK; ++t) {
+          if (t >= ns) break;
+          uint4 av = ar[t][c];
+#pragma unroll
+          for (int q = 0; q < RPW; ++q) acc[q][t] += dot8(wv[q][i], av);
+        }
       }
     }
 #pragma unroll

@@ -2,15 +2,18 @@
 // slot routed to it, act[slot] = silu(gate_proj(x)) * up_proj(x) (DeepseekV2MLP), each
 // product rounded to bf16 as the reference's bf16 ops round. The expert's weights are read
 // once per block and reused for all of its slots: decode reads only the chosen experts.
+// A warp per intermediate row: each lane issues all its loads of a span of U * 256 columns
+// (both matrices) before using any; when the row fits one span (h <= U * 256) it stays in
+// registers for all the expert's slots (w read once from memory), else spans are reloaded per
+// 4 slots.
 // w_gate, w_up: (e_total, inter, h) bf16; x: (rows, h) bf16, slot s belongs to row s / k;
 // offsets, list, active, n_active: from moe_plan (block x serves the x-th expert that has
 // slots); act: (n_slots, inter) bf16. h a multiple of 8.
-// Grid: (min(e_total, n_slots), ceil(inter / (8 * RPW))) blocks of 256 threads (a warp per RPW
-// intermediate rows).
+// Grid: (min(e_total, n_slots), ceil(inter / 8)) blocks of 256 threads.
 #include "common.cuh"
 
 #define CHUNK 4
-#define RPW 2
+#define U 5
 
 extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf16* __restrict__ w_up,
                                        const bf16* __restrict__ x, const int* __restrict__ offsets,
@@ -21,17 +24,20 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf
   int ex = active[blockIdx.x];
   int beg = offsets[ex], end = offsets[ex + 1];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int row0 = (blockIdx.y * (blockDim.x >> 5) + warp) * RPW;
-  if (row0 >= inter) return;
-  const uint4* wg[RPW];
-  const uint4* wu[RPW];
-#pragma unroll
-  for (int q = 0; q < RPW; ++q) {
-    int row = min(row0 + q, inter - 1);
-    wg[q] = reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h);
-    wu[q] = reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h);
-  }
+  int row = blockIdx.y * (blockDim.x >> 5) + warp;
+  if (row >= inter) return;
+  const uint4* wg = reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h);
+  const uint4* wu = reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h);
   int nc = h / 8;
+  bool resident = nc <= 32 * U;
+  uint4 g[U], u[U];
+  if (resident) {
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      g[i] = load_or_zero(wg, lane + 32 * i, nc);
+      u[i] = load_or_zero(wu, lane + 32 * i, nc);
+    }
+  }
   for (int s0 = beg; s0 < end; s0 += CHUNK) {
     int ns = min(CHUNK, end - s0);
     const uint4* xr[CHUNK];
@@ -41,35 +47,38 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf
       sl[t] = list[s0 + min(t, ns - 1)];
       xr[t] = reinterpret_cast<const uint4*>(x + (size_t)(sl[t] / k) * h);
     }
-    float ag[RPW][CHUNK], au[RPW][CHUNK];
+    float ag[CHUNK], au[CHUNK];
 #pragma unroll
-    for (int q = 0; q < RPW; ++q)
+    for (int t = 0; t < CHUNK; ++t) ag[t] = au[t] = 0.f;
+    for (int c0 = lane; c0 < nc; c0 += 32 * U) {
+      if (!resident) {
 #pragma unroll
-      for (int t = 0; t < CHUNK; ++t) ag[q][t] = au[q][t] = 0.f;
-    for (int c = lane; c < nc; c += 32) {
-      uint4 g[RPW], u[RPW];
+        for (int i = 0; i < U; ++i) {
+          g[i] = load_or_zero(wg, c0 + 32 * i, nc);
+          u[i] = load_or_zero(wu, c0 + 32 * i, nc);
+        }
+      }
 #pragma unroll
-      for (int q = 0; q < RPW; ++q) { g[q] = wg[q][c]; u[q] = wu[q][c]; }
+      for (int i = 0; i < U; ++i) {
+        int c = c0 + 32 * i;
+        if (c >= nc) break;
 #pragma unroll
-      for (int t = 0; t < CHUNK; ++t) {
-        uint4 xv = xr[t][c];
-#pragma unroll
-        for (int q = 0; q < RPW; ++q) {
-          ag[q][t] += dot8(g[q], xv);
-          au[q][t] += dot8(u[q], xv);
+        for (int t = 0; t < CHUNK; ++t) {
+          if (t >= ns) break;
+          uint4 xv = xr[t][c];
+          ag[t] += dot8(g[i], xv);
+          au[t] += dot8(u[i], xv);
         }
       }
     }
 #pragma unroll
-    for (int q = 0; q < RPW; ++q)
-#pragma unroll
-      for (int t = 0; t < CHUNK; ++t) {
-        float gsum = warp_sum(ag[q][t]), usum = warp_sum(au[q][t]);
-        if (lane == 0 && t < ns && row0 + q < inter) {
-          float g = round_bf16(gsum);
-          float a = round_bf16(g / (1.f + expf(-g)));
-          act[(size_t)sl[t] * inter + row0 + q] = f2bf(a * round_bf16(usum));
-        }
+    for (int t = 0; t < CHUNK; ++t) {
+      float gsum = warp_sum(ag[t]), usum = warp_sum(au[t]);
+      if (lane == 0 && t < ns) {
+        float gr = round_bf16(gsum);
+        float a = round_bf16(gr / (1.f + expf(-gr)));
+        act[(size_t)sl[t] * inter + row] = f2bf(a * round_bf16(usum));
       }
+    }
   }
 }

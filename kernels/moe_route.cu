@@ -6,35 +6,31 @@
 // The row's slots: k = topk + n_fixed; slot j < topk is the j-th chosen expert, slots
 // topk..k are the fixed experts e_routed + s with weight 1 (the shared experts, split into
 // moe_intermediate_size-wide pieces; the dense MLP is one fixed expert).
-// x: (rows, h) bf16; gate_w: (e, h) bf16; bias: (e) f32 or null; slot_expert: (rows*k) i32;
-// slot_w: (rows*k) f32. Grid: rows blocks of 1024 threads (a warp per 1/32 of the gate's rows).
-// e <= 512, topk <= 32.
-// Greedy routing (DeepSeek-OCR's) picks with one warp's shuffles; the group methods, rarer, with
-// one thread.
-#include "common.cuh"
+// Then the plan (moe_plan.cuh) of all rows' slots, so the grouped kernels follow directly.
+// Three stages in one launch, each finished by the last block to arrive (a counter in `done`,
+// reset by that block for the next launch or graph replay):
+//   1. block (r, g) computes the gate logits of experts g*8 .. g*8+7 of row r (a warp per
+//      expert: the gate's rows are spread over the GPU, not read by one SM) into `logits`;
+//   2. the last of row r's blocks chooses its experts (greedy: one warp's shuffles; the group
+//      methods, rarer: one thread);
+//   3. the last row to be chosen plans the slots of every row.
+// x: (rows, h) bf16; gate_w: (e, h) bf16; bias: (e) f32 or null; logits: (rows, e) f32
+// scratch; done: (rows + 1) i32, zero before the first launch; slot_expert: (rows*k) i32;
+// slot_w: (rows*k) f32; offsets, list, active, n_active: as moe_plan, over e_total experts.
+// Grid: (rows, ceil(e / 8)) blocks of 256 threads. e <= 512, topk <= 32, e_total <= 1024.
+#include "moe_plan.cuh"
 
 #define MAX_E 512
+#define MAX_E_TOTAL 1024
+#define U 5
 
-extern "C" __global__ void __launch_bounds__(1024) moe_route(const bf16* __restrict__ x, const bf16* __restrict__ gate_w,
-                                     const float* __restrict__ bias, int h, int e, int topk,
-                                     int n_fixed, int method, int scoring, int n_group,
-                                     int topk_group, int norm_topk, float scale,
-                                     int* __restrict__ slot_expert, float* __restrict__ slot_w) {
-  __shared__ float s[MAX_E];     // scores
-  __shared__ float tmp[MAX_E];   // scores used for the choice
-  __shared__ float gs[MAX_E];    // group scores
-  __shared__ unsigned char used[MAX_E];
-  int r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)r * h);
-  for (int ex = warp; ex < e; ex += nw) {
-    const uint4* wr = reinterpret_cast<const uint4*>(gate_w + (size_t)ex * h);
-    float acc = 0.f;
-#pragma unroll 5
-    for (int c = lane; c < h / 8; c += 32) acc += dot8(wr[c], xr[c]);
-    acc = warp_sum(acc);
-    if (lane == 0) s[ex] = acc;
-  }
-  __syncthreads();
+// The choice of row r's experts from its logits s (shared memory, e of them); writes the
+// row's k slots. Called by the whole block; greedy uses warp 0, the group methods thread 0.
+__device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int r,
+                       const float* __restrict__ bias, int e, int topk, int n_fixed, int method,
+                       int scoring, int n_group, int topk_group, int norm_topk, float scale,
+                       int* __restrict__ slot_expert, float* __restrict__ slot_w) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int k = topk + n_fixed;
   int* se = slot_expert + (size_t)r * k;
   float* sw = slot_w + (size_t)r * k;
@@ -158,4 +154,63 @@ extern "C" __global__ void __launch_bounds__(1024) moe_route(const bf16* __restr
     se[topk + f] = e + f;
     sw[topk + f] = 1.f;
   }
+}
+
+extern "C" __global__ void moe_route(const bf16* __restrict__ x, const bf16* __restrict__ gate_w,
+                                     const float* __restrict__ bias, int h, int e, int topk,
+                                     int n_fixed, int method, int scoring, int n_group,
+                                     int topk_group, int norm_topk, float scale,
+                                     float* __restrict__ logits, int* __restrict__ done,
+                                     int* __restrict__ slot_expert, float* __restrict__ slot_w,
+                                     int e_total, int* __restrict__ offsets,
+                                     int* __restrict__ list, int* __restrict__ active,
+                                     int* __restrict__ n_active) {
+  __shared__ float s[MAX_E];     // scores
+  __shared__ float tmp[MAX_E];   // scores used for the choice
+  __shared__ float gs[MAX_E];    // group scores
+  __shared__ unsigned char used[MAX_E];
+  __shared__ int cnt[MAX_E_TOTAL];
+  __shared__ int last;
+  int r = blockIdx.x, rows = gridDim.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // 1. logits of this block's experts
+  int ex = blockIdx.y * (blockDim.x >> 5) + warp;
+  if (ex < e) {
+    const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)r * h);
+    const uint4* wr = reinterpret_cast<const uint4*>(gate_w + (size_t)ex * h);
+    int nc = h / 8;
+    float acc = 0.f;
+    for (int c0 = lane; c0 < nc; c0 += 32 * U) {
+      uint4 wv[U];
+#pragma unroll
+      for (int i = 0; i < U; ++i) wv[i] = load_or_zero(wr, c0 + 32 * i, nc);
+#pragma unroll
+      for (int i = 0; i < U; ++i)
+        if (c0 + 32 * i < nc) acc += dot8(wv[i], xr[c0 + 32 * i]);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) logits[(size_t)r * e + ex] = acc;
+  }
+  // 2. the row's last block chooses
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(&done[r], 1) == (int)gridDim.y - 1;
+    if (last) done[r] = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  for (int i = threadIdx.x; i < e; i += blockDim.x) s[i] = __ldcg(logits + (size_t)r * e + i);
+  __syncthreads();
+  choose(s, tmp, gs, used, r, bias, e, topk, n_fixed, method, scoring, n_group, topk_group,
+         norm_topk, scale, slot_expert, slot_w);
+  // 3. the last row chosen plans every row's slots
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(&done[rows], 1) == rows - 1;
+    if (last) done[rows] = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  plan_slots(slot_expert, rows * (topk + n_fixed), e_total, cnt, offsets, list, active, n_active);
 }

@@ -24,9 +24,8 @@ extern "C" __global__ void rope_kv(bf16* __restrict__ qkv, const uint32_t* __res
   }
   bf16* kdst = head >= nh ? k_cache + (((size_t)slot[r] * nkv + (head - nh)) * max_t + p) * hd : nullptr;
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
-    float f = (float)p * inv_freq;
-    float c = round_bf16(cosf(f)), s = round_bf16(sinf(f));
+    float c, s;
+    rope_cs(p, i, hd, theta, &c, &s);
     float x1 = bf(x[i]), x2 = bf(x[i + half]);
     bf16 o1 = f2bf(x1 * c - x2 * s), o2 = f2bf(x2 * c + x1 * s);
     if (kdst) {

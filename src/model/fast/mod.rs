@@ -24,8 +24,8 @@ use half::bf16;
 
 use crate::model::config::{TextConfig, TopkMethod};
 use crate::model::generate::NoRepeatNgram;
-use crate::model::kernels::attn::AttnShape;
-use crate::model::kernels::moe::{Groups, RouteParams};
+use crate::model::kernels::attn::{AttnShape, SplitScratch};
+use crate::model::kernels::moe::{Groups, RouteParams, RouteScratch};
 use crate::model::kernels::norm::Delta;
 use crate::model::kernels::sample::{NgramParams, StepState};
 use crate::model::kernels::{copy_d2d, cuda_err, tensor_ptr, Buf, Kernels};
@@ -81,9 +81,12 @@ pub struct FastDecoder {
     qkv: Buf<bf16>,
     attn: Buf<bf16>,
     attn_part: Buf<f32>,
+    attn_done: Buf<i32>,
     delta: Buf<bf16>,
     slot_expert: Buf<i32>,
     slot_w: Buf<f32>,
+    route_logits: Buf<f32>,
+    route_done: Buf<i32>,
     dense_expert: Buf<i32>,
     ones: Buf<f32>,
     offsets: Buf<i32>,
@@ -249,9 +252,12 @@ impl FastDecoder {
             qkv: Buf::zeros(dev, r * (nh + 2 * nkv) * hd)?,
             attn: Buf::zeros(dev, r * nh * hd)?,
             attn_part: Buf::zeros(dev, s * nh * crate::model::kernels::attn::split_count(opts.max_t) * (hd + 2))?,
+            attn_done: Buf::zeros(dev, s * nh)?,
             delta: Buf::zeros(dev, r * hs)?,
             slot_expert: Buf::zeros(dev, r * kmax)?,
             slot_w: Buf::zeros(dev, r * kmax)?,
+            route_logits: Buf::zeros(dev, r * e_max)?,
+            route_done: Buf::zeros(dev, r + 1)?,
             dense_expert: Buf::zeros(dev, r)?,
             ones,
             offsets: Buf::zeros(dev, e_max + 1)?,
@@ -306,22 +312,20 @@ impl FastDecoder {
             }
             k.linear(self.h.ptr, l.wqkv.ptr, self.qkv.ptr, n, hs, width)?;
             let (kc, vc) = (self.kc[li].ptr, self.vc[li].ptr);
-            k.rope_kv(self.qkv.ptr, pos, slot, kc, vc, n, s, self.cfg.rope_theta)?;
             // decode (few rows): keys split over more blocks; prefill: one block per row and head
             // (from 16 rows on, rows x heads blocks fill the GPU without splitting)
-            let split = (decode && n < 16).then_some(self.attn_part.ptr);
-            k.decode_attn(self.qkv.ptr, pos, slot, kc, vc, self.attn.ptr, n, s, split)?;
+            let split = SplitScratch { part: self.attn_part.ptr, done: self.attn_done.ptr };
+            let split = (decode && n < 16).then_some(&split);
+            if decode {
+                // every row its own slot: RoPE and the cache append inside the attention's launch
+                k.decode_attn(self.qkv.ptr, pos, slot, kc, vc, self.attn.ptr, n, s, split, Some(self.cfg.rope_theta))?;
+            } else {
+                k.rope_kv(self.qkv.ptr, pos, slot, kc, vc, n, s, self.cfg.rope_theta)?;
+                k.decode_attn(self.qkv.ptr, pos, slot, kc, vc, self.attn.ptr, n, s, split, None)?;
+            }
             k.linear(self.attn.ptr, l.wo.ptr, self.delta.ptr, n, s.heads * s.head_dim, hs)?;
             k.add_rmsnorm(self.x.ptr, Delta::Rows(self.delta.ptr), l.ln2.ptr, self.h.ptr, n, hs, eps)?;
             let f = &l.ffn;
-            let (se, sw) = match &f.route {
-                Some((gw, bias, p)) => {
-                    let b = bias.as_ref().map_or(0, |b| b.ptr);
-                    k.moe_route(self.h.ptr, gw.ptr, b, n, hs, p, self.slot_expert.ptr, self.slot_w.ptr)?;
-                    (self.slot_expert.ptr, self.slot_w.ptr)
-                }
-                None => (self.dense_expert.ptr, self.ones.ptr),
-            };
             let g = Groups {
                 offsets: self.offsets.ptr,
                 list: self.list.ptr,
@@ -329,7 +333,19 @@ impl FastDecoder {
                 n_active: self.n_active.ptr,
             };
             let ns = n * f.k;
-            k.moe_plan(se, ns, f.e_total, &g)?;
+            // routed layers plan their slots in moe_route's launch; the dense layer's are fixed
+            let sw = match &f.route {
+                Some((gw, bias, p)) => {
+                    let b = bias.as_ref().map_or(0, |b| b.ptr);
+                    let scratch = RouteScratch { logits: self.route_logits.ptr, done: self.route_done.ptr };
+                    k.moe_route(self.h.ptr, gw.ptr, b, n, hs, p, &scratch, self.slot_expert.ptr, self.slot_w.ptr, &g)?;
+                    self.slot_w.ptr
+                }
+                None => {
+                    k.moe_plan(self.dense_expert.ptr, ns, f.e_total, &g)?;
+                    self.ones.ptr
+                }
+            };
             k.moe_gate_up(f.w_gate.ptr, f.w_up.ptr, self.h.ptr, &g, ns, f.k, f.e_total, f.inter, hs, self.act.ptr)?;
             k.moe_down(f.w_down.ptr, self.act.ptr, &g, ns, f.e_total, f.inter, hs, self.slot_out.ptr)?;
             let next = self.layers.get(li + 1).map_or(self.norm.ptr, |l| l.ln1.ptr);

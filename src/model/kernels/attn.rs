@@ -1,6 +1,6 @@
 //! `rope_kv` (half-split RoPE of q and k at each row's position, k and v appended to the
-//! preallocated cache) and `decode_attn` (one query row per block over its sequence's cache,
-//! causal by position). Reference: [`crate::model::decoder::attention`]'s `rope_tables` +
+//! preallocated cache: prefill) and `decode_attn` (one query row per block over its sequence's
+//! cache, causal by position; for decode it also does rope_kv's work, in the same launch). Reference: [`crate::model::decoder::attention`]'s `rope_tables` +
 //! candle's `rope` and the MHA's `softmax(q k^T / sqrt(d)) v` with grouped kv heads.
 //!
 //! MHA only (DeepSeek-OCR's decoder): MLA's latent attention stays on the reference path.
@@ -54,9 +54,11 @@ impl Kernels {
     }
 
     /// `out (rows, heads * head_dim)`: each row's attention over keys `0..=pos[r]` of its slot.
-    /// `split`: `None` runs one block per row and head (prefill: many rows); `Some(part)` splits
-    /// the keys into chunks of [`SPLIT_CHUNK`] over more blocks (decode: few rows), `part` holding
-    /// `rows * heads * split_count(max_t) * (head_dim + 2)` f32, merged by a second kernel.
+    /// `split`: `None` runs one block per row and head (prefill: many rows); `Some` splits the
+    /// keys into chunks of [`SPLIT_CHUNK`] over more blocks (decode: few rows), merged by the
+    /// last block of each row and head. `rope`: `Some(theta)` does [`Self::rope_kv`]'s work for
+    /// the rows in the same launch (decode: every row in a slot of its own); `None` expects q
+    /// rotated and the cache written (prefill, after `rope_kv`).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attn(
         &self,
@@ -68,14 +70,15 @@ impl Kernels {
         out: u64,
         rows: usize,
         s: AttnShape,
-        split: Option<u64>,
+        split: Option<&SplitScratch>,
+        rope: Option<f64>,
     ) -> Result<()> {
         s.check()?;
         let stride = (s.heads + 2 * s.kv_heads) * s.head_dim;
         let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let (chunk, splits, part) = match split {
-            None => (s.max_t, 1, 0u64),
-            Some(p) => (SPLIT_CHUNK, split_count(s.max_t), p),
+        let (chunk, splits, part, done) = match split {
+            None => (s.max_t, 1, 0u64, 0u64),
+            Some(p) => (SPLIT_CHUNK, split_count(s.max_t), p.part, p.done),
         };
         let groups = 256 / (s.head_dim / 8);
         let shared = ((s.head_dim + chunk + groups * s.head_dim) * 4) as u32;
@@ -83,20 +86,20 @@ impl Kernels {
             self,
             self.decode_attn,
             cfg((rows as u32, s.heads as u32, splits as u32), 256, shared),
-            qkv, stride as i32, pos, slot, k_cache, v_cache, out, part, s.heads as i32,
-            s.kv_heads as i32, s.head_dim as i32, s.max_t as i32, chunk as i32, scale
-        )?;
-        if splits > 1 {
-            launch!(
-                self,
-                self.decode_attn_combine,
-                cfg((rows as u32, s.heads as u32, 1), s.head_dim as u32, 0),
-                part, pos, out, s.heads as i32, s.head_dim as i32, s.max_t as i32, chunk as i32,
-                splits as i32
-            )?;
-        }
-        Ok(())
+            qkv, stride as i32, pos, slot, k_cache, v_cache, out, part, done, s.heads as i32,
+            s.kv_heads as i32, s.head_dim as i32, s.max_t as i32, chunk as i32, scale,
+            rope.is_some() as i32, rope.unwrap_or(0.0) as f32
+        )
     }
+}
+
+/// The split attention's working memory (device addresses): `part` `rows * heads *
+/// split_count(max_t) * (head_dim + 2)` f32; `done` `rows * heads` i32, zero when allocated
+/// (each launch leaves it zero again).
+#[derive(Debug, Clone, Copy)]
+pub struct SplitScratch {
+    pub part: u64,
+    pub done: u64,
 }
 
 /// Keys per block of the split attention (decode).
@@ -148,14 +151,40 @@ mod tests {
         let p = |t: &Tensor| tensor_ptr::<bf16>(t).unwrap();
         let pu = |t: &Tensor| tensor_ptr::<u32>(t).unwrap();
         k.rope_kv(p(&g_qkv), pu(&g_pos), pu(&g_slot), p(&kc), p(&vc), rows, s, theta).unwrap();
-        k.decode_attn(p(&g_qkv), pu(&g_pos), pu(&g_slot), p(&kc), p(&vc), p(&out), rows, s, None).unwrap();
-        // the split form (decode's), merged by the second kernel
-        let split_out = Tensor::zeros((rows, nh * hd), DType::BF16, &dev).unwrap();
+        k.decode_attn(p(&g_qkv), pu(&g_pos), pu(&g_slot), p(&kc), p(&vc), p(&out), rows, s, None, None).unwrap();
+        // the split form, merged by the last block of each row and head; twice over the same
+        // scratch (its counters must be back at zero after each launch)
         let part = Tensor::zeros(rows * nh * split_count(s.max_t) * (hd + 2), DType::F32, &dev).unwrap();
-        k.decode_attn(p(&g_qkv), pu(&g_pos), pu(&g_slot), p(&kc), p(&vc), p(&split_out), rows, s, Some(tensor_ptr::<f32>(&part).unwrap())).unwrap();
-        let split_diff = max_diff(&split_out, &out);
-        eprintln!("decode_attn split vs one block: max |diff| {split_diff:.3e}");
-        assert!(split_diff <= 8e-3, "split attention: {split_diff}");
+        let done = Tensor::zeros(rows * nh, DType::U32, &dev).unwrap();
+        let split = SplitScratch { part: tensor_ptr::<f32>(&part).unwrap(), done: pu(&done) };
+        for round in 0..2 {
+            let split_out = Tensor::zeros((rows, nh * hd), DType::BF16, &dev).unwrap();
+            k.decode_attn(p(&g_qkv), pu(&g_pos), pu(&g_slot), p(&kc), p(&vc), p(&split_out), rows, s, Some(&split), None).unwrap();
+            let split_diff = max_diff(&split_out, &out);
+            eprintln!("decode_attn split vs one block (launch {round}): max |diff| {split_diff:.3e}");
+            assert!(split_diff <= 8e-3, "split attention, launch {round}: {split_diff}");
+            let left: Vec<u32> = done.to_vec1().unwrap();
+            assert!(left.iter().all(|&c| c == 0), "counters left at {left:?}");
+        }
+        // decode's form: the last row of each sequence, q and k not yet rotated and the cache
+        // holding the earlier positions only; the kernel rotates, appends and attends
+        let earlier: Vec<u32> = [(0u32, 149u32), (150, 169)].iter().flat_map(|&(a, b)| a..b).collect();
+        let earlier = Tensor::new(earlier.as_slice(), &Device::Cpu).unwrap();
+        let sub = |t: &Tensor| t.index_select(&earlier.to_device(t.device()).unwrap(), 0).unwrap();
+        let (kc2, vc2) = (kc.zeros_like().unwrap(), vc.zeros_like().unwrap());
+        let n_early = earlier.dims1().unwrap();
+        let (e_qkv, e_pos, e_slot) = (sub(&qkv).to_device(&dev).unwrap(), sub(&g_pos), sub(&g_slot));
+        k.rope_kv(p(&e_qkv), pu(&e_pos), pu(&e_slot), p(&kc2), p(&vc2), n_early, s, theta).unwrap();
+        let last = Tensor::new(&[149u32, 169], &dev).unwrap();
+        let d_qkv = qkv.to_device(&dev).unwrap().index_select(&last, 0).unwrap();
+        let (d_pos, d_slot) = (g_pos.index_select(&last, 0).unwrap(), g_slot.index_select(&last, 0).unwrap());
+        let d_out = Tensor::zeros((2, nh * hd), DType::BF16, &dev).unwrap();
+        k.decode_attn(p(&d_qkv), pu(&d_pos), pu(&d_slot), p(&kc2), p(&vc2), p(&d_out), 2, s, Some(&split), Some(theta)).unwrap();
+        let fused_diff = max_diff(&d_out, &out.index_select(&last, 0).unwrap());
+        eprintln!("decode_attn with RoPE and the append in the launch: max |diff| {fused_diff:.3e} from rope_kv + decode_attn");
+        assert!(fused_diff <= 8e-3, "fused decode attention: {fused_diff}");
+        assert_eq!(max_diff(&kc2, &kc), 0.0, "the appended keys differ from rope_kv's");
+        assert_eq!(max_diff(&vc2, &vc), 0.0, "the appended values differ from rope_kv's");
 
         let mut start = 0;
         let (mut worst_q, mut worst_k, mut worst_o) = (0f32, 0f32, 0f32);

@@ -155,7 +155,6 @@ pub struct Kernels {
     add_rmsnorm: CudaFunction,
     rope_kv: CudaFunction,
     decode_attn: CudaFunction,
-    decode_attn_combine: CudaFunction,
     moe_route: CudaFunction,
     moe_plan: CudaFunction,
     moe_gate_up: CudaFunction,
@@ -207,13 +206,6 @@ impl Kernels {
             add_rmsnorm: f("add_rmsnorm", ptx::ADD_RMSNORM)?,
             rope_kv: f("rope_kv", ptx::ROPE_KV)?,
             decode_attn: f("decode_attn", ptx::DECODE_ATTN)?,
-            decode_attn_combine: dev
-                .get_or_load_custom_func(
-                    "decode_attn_combine",
-                    "ocr_patch_decode_attn",
-                    ptx::DECODE_ATTN,
-                )?
-                .into_cuda_function(),
             moe_route: f("moe_route", ptx::MOE_ROUTE)?,
             moe_plan: f("moe_plan", ptx::MOE_PLAN)?,
             moe_gate_up: f("moe_gate_up", ptx::MOE_GATE_UP)?,

@@ -1,6 +1,7 @@
 //! The fused MoE of the decode step, on the device end to end (no `.to_vec` of routing
-//! decisions, no per-expert loop on the host): `moe_route` (MoEGate: scores, top-k, weights),
-//! `moe_plan` (slots grouped by expert), `moe_gate_up` and `moe_down` (a grouped GEMM: each
+//! decisions, no per-expert loop on the host): `moe_route` (MoEGate: scores, top-k, weights,
+//! then the slots grouped by expert in the same launch), `moe_plan` (that grouping alone, for
+//! the dense layer's fixed slots), `moe_gate_up` and `moe_down` (a grouped GEMM: each
 //! chosen expert's weights read once for all of its slots; the shared experts and the dense MLP
 //! run as fixed experts of the same kernels), the weighted sum in `add_rmsnorm`.
 //! Reference: [`crate::model::decoder::moe`]'s `route` and `Mlp`.
@@ -58,7 +59,8 @@ impl RouteParams {
 
 impl Kernels {
     /// Routing of `rows` rows of `x` `(rows, h)`: `slot_expert` (i32) and `slot_w` (f32),
-    /// `rows * k` each. `bias`: the noaux_tc correction (f32) or 0.
+    /// `rows * k` each, then their plan into `g` (as [`Self::moe_plan`], over the routed and
+    /// fixed experts), in one launch. `bias`: the noaux_tc correction (f32) or 0.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_route(
         &self,
@@ -68,16 +70,23 @@ impl Kernels {
         rows: usize,
         h: usize,
         p: &RouteParams,
+        scratch: &RouteScratch,
         slot_expert: u64,
         slot_w: u64,
+        g: &Groups,
     ) -> Result<()> {
+        if h % 8 != 0 || p.experts + p.n_fixed > 1024 {
+            candle_core::bail!("moe_route: hidden {h} must be a multiple of 8, at most 1024 experts with the fixed ones");
+        }
         launch!(
             self,
             self.moe_route,
-            cfg((rows as u32, 1, 1), 1024, 0),
+            // a warp per expert's gate row, 8 per block
+            cfg((rows as u32, p.experts.div_ceil(8) as u32, 1), 256, 0),
             x, gate_w, bias, h as i32, p.experts as i32, p.topk as i32, p.n_fixed as i32,
             p.method, p.scoring, p.n_group as i32, p.topk_group as i32, p.norm_topk as i32,
-            p.scale, slot_expert, slot_w
+            p.scale, scratch.logits, scratch.done, slot_expert, slot_w,
+            (p.experts + p.n_fixed) as i32, g.offsets, g.list, g.active, g.n_active
         )
     }
 
@@ -113,7 +122,8 @@ impl Kernels {
         launch!(
             self,
             self.moe_gate_up,
-            cfg((e_total.min(n_slots) as u32, inter.div_ceil(8 * 2) as u32, 1), 256, 0),
+            // a warp per intermediate row (the kernel's RPW), 8 per block
+            cfg((e_total.min(n_slots) as u32, inter.div_ceil(8) as u32, 1), 256, 0),
             w_gate, w_up, x, g.offsets, g.list, g.active, g.n_active, k as i32, inter as i32,
             h as i32, act
         )
@@ -135,10 +145,19 @@ impl Kernels {
         launch!(
             self,
             self.moe_down,
-            cfg((e_total.min(n_slots) as u32, h.div_ceil(8 * 4) as u32, 1), 256, 0),
+            // a warp per 2 output rows (the kernel's RPW), 8 per block
+            cfg((e_total.min(n_slots) as u32, h.div_ceil(8 * 2) as u32, 1), 256, 0),
             w_down, act, g.offsets, g.list, g.active, g.n_active, inter as i32, h as i32, slot_out
         )
     }
+}
+
+/// `moe_route`'s working memory (device addresses): `logits` `rows * experts` f32; `done`
+/// `rows + 1` i32, zero when allocated (each launch leaves it zero again).
+#[derive(Debug, Clone, Copy)]
+pub struct RouteScratch {
+    pub logits: u64,
+    pub done: u64,
 }
 
 /// `moe_plan`'s output, read by the grouped kernels (device addresses of i32 arrays).
@@ -183,6 +202,21 @@ mod tests {
         let (dev, cd) = device();
         let k = Kernels::load(&cd).unwrap();
         let (rows, h) = (33usize, 256usize);
+        // one scratch for the three launches: each must leave its counters at zero
+        let logits = Tensor::zeros(rows * 16, DType::F32, &dev).unwrap();
+        let done = Tensor::zeros(rows + 1, DType::U32, &dev).unwrap();
+        let scratch = RouteScratch { logits: tensor_ptr::<f32>(&logits).unwrap(), done: tensor_ptr::<u32>(&done).unwrap() };
+        let groups = |n_slots: usize, e_total: usize| {
+            let t = |n| Tensor::zeros(n, DType::U32, &dev).unwrap();
+            let ts = [t(e_total + 1), t(n_slots), t(e_total), t(1)];
+            let g = Groups {
+                offsets: tensor_ptr::<u32>(&ts[0]).unwrap(),
+                list: tensor_ptr::<u32>(&ts[1]).unwrap(),
+                active: tensor_ptr::<u32>(&ts[2]).unwrap(),
+                n_active: tensor_ptr::<u32>(&ts[3]).unwrap(),
+            };
+            (ts, g)
+        };
         for (method, scoring) in [
             (TopkMethod::Greedy, ScoringFunc::Softmax),
             (TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax),
@@ -204,6 +238,7 @@ mod tests {
             let (gx, ggw, gb) = (x.to_device(&dev).unwrap(), gw.to_device(&dev).unwrap(), bias.to_device(&dev).unwrap());
             let se = Tensor::zeros(rows * p.k(), DType::U32, &dev).unwrap(); // holds i32s
             let sw = Tensor::zeros(rows * p.k(), DType::F32, &dev).unwrap();
+            let (plan, g) = groups(rows * p.k(), 18);
             k.moe_route(
                 tensor_ptr::<bf16>(&gx).unwrap(),
                 tensor_ptr::<bf16>(&ggw).unwrap(),
@@ -211,10 +246,21 @@ mod tests {
                 rows,
                 h,
                 &p,
+                &scratch,
                 tensor_ptr::<u32>(&se).unwrap(),
                 tensor_ptr::<f32>(&sw).unwrap(),
+                &g,
             )
             .unwrap();
+            // the plan made in the same launch is the one moe_plan makes of the slots
+            let (alone, ga) = groups(rows * p.k(), 18);
+            k.moe_plan(tensor_ptr::<u32>(&se).unwrap(), rows * p.k(), 18, &ga).unwrap();
+            for (i, what) in [(0, "offsets"), (2, "active"), (3, "n_active")] {
+                let (a, b): (Vec<u32>, Vec<u32>) = (plan[i].to_vec1().unwrap(), alone[i].to_vec1().unwrap());
+                assert_eq!(a, b, "{method:?}: the route's {what} differ from moe_plan's");
+            }
+            let counters: Vec<u32> = done.to_vec1().unwrap();
+            assert!(counters.iter().all(|&c| c == 0), "{method:?}: counters left at {counters:?}");
             let se: Vec<u32> = se.to_device(&Device::Cpu).unwrap().to_vec1().unwrap();
             let se: Vec<i32> = se.iter().map(|&v| v as i32).collect();
             let sw: Vec<f32> = sw.to_vec1().unwrap();
@@ -320,10 +366,12 @@ mod tests {
             let pb = |t: &Tensor| tensor_ptr::<bf16>(t).unwrap();
             let pu = |t: &Tensor| tensor_ptr::<u32>(t).unwrap();
             let pf = |t: &Tensor| tensor_ptr::<f32>(t).unwrap();
-            k.moe_route(pb(&gx), pb(&ggw), 0, rows, h, &p, pu(&se), pf(&sw)).unwrap();
+            let logits = Tensor::zeros(rows * e, DType::F32, &dev).unwrap();
+            let done = Tensor::zeros(rows + 1, DType::U32, &dev).unwrap();
+            let scratch = RouteScratch { logits: pf(&logits), done: pu(&done) };
             let g = Groups { offsets: pu(&offsets), list: pu(&list), active: pu(&active), n_active: pu(&n_active) };
             let ns = rows * kk;
-            k.moe_plan(pu(&se), ns, e_total, &g).unwrap();
+            k.moe_route(pb(&gx), pb(&ggw), 0, rows, h, &p, &scratch, pu(&se), pf(&sw), &g).unwrap();
             k.moe_gate_up(pb(&wg), pb(&wu), pb(&gx), &g, ns, kk, e_total, inter, h, pb(&act)).unwrap();
             k.moe_down(pb(&wd), pb(&act), &g, ns, e_total, inter, h, pf(&so)).unwrap();
             // one row: its 4 routed experts and the 2 shared pieces are all that run

@@ -38,6 +38,9 @@ impl Kernels {
         h: usize,
         eps: f64,
     ) -> Result<()> {
+        if h % 8 != 0 || h > 8192 {
+            candle_core::bail!("add_rmsnorm: hidden size {h} must be a multiple of 8, at most 8192");
+        }
         let (mode, d, so, sw, k) = match delta {
             Delta::None => (0i32, 0u64, 0u64, 0u64, 0i32),
             Delta::Rows(p) => (1, p, 0, 0, 0),
@@ -46,7 +49,8 @@ impl Kernels {
         launch!(
             self,
             self.add_rmsnorm,
-            cfg((rows as u32, 1, 1), 512, (h * 4) as u32),
+            // a thread per 8 columns, whole warps
+            cfg((rows as u32, 1, 1), (h / 8).div_ceil(32) as u32 * 32, 0),
             resid, d, so, sw, k, mode, weight, out, h as i32, eps as f32
         )
     }
