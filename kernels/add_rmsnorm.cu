@@ -11,24 +11,6 @@
 // kernel waits on memory about once (it is latency-bound: one row of 1280 is 2.5 KB).
 #include "common.cuh"
 
-__device__ __forceinline__ void unpack8(uint4 u, float* v) {
-  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 f = __bfloat1622float2(p[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
-}
-
-__device__ __forceinline__ uint4 pack8(const float* v) {
-  uint4 u;
-  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) p[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-  return u;
-}
-
 extern "C" __global__ void add_rmsnorm(bf16* __restrict__ resid, const bf16* __restrict__ delta,
                                        const float* __restrict__ slot_out,
                                        const float* __restrict__ slot_w, int k, int mode,
@@ -50,7 +32,7 @@ extern "C" __global__ void add_rmsnorm(bf16* __restrict__ resid, const bf16* __r
     float d[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) d[i] = 0.f;
-#pragma unroll 4
+#pragma unroll 8
     for (int j = 0; j < k; ++j) {
       float wj = slot_w[r * k + j];
       const float4* so = reinterpret_cast<const float4*>(slot_out + ((size_t)r * k + j) * h) + 2 * c;

@@ -47,6 +47,27 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return t;
 }
 
+// The "last block to arrive finishes" handshake: publishes every thread's earlier writes (a
+// barrier, then one gpu-scope fence by thread 0 before its atomic, as CUTLASS's barriers do:
+// one fence per block, not one per thread) and tells whether this block is the `expected`-th
+// to arrive at *counter; that block resets the counter (for the next launch or graph replay)
+// and, after its own fence, reads the others' writes (through L2: __ldcg). Every thread of the
+// block must call it.
+__device__ __forceinline__ bool last_to_arrive(int* counter, int expected) {
+  __shared__ int last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(counter, 1) == expected - 1;
+    if (last) {
+      *counter = 0;
+      __threadfence();
+    }
+  }
+  __syncthreads();
+  return last;
+}
+
 // cos and sin of half-split RoPE's pair i (of hd/2) at position p, as the reference's
 // rope_tables: inv_freq = 1 / theta^(2i/hd) and p * inv_freq in f32, each rounded to bf16.
 __device__ __forceinline__ void rope_cs(uint32_t p, int i, int hd, float theta, float* c, float* s) {
@@ -60,6 +81,25 @@ __device__ __forceinline__ void rope_cs(uint32_t p, int i, int hd, float theta, 
 // several of before using any.
 __device__ __forceinline__ uint4 load_or_zero(const uint4* __restrict__ p, int c, int n) {
   return c < n ? __ldg(p + c) : make_uint4(0u, 0u, 0u, 0u);
+}
+
+// 8 bf16 (packed in a uint4) to f32, and back (round to nearest even).
+__device__ __forceinline__ void unpack8(uint4 u, float* v) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __bfloat1622float2(p[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ uint4 pack8(const float* v) {
+  uint4 u;
+  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+  return u;
 }
 
 // Dot product of 8 bf16 pairs packed in two uint4, accumulated in f32.

@@ -15,8 +15,18 @@
 // splits, hd + 2) f32; done: (rows * nh) i32, zero before the first launch.
 // softmax(q.k * scale) in f32, weighted sum of v in f32, rounded to bf16 once.
 // Block: 256 threads; dynamic shared memory (hd + chunk + 256/(hd/8) * hd) floats.
-// hd a multiple of 32, at most 256.
+// hd a multiple of 32, at most 256; at most 1024 splits.
 #include "common.cuh"
+
+#define VPRE 4
+
+// a8 += p * v (8 bf16 values)
+__device__ __forceinline__ void axpy8(float p, uint4 v, float* a8) {
+  float f[8];
+  unpack8(v, f);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) a8[i] = fmaf(p, f[i], a8[i]);
+}
 
 extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_stride,
                                        const uint32_t* __restrict__ pos,
@@ -28,45 +38,63 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
                                        float scale, int fused, float theta) {
   extern __shared__ float sm[];
   __shared__ float red[32];
-  __shared__ int last;
   int r = blockIdx.x, h = blockIdx.y, s = blockIdx.z, kvh = h / (nh / nkv);
-  int L = min((int)pos[r] + 1, max_t);
+  // the row's position and slot and this thread's part of q (and of the new k, v) are loaded
+  // together before anything waits on them (a thread per element: hd <= blockDim)
+  uint32_t p = pos[r], sl = slot[r];
+  int tid = threadIdx.x, half = hd / 2;
+  const bf16* q = qkv + (size_t)r * qkv_stride + (size_t)h * hd;
+  const bf16* kn = qkv + (size_t)r * qkv_stride + (size_t)(nh + kvh) * hd;
+  const bf16* vn = kn + (size_t)nkv * hd;
+  float q1 = 0.f, q2 = 0.f, k1 = 0.f, k2 = 0.f;
+  bf16 vt = f2bf(0.f);
+  if (fused) {
+    if (tid < half) {
+      q1 = bf(q[tid]); q2 = bf(q[tid + half]);
+      k1 = bf(kn[tid]); k2 = bf(kn[tid + half]);
+    }
+    if (tid < hd) vt = vn[tid];
+  } else if (tid < hd) {
+    q1 = bf(q[tid]);
+  }
+  int L = min((int)p + 1, max_t);
   int j0 = s * chunk, j1 = min(L, j0 + chunk);
-  if (j0 >= j1) return;  // past this row's length (the combine reads only the splits it needs)
+  if (j0 >= j1) return;  // past this row's length (the merge reads only the splits it needs)
   int n = j1 - j0;
   float* qs = sm;          // hd
   float* sc = sm + hd;     // chunk
   float* acc = sc + chunk; // groups * hd
-  const bf16* q = qkv + (size_t)r * qkv_stride + (size_t)h * hd;
-  size_t base = (((size_t)slot[r] * nkv + kvh) * (size_t)max_t + j0) * hd;
-  const bf16* K = k_cache + base;
-  const bf16* V = v_cache + base;
+  size_t head = ((size_t)sl * nkv + kvh) * (size_t)max_t;
+  const bf16* K = k_cache + (head + j0) * hd;
+  const bf16* V = v_cache + (head + j0) * hd;
   if (fused) {
-    uint32_t p = pos[r];
-    int half = hd / 2;
-    const bf16* kn = qkv + (size_t)r * qkv_stride + (size_t)(nh + kvh) * hd;
-    const bf16* vn = kn + (size_t)nkv * hd;
     bool append = p < (uint32_t)max_t && (int)p < j1;  // this block's keys reach the new one
-    bf16* kd = k_cache + (((size_t)slot[r] * nkv + kvh) * max_t + p) * hd;
-    bf16* vd = v_cache + (((size_t)slot[r] * nkv + kvh) * max_t + p) * hd;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    if (tid < half) {
       float c, sn;
-      rope_cs(p, i, hd, theta, &c, &sn);
-      float x1 = bf(q[i]), x2 = bf(q[i + half]);
-      qs[i] = round_bf16(x1 * c - x2 * sn);
-      qs[i + half] = round_bf16(x2 * c + x1 * sn);
+      rope_cs(p, tid, hd, theta, &c, &sn);
+      qs[tid] = round_bf16(q1 * c - q2 * sn);
+      qs[tid + half] = round_bf16(q2 * c + q1 * sn);
       if (append) {
-        float k1 = bf(kn[i]), k2 = bf(kn[i + half]);
-        kd[i] = f2bf(k1 * c - k2 * sn);
-        kd[i + half] = f2bf(k2 * c + k1 * sn);
+        bf16* kd = k_cache + (head + p) * hd;
+        kd[tid] = f2bf(k1 * c - k2 * sn);
+        kd[tid + half] = f2bf(k2 * c + k1 * sn);
       }
     }
-    if (append)
-      for (int i = threadIdx.x; i < hd; i += blockDim.x) vd[i] = vn[i];
-  } else {
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = bf(q[i]);
+    if (append && tid < hd) v_cache[(head + p) * hd + tid] = vt;
+  } else if (tid < hd) {
+    qs[tid] = q1;
   }
   __syncthreads();  // also makes this block's cache writes visible to its own reads
+  // the first VPRE values of each thread's keys for the weighted sum below are loaded now, so
+  // their latency hides behind the scores and the softmax (a decode split's 64 keys are all)
+  int tpk = hd / 8, groups = blockDim.x / tpk, g = threadIdx.x / tpk, d8 = threadIdx.x % tpk;
+  uint4 vpre[VPRE];
+#pragma unroll
+  for (int i = 0; i < VPRE; ++i) {
+    int j = g + i * groups;
+    vpre[i] = g < groups && j < n ? reinterpret_cast<const uint4*>(V + (size_t)j * hd)[d8]
+                                  : make_uint4(0u, 0u, 0u, 0u);
+  }
   // scores: 4 threads per key, each hd/4 dims
   int quarter = hd / 4, sub = threadIdx.x & 3;
   float m = -INFINITY;
@@ -96,23 +124,18 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
   }
   l = block_sum(l, red);  // synchronises: sc is complete
   // weighted sum of v: hd/8 threads per key (8 dims each), `groups` keys at a time
-  int tpk = hd / 8, groups = blockDim.x / tpk, g = threadIdx.x / tpk, d8 = threadIdx.x % tpk;
   float a8[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) a8[i] = 0.f;
   if (g < groups) {
-#pragma unroll 2
-    for (int j = g; j < n; j += groups) {
-      uint4 v = reinterpret_cast<const uint4*>(V + (size_t)j * hd)[d8];
-      const __nv_bfloat162* pv = reinterpret_cast<const __nv_bfloat162*>(&v);
-      float p = sc[j];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float2 f = __bfloat1622float2(pv[i]);
-        a8[2 * i] = fmaf(p, f.x, a8[2 * i]);
-        a8[2 * i + 1] = fmaf(p, f.y, a8[2 * i + 1]);
-      }
+    for (int i = 0; i < VPRE; ++i) {
+      int j = g + i * groups;
+      if (j < n) axpy8(sc[j], vpre[i], a8);
     }
+#pragma unroll 2
+    for (int j = g + VPRE * groups; j < n; j += groups)
+      axpy8(sc[j], reinterpret_cast<const uint4*>(V + (size_t)j * hd)[d8], a8);
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[g * hd + d8 * 8 + i] = a8[i];
   }
@@ -132,23 +155,32 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
   if (gridDim.z == 1) return;
   // the last of the row's splits merges them
   int ns = (L + chunk - 1) / chunk;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(&done[r * nh + h], 1) == ns - 1;
-    if (last) done[r * nh + h] = 0;
+  if (!last_to_arrive(&done[r * nh + h], ns)) return;
+  // the splits' (m, l) into shared memory (the accumulators' room, free now), a thread each,
+  // all loaded at once; then each output dimension's partials, 8 loads in flight at a time
+  float* ms = acc;
+  float* ls = acc + ns;
+  for (int t = threadIdx.x; t < ns; t += blockDim.x) {
+    ms[t] = __ldcg(pp + t * (hd + 2));
+    ls[t] = __ldcg(pp + t * (hd + 2) + 1);
   }
   __syncthreads();
-  if (!last) return;
   float M = -INFINITY;
-  for (int t = 0; t < ns; ++t) M = fmaxf(M, __ldcg(pp + t * (hd + 2)));
+  for (int t = 0; t < ns; ++t) M = fmaxf(M, ms[t]);
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
     float num = 0.f, den = 0.f;
-    for (int t = 0; t < ns; ++t) {
-      const float* p = pp + t * (hd + 2);
-      float w = __expf(__ldcg(p) - M);
-      den += w * __ldcg(p + 1);
-      num += w * __ldcg(p + 2 + d);
+    for (int t0 = 0; t0 < ns; t0 += 8) {
+      float a[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) a[i] = t0 + i < ns ? __ldcg(pp + (t0 + i) * (hd + 2) + 2 + d) : 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (t0 + i < ns) {
+          float w = __expf(ms[t0 + i] - M);
+          den += w * ls[t0 + i];
+          num += w * a[i];
+        }
+      }
     }
     out[(size_t)r * nh * hd + (size_t)h * hd + d] = f2bf(num / den);
   }

@@ -9,7 +9,32 @@
 #include "common.cuh"
 
 #define CHUNK 4
-#define U 8
+#define U 5
+
+// The dot products of this warp's row of w (wv: this lane's spans, reloaded per span unless
+// resident) with NT rows of x at once (their loads issued together), into acc.
+template <int NT>
+__device__ __forceinline__ void dots(uint4 (&wv)[U], bool resident, const uint4* wr, int nc,
+                                     const uint4* const (&xr)[CHUNK], float (&acc)[CHUNK]) {
+  int lane = threadIdx.x & 31;
+  for (int c0 = lane; c0 < nc; c0 += 32 * U) {
+    if (!resident) {
+#pragma unroll
+      for (int i = 0; i < U; ++i) wv[i] = load_or_zero(wr, c0 + 32 * i, nc);
+    }
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      int c = c0 + 32 * i;
+      if (c < nc) {
+        uint4 xv[NT];
+#pragma unroll
+        for (int t = 0; t < NT; ++t) xv[t] = xr[t][c];
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[t] += dot8(wv[i], xv[t]);
+      }
+    }
+  }
+}
 
 extern "C" __global__ void linear(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                   bf16* __restrict__ y, int rows, int k, int out) {
@@ -32,25 +57,14 @@ extern "C" __global__ void linear(const bf16* __restrict__ x, const bf16* __rest
     float acc[CHUNK];
 #pragma unroll
     for (int t = 0; t < CHUNK; ++t) acc[t] = 0.f;
-    for (int c0 = lane; c0 < nc; c0 += 32 * U) {
-      if (!resident) {
-#pragma unroll
-        for (int i = 0; i < U; ++i) wv[i] = load_or_zero(wr, c0 + 32 * i, nc);
-      }
-#pragma unroll
-      for (int i = 0; i < U; ++i) {
-        int c = c0 + 32 * i;
-        if (c < nc) {
-#pragma unroll
-          for (int t = 0; t < CHUNK; ++t)
-            if (t < nr) acc[t] += dot8(wv[i], xr[t][c]);
-        }
-      }
-    }
+    // one row (batch-1 decode) without the others' redundant work
+    if (nr == 1) dots<1>(wv, resident, wr, nc, xr, acc);
+    else dots<CHUNK>(wv, resident, wr, nc, xr, acc);
 #pragma unroll
     for (int t = 0; t < CHUNK; ++t) {
+      if (t >= nr) break;
       float v = warp_sum(acc[t]);
-      if (lane == 0 && t < nr) y[(size_t)(r0 + t) * out + o] = f2bf(v);
+      if (lane == 0) y[(size_t)(r0 + t) * out + o] = f2bf(v);
     }
   }
 }

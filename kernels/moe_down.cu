@@ -14,12 +14,43 @@
 #define RPW 2
 #define U 4
 
+// The dot products of this warp's RPW rows (w: this lane's spans, reloaded per span unless
+// resident) with NT slots' activations at once (their loads issued together), into acc.
+template <int NT>
+__device__ __forceinline__ void dots(uint4 (&wv)[RPW][U], bool resident,
+                                     const uint4* const (&w)[RPW], int nc,
+                                     const uint4* const (&ar)[CHUNK], float (&acc)[RPW][CHUNK]) {
+  int lane = threadIdx.x & 31;
+  for (int c0 = lane; c0 < nc; c0 += 32 * U) {
+    if (!resident) {
+#pragma unroll
+      for (int q = 0; q < RPW; ++q)
+#pragma unroll
+        for (int i = 0; i < U; ++i) wv[q][i] = load_or_zero(w[q], c0 + 32 * i, nc);
+    }
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      int c = c0 + 32 * i;
+      if (c < nc) {
+        uint4 av[NT];
+#pragma unroll
+        for (int t = 0; t < NT; ++t) av[t] = ar[t][c];
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+          for (int q = 0; q < RPW; ++q) acc[q][t] += dot8(wv[q][i], av[t]);
+      }
+    }
+  }
+}
+
 extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16* __restrict__ act,
                                     const int* __restrict__ offsets, const int* __restrict__ list,
                                     const int* __restrict__ active, const int* __restrict__ n_active,
                                     int inter, int h, float* __restrict__ slot_out) {
-  if ((int)blockIdx.x >= n_active[0]) return;
+  // both loads at once (active has e_total >= gridDim.x entries): one round trip, not two
   int ex = active[blockIdx.x];
+  if ((int)blockIdx.x >= n_active[0]) return;
   int beg = offsets[ex], end = offsets[ex + 1];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int row0 = (blockIdx.y * (blockDim.x >> 5) + warp) * RPW;
@@ -51,32 +82,17 @@ extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16*
     for (int q = 0; q < RPW; ++q)
 #pragma unroll
       for (int t = 0; t < CHUNK; ++t) acc[q][t] = 0.f;
-    for (int c0 = lane; c0 < nc; c0 += 32 * U) {
-      if (!resident) {
+    // one slot (decode's usual case) without the others' redundant work
+    if (ns == 1) dots<1>(wv, resident, w, nc, ar, acc);
+    else dots<CHUNK>(wv, resident, w, nc, ar, acc);
 #pragma unroll
-        for (int q = 0; q < RPW; ++q)
+    for (int t = 0; t < CHUNK; ++t) {
+      if (t >= ns) break;
 #pragma unroll
-          for (int i = 0; i < U; ++i) wv[q][i] = load_or_zero(w[q], c0 + 32 * i, nc);
-      }
-#pragma unroll
-      for (int i = 0; i < U; ++i) {
-        int c = c0 + 32 * i;
-        if (c >= nc) break;
-#pragma unroll
-        for (int t = 0; t < CHUNK; ++t) {
-          if (t >= ns) break;
-          uint4 av = ar[t][c];
-#pragma unroll
-          for (int q = 0; q < RPW; ++q) acc[q][t] += dot8(wv[q][i], av);
-        }
+      for (int q = 0; q < RPW; ++q) {
+        float v = warp_sum(acc[q][t]);
+        if (lane == 0 && row0 + q < h) slot_out[(size_t)sl[t] * h + row0 + q] = round_bf16(v);
       }
     }
-#pragma unroll
-    for (int q = 0; q < RPW; ++q)
-#pragma unroll
-      for (int t = 0; t < CHUNK; ++t) {
-        float v = warp_sum(acc[q][t]);
-        if (lane == 0 && t < ns && row0 + q < h) slot_out[(size_t)sl[t] * h + row0 + q] = round_bf16(v);
-      }
   }
 }

@@ -13,17 +13,32 @@ __device__ __forceinline__ void plan_slots(const int* __restrict__ slot_expert, 
   __syncthreads();
   for (int s = threadIdx.x; s < n_slots; s += blockDim.x) atomicAdd(&cnt[__ldcg(slot_expert + s)], 1);
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int acc = 0, na = 0;
-    for (int x = 0; x < e_total; ++x) {
-      int c = cnt[x];
-      offsets[x] = acc;
-      cnt[x] = acc;
-      acc += c;
-      if (c > 0) active[na++] = x;
+  // offsets = exclusive prefix sum of the counts, active = the experts with slots: warp 0,
+  // 32 experts per round (shuffle scan, ballot for the active list)
+  if (threadIdx.x < 32) {
+    int lane = threadIdx.x, base = 0, na = 0;
+    for (int x0 = 0; x0 < e_total; x0 += 32) {
+      int x = x0 + lane;
+      int c = x < e_total ? cnt[x] : 0;
+      int inc = c;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        int y = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += y;
+      }
+      unsigned has = __ballot_sync(0xffffffffu, c > 0);
+      if (x < e_total) {
+        offsets[x] = base + inc - c;
+        cnt[x] = base + inc - c;
+        if (c > 0) active[na + __popc(has & ((1u << lane) - 1u))] = x;
+      }
+      base += __shfl_sync(0xffffffffu, inc, 31);
+      na += __popc(has);
     }
-    offsets[e_total] = acc;
-    n_active[0] = na;
+    if (lane == 0) {
+      offsets[e_total] = base;
+      n_active[0] = na;
+    }
   }
   __syncthreads();
   for (int s = threadIdx.x; s < n_slots; s += blockDim.x) {

@@ -22,6 +22,7 @@
 
 #define MAX_E 512
 #define MAX_E_TOTAL 1024
+#define MAX_H 2048
 #define U 5
 
 // The choice of row r's experts from its logits s (shared memory, e of them); writes the
@@ -30,6 +31,9 @@ __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int
                        const float* __restrict__ bias, int e, int topk, int n_fixed, int method,
                        int scoring, int n_group, int topk_group, int norm_topk, float scale,
                        int* __restrict__ slot_expert, float* __restrict__ slot_w) {
+  // the chosen weights, before normalisation: in shared memory, as the slots' global ones would
+  // be read back one dependent round trip at a time
+  __shared__ float wsel[32];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int k = topk + n_fixed;
   int* se = slot_expert + (size_t)r * k;
@@ -79,15 +83,15 @@ __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int
         if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
       }
       if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-      if (lane == 0) { se[t] = bi; sw[t] = bv; }
+      if (lane == 0) { se[t] = bi; wsel[t] = bv; }
       wsum += bv;
     }
     if (lane == 0) {
       if (topk > 1 && norm_topk) {
         float denom = wsum + 1e-20f;
-        for (int t = 0; t < topk; ++t) sw[t] = sw[t] / denom * scale;
+        for (int t = 0; t < topk; ++t) sw[t] = wsel[t] / denom * scale;
       } else {
-        for (int t = 0; t < topk; ++t) sw[t] *= scale;
+        for (int t = 0; t < topk; ++t) sw[t] = wsel[t] * scale;
       }
       for (int f = 0; f < n_fixed; ++f) { se[topk + f] = e + f; sw[topk + f] = 1.f; }
     }
@@ -141,14 +145,14 @@ __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int
     used[best] = 1;
     se[t] = best;
     float w = method == 1 ? tmp[best] : s[best];
-    sw[t] = w;
+    wsel[t] = w;
     sum += w;
   }
   if (topk > 1 && norm_topk) {
     float denom = sum + 1e-20f;
-    for (int t = 0; t < topk; ++t) sw[t] = sw[t] / denom * scale;
+    for (int t = 0; t < topk; ++t) sw[t] = wsel[t] / denom * scale;
   } else {
-    for (int t = 0; t < topk; ++t) sw[t] *= scale;
+    for (int t = 0; t < topk; ++t) sw[t] = wsel[t] * scale;
   }
   for (int f = 0; f < n_fixed; ++f) {
     se[topk + f] = e + f;
@@ -156,7 +160,10 @@ __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int
   }
 }
 
-extern "C" __global__ void moe_route(const bf16* __restrict__ x, const bf16* __restrict__ gate_w,
+extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restrict__ resid,
+                                     const bf16* __restrict__ delta,
+                                     const bf16* __restrict__ norm_w, float eps,
+                                     bf16* __restrict__ normed, const bf16* __restrict__ gate_w,
                                      const float* __restrict__ bias, int h, int e, int topk,
                                      int n_fixed, int method, int scoring, int n_group,
                                      int topk_group, int norm_topk, float scale,
@@ -170,19 +177,57 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, const bf16* __r
   __shared__ float gs[MAX_E];    // group scores
   __shared__ unsigned char used[MAX_E];
   __shared__ int cnt[MAX_E_TOTAL];
-  __shared__ int last;
+  __shared__ __align__(16) bf16 xs[MAX_H];  // the row's normed input (fused mode)
+  __shared__ float red[32];
   int r = blockIdx.x, rows = gridDim.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // 1. logits of this block's experts
+  int nc = h / 8;
+  // 1. this warp's expert's gate row: the first span's loads go out before anything else
   int ex = blockIdx.y * (blockDim.x >> 5) + warp;
+  const uint4* wr = reinterpret_cast<const uint4*>(gate_w + (size_t)min(ex, e - 1) * h);
+  uint4 wv[U];
+#pragma unroll
+  for (int i = 0; i < U; ++i) wv[i] = load_or_zero(wr, lane + 32 * i, nc);
+  // the fused residual add + RMSNorm (as add_rmsnorm mode 1), a thread per 8 columns; every
+  // block of the row computes it, the row's last block stores it
+  bool fused = resid != nullptr, on = (int)threadIdx.x < nc;
+  uint4 xnew = make_uint4(0u, 0u, 0u, 0u), hnew = xnew;
+  if (fused) {
+    float v[8], d[8];
+    if (on) {
+      unpack8(reinterpret_cast<const uint4*>(resid + (size_t)r * h)[threadIdx.x], v);
+      unpack8(reinterpret_cast<const uint4*>(delta + (size_t)r * h)[threadIdx.x], d);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = d[i] = 0.f;
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      v[i] = round_bf16(v[i] + d[i]);
+      ss = fmaf(v[i], v[i], ss);
+    }
+    ss = block_sum(ss, red);
+    float denom = sqrtf(ss / (float)h + eps);
+    if (on) {
+      float w[8], o[8];
+      unpack8(__ldg(reinterpret_cast<const uint4*>(norm_w) + threadIdx.x), w);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[i] = round_bf16(v[i] / denom) * w[i];
+      xnew = pack8(v);
+      hnew = pack8(o);
+      reinterpret_cast<uint4*>(xs)[threadIdx.x] = hnew;
+    }
+    __syncthreads();
+  }
+  const uint4* xr = fused ? reinterpret_cast<const uint4*>(xs)
+                          : reinterpret_cast<const uint4*>(x + (size_t)r * h);
   if (ex < e) {
-    const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)r * h);
-    const uint4* wr = reinterpret_cast<const uint4*>(gate_w + (size_t)ex * h);
-    int nc = h / 8;
     float acc = 0.f;
     for (int c0 = lane; c0 < nc; c0 += 32 * U) {
-      uint4 wv[U];
+      if (c0 != lane) {
 #pragma unroll
-      for (int i = 0; i < U; ++i) wv[i] = load_or_zero(wr, c0 + 32 * i, nc);
+        for (int i = 0; i < U; ++i) wv[i] = load_or_zero(wr, c0 + 32 * i, nc);
+      }
 #pragma unroll
       for (int i = 0; i < U; ++i)
         if (c0 + 32 * i < nc) acc += dot8(wv[i], xr[c0 + 32 * i]);
@@ -190,27 +235,18 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, const bf16* __r
     acc = warp_sum(acc);
     if (lane == 0) logits[(size_t)r * e + ex] = acc;
   }
-  // 2. the row's last block chooses
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(&done[r], 1) == (int)gridDim.y - 1;
-    if (last) done[r] = 0;
+  // 2. the row's last block stores the residual and the normed row, and chooses
+  if (!last_to_arrive(&done[r], gridDim.y)) return;
+  if (fused && on) {
+    reinterpret_cast<uint4*>(resid + (size_t)r * h)[threadIdx.x] = xnew;
+    reinterpret_cast<uint4*>(normed + (size_t)r * h)[threadIdx.x] = hnew;
   }
-  __syncthreads();
-  if (!last) return;
   for (int i = threadIdx.x; i < e; i += blockDim.x) s[i] = __ldcg(logits + (size_t)r * e + i);
   __syncthreads();
   choose(s, tmp, gs, used, r, bias, e, topk, n_fixed, method, scoring, n_group, topk_group,
          norm_topk, scale, slot_expert, slot_w);
-  // 3. the last row chosen plans every row's slots
-  __threadfence();
+  // 3. the last row chosen plans every row's slots (one row: this block, no counter)
+  if (rows > 1 && !last_to_arrive(&done[rows], rows)) return;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(&done[rows], 1) == rows - 1;
-    if (last) done[rows] = 0;
-  }
-  __syncthreads();
-  if (!last) return;
   plan_slots(slot_expert, rows * (topk + n_fixed), e_total, cnt, offsets, list, active, n_active);
 }

@@ -25,7 +25,7 @@ use half::bf16;
 use crate::model::config::{TextConfig, TopkMethod};
 use crate::model::generate::NoRepeatNgram;
 use crate::model::kernels::attn::{AttnShape, SplitScratch};
-use crate::model::kernels::moe::{Groups, RouteParams, RouteScratch};
+use crate::model::kernels::moe::{Groups, RouteInput, RouteParams, RouteScratch};
 use crate::model::kernels::norm::Delta;
 use crate::model::kernels::sample::{NgramParams, StepState};
 use crate::model::kernels::{copy_d2d, cuda_err, tensor_ptr, Buf, Kernels};
@@ -324,7 +324,6 @@ impl FastDecoder {
                 k.decode_attn(self.qkv.ptr, pos, slot, kc, vc, self.attn.ptr, n, s, split, None)?;
             }
             k.linear(self.attn.ptr, l.wo.ptr, self.delta.ptr, n, s.heads * s.head_dim, hs)?;
-            k.add_rmsnorm(self.x.ptr, Delta::Rows(self.delta.ptr), l.ln2.ptr, self.h.ptr, n, hs, eps)?;
             let f = &l.ffn;
             let g = Groups {
                 offsets: self.offsets.ptr,
@@ -333,15 +332,25 @@ impl FastDecoder {
                 n_active: self.n_active.ptr,
             };
             let ns = n * f.k;
-            // routed layers plan their slots in moe_route's launch; the dense layer's are fixed
             let sw = match &f.route {
                 Some((gw, bias, p)) => {
+                    // the residual add, the post-attention norm, the routing and the slots' plan:
+                    // one launch
                     let b = bias.as_ref().map_or(0, |b| b.ptr);
                     let scratch = RouteScratch { logits: self.route_logits.ptr, done: self.route_done.ptr };
-                    k.moe_route(self.h.ptr, gw.ptr, b, n, hs, p, &scratch, self.slot_expert.ptr, self.slot_w.ptr, &g)?;
+                    let input = RouteInput::AddNorm {
+                        resid: self.x.ptr,
+                        delta: self.delta.ptr,
+                        weight: l.ln2.ptr,
+                        normed: self.h.ptr,
+                        eps,
+                    };
+                    k.moe_route(input, gw.ptr, b, n, hs, p, &scratch, self.slot_expert.ptr, self.slot_w.ptr, &g)?;
                     self.slot_w.ptr
                 }
                 None => {
+                    // the dense layer: its slots are fixed
+                    k.add_rmsnorm(self.x.ptr, Delta::Rows(self.delta.ptr), l.ln2.ptr, self.h.ptr, n, hs, eps)?;
                     k.moe_plan(self.dense_expert.ptr, ns, f.e_total, &g)?;
                     self.ones.ptr
                 }

@@ -80,6 +80,10 @@ impl Kernels {
             None => (s.max_t, 1, 0u64, 0u64),
             Some(p) => (SPLIT_CHUNK, split_count(s.max_t), p.part, p.done),
         };
+        if splits > 1024 {
+            // the merge holds the splits' (m, l) in the accumulators' 2048 floats
+            candle_core::bail!("decode_attn: {splits} splits of {SPLIT_CHUNK} keys; at most 1024 (max_t {})", s.max_t);
+        }
         let groups = 256 / (s.head_dim / 8);
         let shared = ((s.head_dim + chunk + groups * s.head_dim) * 4) as u32;
         launch!(

@@ -8,6 +8,7 @@
 
 use candle_core::Result;
 
+use super::norm::Delta;
 use super::{cfg, launch, Kernels};
 use crate::model::config::{MoeConfig, ScoringFunc, TopkMethod};
 
@@ -58,13 +59,14 @@ impl RouteParams {
 }
 
 impl Kernels {
-    /// Routing of `rows` rows of `x` `(rows, h)`: `slot_expert` (i32) and `slot_w` (f32),
-    /// `rows * k` each, then their plan into `g` (as [`Self::moe_plan`], over the routed and
-    /// fixed experts), in one launch. `bias`: the noaux_tc correction (f32) or 0.
+    /// Routing of `rows` rows: `slot_expert` (i32) and `slot_w` (f32), `rows * k` each, then
+    /// their plan into `g` (as [`Self::moe_plan`], over the routed and fixed experts), in one
+    /// launch. `input`: the rows as normed, or the residual add and RMSNorm that make them
+    /// (done in the same launch). `bias`: the noaux_tc correction (f32) or 0.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_route(
         &self,
-        x: u64,
+        input: RouteInput,
         gate_w: u64,
         bias: u64,
         rows: usize,
@@ -78,15 +80,25 @@ impl Kernels {
         if h % 8 != 0 || p.experts + p.n_fixed > 1024 {
             candle_core::bail!("moe_route: hidden {h} must be a multiple of 8, at most 1024 experts with the fixed ones");
         }
+        let (x, resid, delta, norm_w, eps, normed) = match input {
+            RouteInput::Normed(x) => (x, 0, 0, 0, 0.0, 0),
+            // the kernel holds a row of at most 2048 in shared memory, a thread per 8 columns
+            RouteInput::AddNorm { resid, delta, weight, normed, eps } if h > 2048 => {
+                self.add_rmsnorm(resid, Delta::Rows(delta), weight, normed, rows, h, eps)?;
+                (normed, 0, 0, 0, 0.0, 0)
+            }
+            RouteInput::AddNorm { resid, delta, weight, normed, eps } => (0, resid, delta, weight, eps, normed),
+        };
         launch!(
             self,
             self.moe_route,
             // a warp per expert's gate row, 8 per block
             cfg((rows as u32, p.experts.div_ceil(8) as u32, 1), 256, 0),
-            x, gate_w, bias, h as i32, p.experts as i32, p.topk as i32, p.n_fixed as i32,
-            p.method, p.scoring, p.n_group as i32, p.topk_group as i32, p.norm_topk as i32,
-            p.scale, scratch.logits, scratch.done, slot_expert, slot_w,
-            (p.experts + p.n_fixed) as i32, g.offsets, g.list, g.active, g.n_active
+            x, resid, delta, norm_w, eps as f32, normed, gate_w, bias, h as i32,
+            p.experts as i32, p.topk as i32, p.n_fixed as i32, p.method, p.scoring,
+            p.n_group as i32, p.topk_group as i32, p.norm_topk as i32, p.scale, scratch.logits,
+            scratch.done, slot_expert, slot_w, (p.experts + p.n_fixed) as i32, g.offsets, g.list,
+            g.active, g.n_active
         )
     }
 
@@ -152,6 +164,16 @@ impl Kernels {
     }
 }
 
+/// What `moe_route` routes (device addresses, `(rows, h)` bf16).
+#[derive(Debug, Clone, Copy)]
+pub enum RouteInput {
+    /// The rows as they are (already normed).
+    Normed(u64),
+    /// `resid += delta` (rounded to bf16), `normed = RMSNorm(resid) * weight`, as
+    /// [`Kernels::add_rmsnorm`] with [`Delta::Rows`]; the routing reads `normed`.
+    AddNorm { resid: u64, delta: u64, weight: u64, normed: u64, eps: f64 },
+}
+
 /// `moe_route`'s working memory (device addresses): `logits` `rows * experts` f32; `done`
 /// `rows + 1` i32, zero when allocated (each launch leaves it zero again).
 #[derive(Debug, Clone, Copy)]
@@ -173,7 +195,6 @@ pub struct Groups {
 mod tests {
     use super::*;
     use crate::model::decoder::moe::{route, Mlp};
-    use crate::model::kernels::norm::Delta;
     use crate::model::kernels::testutil::*;
     use crate::model::kernels::{tensor_ptr, Kernels};
     use candle_core::{DType, Device, Module, Tensor};
@@ -240,7 +261,7 @@ mod tests {
             let sw = Tensor::zeros(rows * p.k(), DType::F32, &dev).unwrap();
             let (plan, g) = groups(rows * p.k(), 18);
             k.moe_route(
-                tensor_ptr::<bf16>(&gx).unwrap(),
+                RouteInput::Normed(tensor_ptr::<bf16>(&gx).unwrap()),
                 tensor_ptr::<bf16>(&ggw).unwrap(),
                 if method == TopkMethod::NoauxTc { tensor_ptr::<f32>(&gb).unwrap() } else { 0 },
                 rows,
@@ -283,6 +304,61 @@ mod tests {
             assert!(same >= rows - 1, "{method:?}: only {same}/{rows} rows agree");
             assert!(worst <= 1e-5, "{method:?}: weights differ by {worst}");
         }
+    }
+
+    /// The residual add and RMSNorm inside the routing launch against `add_rmsnorm` followed by
+    /// routing the normed rows: the same residual, normed rows, slots and plan, to the bit;
+    /// one row (no second counter) and several.
+    #[test]
+    fn moe_route_with_the_norm_matches_add_rmsnorm_then_route() {
+        let (dev, cd) = device();
+        let k = Kernels::load(&cd).unwrap();
+        let c = moe_cfg(TopkMethod::Greedy, ScoringFunc::Softmax);
+        let p = RouteParams::new(&c, 2).unwrap();
+        let (h, e, kk) = (256usize, c.n_routed_experts, p.k());
+        let gw = rand_bf16(&[e, h], 0.2, 31).to_device(&dev).unwrap();
+        let weight = rand_bf16(&[h], 1.0, 32).to_device(&dev).unwrap();
+        let pb = |t: &Tensor| tensor_ptr::<bf16>(t).unwrap();
+        let pu = |t: &Tensor| tensor_ptr::<u32>(t).unwrap();
+        let pf = |t: &Tensor| tensor_ptr::<f32>(t).unwrap();
+        for rows in [1usize, 5] {
+            let resid = rand_bf16(&[rows, h], 1.0, 33 + rows as u64).to_device(&dev).unwrap();
+            let delta = rand_bf16(&[rows, h], 1.0, 34 + rows as u64).to_device(&dev).unwrap();
+            // each way: its own residual copy, normed rows, slots, plan and scratch
+            let run = |fused: bool| {
+                let z = |n: usize, dt| Tensor::zeros(n, dt, &dev).unwrap();
+                let r = resid.copy().unwrap();
+                let normed = Tensor::zeros((rows, h), DType::BF16, &dev).unwrap();
+                let (se, sw) = (z(rows * kk, DType::U32), z(rows * kk, DType::F32));
+                let plan = [z(e + 3, DType::U32), z(rows * kk, DType::U32), z(e + 2, DType::U32), z(1, DType::U32)];
+                let g = Groups { offsets: pu(&plan[0]), list: pu(&plan[1]), active: pu(&plan[2]), n_active: pu(&plan[3]) };
+                let (logits, done) = (z(rows * e, DType::F32), z(rows + 1, DType::U32));
+                let scratch = RouteScratch { logits: pf(&logits), done: pu(&done) };
+                let input = if fused {
+                    RouteInput::AddNorm { resid: pb(&r), delta: pb(&delta), weight: pb(&weight), normed: pb(&normed), eps: 1e-6 }
+                } else {
+                    k.add_rmsnorm(pb(&r), Delta::Rows(pb(&delta)), pb(&weight), pb(&normed), rows, h, 1e-6).unwrap();
+                    RouteInput::Normed(pb(&normed))
+                };
+                k.moe_route(input, pb(&gw), 0, rows, h, &p, &scratch, pu(&se), pf(&sw), &g).unwrap();
+                let left: Vec<u32> = done.to_vec1().unwrap();
+                assert!(left.iter().all(|&v| v == 0), "{rows} rows: counters left at {left:?}");
+                let plan: Vec<Vec<f32>> = [&plan[0], &plan[2], &plan[3]].iter().map(|t| v_of(t)).collect();
+                (v_of(&r), v_of(&normed), v_of(&se), v_of(&sw), plan)
+            };
+            let (fused, apart) = (run(true), run(false));
+            assert_eq!(fused.0, apart.0, "{rows} rows: residuals differ");
+            assert_eq!(fused.1, apart.1, "{rows} rows: normed rows differ");
+            assert_eq!(fused.2, apart.2, "{rows} rows: chosen experts differ");
+            assert_eq!(fused.3, apart.3, "{rows} rows: weights differ");
+            assert_eq!(fused.4, apart.4, "{rows} rows: plans differ");
+            assert_ne!(fused.0, v_of(&resid), "{rows} rows: the residual was not updated");
+        }
+    }
+
+    /// A tensor's values as f32 (u32 indices are exact below 2^24).
+    fn v_of(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
     }
 
     /// Routing, plan, the grouped gate/up and down and the weighted sum (add_rmsnorm mode 2,
@@ -371,7 +447,7 @@ mod tests {
             let scratch = RouteScratch { logits: pf(&logits), done: pu(&done) };
             let g = Groups { offsets: pu(&offsets), list: pu(&list), active: pu(&active), n_active: pu(&n_active) };
             let ns = rows * kk;
-            k.moe_route(pb(&gx), pb(&ggw), 0, rows, h, &p, &scratch, pu(&se), pf(&sw), &g).unwrap();
+            k.moe_route(RouteInput::Normed(pb(&gx)), pb(&ggw), 0, rows, h, &p, &scratch, pu(&se), pf(&sw), &g).unwrap();
             k.moe_gate_up(pb(&wg), pb(&wu), pb(&gx), &g, ns, kk, e_total, inter, h, pb(&act)).unwrap();
             k.moe_down(pb(&wd), pb(&act), &g, ns, e_total, inter, h, pf(&so)).unwrap();
             // one row: its 4 routed experts and the 2 shared pieces are all that run
