@@ -8,41 +8,11 @@
 // stay in registers for all the expert's slots, else spans are reloaded per 4 slots (the dense
 // MLP's wide down_proj).
 // Grid: (min(e_total, n_slots), ceil(h / (8 * RPW))) blocks of 256 threads.
-#include "common.cuh"
+#include "gemv.cuh"
 
 #define CHUNK 4
 #define RPW 2
 #define U 4
-
-// The dot products of this warp's RPW rows (w: this lane's spans, reloaded per span unless
-// resident) with NT slots' activations at once (their loads issued together), into acc.
-template <int NT>
-__device__ __forceinline__ void dots(uint4 (&wv)[RPW][U], bool resident,
-                                     const uint4* const (&w)[RPW], int nc,
-                                     const uint4* const (&ar)[CHUNK], float (&acc)[RPW][CHUNK]) {
-  int lane = threadIdx.x & 31;
-  for (int c0 = lane; c0 < nc; c0 += 32 * U) {
-    if (!resident) {
-#pragma unroll
-      for (int q = 0; q < RPW; ++q)
-#pragma unroll
-        for (int i = 0; i < U; ++i) wv[q][i] = load_or_zero(w[q], c0 + 32 * i, nc);
-    }
-#pragma unroll
-    for (int i = 0; i < U; ++i) {
-      int c = c0 + 32 * i;
-      if (c < nc) {
-        uint4 av[NT];
-#pragma unroll
-        for (int t = 0; t < NT; ++t) av[t] = ar[t][c];
-#pragma unroll
-        for (int t = 0; t < NT; ++t)
-#pragma unroll
-          for (int q = 0; q < RPW; ++q) acc[q][t] += dot8(wv[q][i], av[t]);
-      }
-    }
-  }
-}
 
 extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16* __restrict__ act,
                                     const int* __restrict__ offsets, const int* __restrict__ list,
@@ -62,12 +32,7 @@ extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16*
   int nc = inter / 8;
   bool resident = nc <= 32 * U;
   uint4 wv[RPW][U];
-  if (resident) {
-#pragma unroll
-    for (int q = 0; q < RPW; ++q)
-#pragma unroll
-      for (int i = 0; i < U; ++i) wv[q][i] = load_or_zero(w[q], lane + 32 * i, nc);
-  }
+  if (resident) load_span(wv, w, lane, nc);
   for (int s0 = beg; s0 < end; s0 += CHUNK) {
     int ns = min(CHUNK, end - s0);
     const uint4* ar[CHUNK];
@@ -83,8 +48,8 @@ extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16*
 #pragma unroll
       for (int t = 0; t < CHUNK; ++t) acc[q][t] = 0.f;
     // one slot (decode's usual case) without the others' redundant work
-    if (ns == 1) dots<1>(wv, resident, w, nc, ar, acc);
-    else dots<CHUNK>(wv, resident, w, nc, ar, acc);
+    if (ns == 1) span_dots<RPW, U, 1>(wv, resident, w, nc, ar, acc);
+    else span_dots<RPW, U, CHUNK>(wv, resident, w, nc, ar, acc);
 #pragma unroll
     for (int t = 0; t < CHUNK; ++t) {
       if (t >= ns) break;

@@ -10,43 +10,10 @@
 // offsets, list, active, n_active: from moe_plan (block x serves the x-th expert that has
 // slots); act: (n_slots, inter) bf16. h a multiple of 8.
 // Grid: (min(e_total, n_slots), ceil(inter / 8)) blocks of 256 threads.
-#include "common.cuh"
+#include "gemv.cuh"
 
 #define CHUNK 4
 #define U 5
-
-// The dot products of one row of gate and up (g, u: this lane's spans, reloaded per span
-// unless resident) with NT slots' x rows at once (their loads issued together), into ag, au.
-template <int NT>
-__device__ __forceinline__ void dots(uint4 (&g)[U], uint4 (&u)[U], bool resident,
-                                     const uint4* wg, const uint4* wu, int nc,
-                                     const uint4* const (&xr)[CHUNK], float (&ag)[CHUNK],
-                                     float (&au)[CHUNK]) {
-  int lane = threadIdx.x & 31;
-  for (int c0 = lane; c0 < nc; c0 += 32 * U) {
-    if (!resident) {
-#pragma unroll
-      for (int i = 0; i < U; ++i) {
-        g[i] = load_or_zero(wg, c0 + 32 * i, nc);
-        u[i] = load_or_zero(wu, c0 + 32 * i, nc);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < U; ++i) {
-      int c = c0 + 32 * i;
-      if (c < nc) {
-        uint4 xv[NT];
-#pragma unroll
-        for (int t = 0; t < NT; ++t) xv[t] = xr[t][c];
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          ag[t] += dot8(g[i], xv[t]);
-          au[t] += dot8(u[i], xv[t]);
-        }
-      }
-    }
-  }
-}
 
 extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf16* __restrict__ w_up,
                                        const bf16* __restrict__ x, const int* __restrict__ offsets,
@@ -60,18 +27,13 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int row = blockIdx.y * (blockDim.x >> 5) + warp;
   if (row >= inter) return;
-  const uint4* wg = reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h);
-  const uint4* wu = reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h);
+  // the row of gate and the row of up, as the two rows of one matrix-vector product
+  const uint4* wp[2] = {reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h),
+                        reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h)};
   int nc = h / 8;
   bool resident = nc <= 32 * U;
-  uint4 g[U], u[U];
-  if (resident) {
-#pragma unroll
-    for (int i = 0; i < U; ++i) {
-      g[i] = load_or_zero(wg, lane + 32 * i, nc);
-      u[i] = load_or_zero(wu, lane + 32 * i, nc);
-    }
-  }
+  uint4 w[2][U];
+  if (resident) load_span(w, wp, lane, nc);
   for (int s0 = beg; s0 < end; s0 += CHUNK) {
     int ns = min(CHUNK, end - s0);
     const uint4* xr[CHUNK];
@@ -81,16 +43,16 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf
       sl[t] = list[s0 + min(t, ns - 1)];
       xr[t] = reinterpret_cast<const uint4*>(x + (size_t)(sl[t] / k) * h);
     }
-    float ag[CHUNK], au[CHUNK];
+    float acc[2][CHUNK];  // gate, up
 #pragma unroll
-    for (int t = 0; t < CHUNK; ++t) ag[t] = au[t] = 0.f;
+    for (int t = 0; t < CHUNK; ++t) acc[0][t] = acc[1][t] = 0.f;
     // one slot (decode's usual case) without the others' redundant work
-    if (ns == 1) dots<1>(g, u, resident, wg, wu, nc, xr, ag, au);
-    else dots<CHUNK>(g, u, resident, wg, wu, nc, xr, ag, au);
+    if (ns == 1) span_dots<2, U, 1>(w, resident, wp, nc, xr, acc);
+    else span_dots<2, U, CHUNK>(w, resident, wp, nc, xr, acc);
 #pragma unroll
     for (int t = 0; t < CHUNK; ++t) {
       if (t >= ns) break;
-      float gsum = warp_sum(ag[t]), usum = warp_sum(au[t]);
+      float gsum = warp_sum(acc[0][t]), usum = warp_sum(acc[1][t]);
       if (lane == 0) {
         float gr = round_bf16(gsum);
         float a = round_bf16(gr / (1.f + expf(-gr)));
