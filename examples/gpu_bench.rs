@@ -27,7 +27,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use ocr_patch::bench::{median, view_pixels};
+use ocr_patch::bench::{median, stats, time_ms, view_pixels};
 use ocr_patch::model::generate::{self, GenerationConfig, Sampling, Step};
 use ocr_patch::model::{DeepseekOcr, LocalTiles, OcrConfig, VisionConfig, Weights};
 use serde_json::json;
@@ -76,33 +76,6 @@ fn sync(dev: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Runs `f` `warmup` times untimed, then `repeat` times timed (ms, synchronised).
-fn time_ms<T>(
-    dev: &Device,
-    warmup: usize,
-    repeat: usize,
-    mut f: impl FnMut() -> Result<T>,
-) -> Result<(Vec<f64>, T)> {
-    for _ in 0..warmup {
-        f()?;
-        sync(dev)?;
-    }
-    let mut times = Vec::new();
-    let mut last = None;
-    for _ in 0..repeat.max(1) {
-        sync(dev)?;
-        let t = Instant::now();
-        let out = f()?;
-        sync(dev)?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-        last = Some(out);
-    }
-    Ok((times, last.unwrap()))
-}
-
-fn stats(times: &[f64]) -> serde_json::Value {
-    json!({ "median_ms": median(times), "runs_ms": times })
-}
 
 /// Samples the device's used memory (`total - free`) every millisecond on a thread.
 struct MemSampler {

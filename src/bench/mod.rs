@@ -84,6 +84,36 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// Runs `f` `warmup` times untimed, then `repeat` (at least once) timed: each run's ms, the
+/// device synchronised before and after, and the last run's output.
+pub fn time_ms<T>(
+    dev: &candle_core::Device,
+    warmup: usize,
+    repeat: usize,
+    mut f: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<(Vec<f64>, T)> {
+    for _ in 0..warmup {
+        f()?;
+        dev.synchronize()?;
+    }
+    let mut times = vec![];
+    let mut last = None;
+    for _ in 0..repeat.max(1) {
+        dev.synchronize()?;
+        let t = std::time::Instant::now();
+        let out = f()?;
+        dev.synchronize()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        last = Some(out);
+    }
+    Ok((times, last.expect("at least one run")))
+}
+
+/// A timing's JSON: the median and every run (ms).
+pub fn stats(t: &[f64]) -> Value {
+    json!({"median_ms": median(t), "runs_ms": t})
+}
+
 /// Bytes a decode step of `batch` sequences at context `ctx` must move, and the tokens/s that
 /// bounds at `bandwidth_gbs`.
 #[derive(Debug, Clone, PartialEq)]

@@ -10,10 +10,11 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use super::{median, view_pixels, BenchConfig, IMAGE_TOKEN_ID, PROMPT_TAIL_IDS};
+use super::{median, stats, time_ms, view_pixels, BenchConfig, IMAGE_TOKEN_ID, PROMPT_TAIL_IDS};
 use crate::model::fast::{FastDecoder, FastOptions};
 use crate::model::kernels::Kernels;
 use crate::model::vision::{DeepEncoder, LocalTiles, VisionConfig};
+use crate::model::config::TextConfig;
 use crate::model::{OcrConfig, Weights};
 
 /// Samples the device's used memory (`total - free`) every millisecond on a thread.
@@ -53,32 +54,18 @@ fn gib(b: usize) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-/// Median ms of `repeat` synchronised runs after `warmup`.
-fn time_ms<T>(
-    dev: &Device,
-    warmup: usize,
-    repeat: usize,
-    mut f: impl FnMut() -> Result<T>,
-) -> Result<(Vec<f64>, T)> {
-    for _ in 0..warmup {
-        f()?;
-        dev.synchronize()?;
-    }
-    let mut times = vec![];
-    let mut last = None;
-    for _ in 0..repeat.max(1) {
-        dev.synchronize()?;
-        let t = Instant::now();
-        let out = f()?;
-        dev.synchronize()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-        last = Some(out);
-    }
-    Ok((times, last.expect("at least one run")))
-}
-
-fn stats(t: &[f64]) -> Value {
-    json!({"median_ms": median(t), "runs_ms": t})
+/// The fast decoder of the bench's model: `max_slots` sequences of `max_t` positions, prefill in
+/// chunks of `max_rows`, no n-gram guard (the peer has none either).
+fn fast_decoder(
+    text: &TextConfig,
+    weights: &Weights,
+    cd: &candle_core::CudaDevice,
+    max_slots: usize,
+    max_t: usize,
+    max_rows: usize,
+) -> Result<FastDecoder> {
+    let opts = FastOptions { max_slots, max_t, max_rows, no_repeat: None };
+    Ok(FastDecoder::new(text, weights.var_builder(DType::BF16, &Device::Cpu), cd, opts)?)
 }
 
 /// Runs `steps` decode steps of `n` sequences, reading the tokens back after each (as a
@@ -158,18 +145,8 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
     let n_img = crate::model::vision::image_token_count(1024, None);
     let prompt_len = 1 + n_img + PROMPT_TAIL_IDS.len();
     let max_t = (prompt_len + c.warmup_steps + steps + 8).next_multiple_of(64);
-    let b1_opts = FastOptions {
-        max_slots: 1,
-        max_t: max_t.max(c.max_t_b1),
-        max_rows: 512,
-        no_repeat: None,
-    };
-    let mut fast = FastDecoder::new(
-        &text,
-        weights.var_builder(DType::BF16, &Device::Cpu),
-        cd,
-        b1_opts.clone(),
-    )?;
+    let b1_max_t = max_t.max(c.max_t_b1);
+    let mut fast = fast_decoder(&text, &weights, cd, 1, b1_max_t, 512)?;
     dev.synchronize()?;
     let load_s = t.elapsed().as_secs_f64();
     eprintln!("bench: loaded in {load_s:.1}s");
@@ -272,18 +249,7 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
     let max_b = c.batches.iter().copied().max().unwrap_or(1);
     let mut batched = vec![];
     if max_b > 1 {
-        let opts = FastOptions {
-            max_slots: max_b,
-            max_t,
-            max_rows: 512.max(max_b),
-            no_repeat: None,
-        };
-        let mut fast = FastDecoder::new(
-            &text,
-            weights.var_builder(DType::BF16, &Device::Cpu),
-            cd,
-            opts,
-        )?;
+        let mut fast = fast_decoder(&text, &weights, cd, max_b, max_t, 512.max(max_b))?;
         for &b in &c.batches {
             let graph_ok = fast.capture(b).map_err(|e| format!("{e}"));
             start_batch(&mut fast, &embeds, b, vocab)?;
@@ -351,7 +317,7 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
             "peak_used_gib_batch1_vision_prefill": gib(peak_prompt),
             "note_vision_prefill": "fast vision (Base and Gundam) + prefill; the reference encoder's peak is under vision_reference",
             "peak_used_gib_batched": gib(peak_batched),
-            "batch1_cache_positions": b1_opts.max_t,
+            "batch1_cache_positions": b1_max_t,
             "batched_cache": format!("{max_b} slots x {max_t} positions"),
             "device_total_gib": gib(total),
             "note": "device-wide total-free, sampled every 1 ms, CUDA context and vision encoder included",
@@ -402,18 +368,7 @@ pub fn profile(c: &BenchConfig, graph: bool) -> Result<Value> {
     unsafe { cd.disable_event_tracking() };
     let text = OcrConfig::from_file(&c.model_dir.join("config.json"))?.text()?;
     let weights = Weights::open_dir(&c.model_dir)?;
-    let opts = FastOptions {
-        max_slots: 1,
-        max_t: 512,
-        max_rows: 512,
-        no_repeat: None,
-    };
-    let mut fast = FastDecoder::new(
-        &text,
-        weights.var_builder(DType::BF16, &Device::Cpu),
-        cd,
-        opts,
-    )?;
+    let mut fast = fast_decoder(&text, &weights, cd, 1, 512, 512)?;
     let n_img = crate::model::vision::image_token_count(1024, None);
     let mut ids = vec![0u32];
     ids.extend(std::iter::repeat(IMAGE_TOKEN_ID).take(n_img));
