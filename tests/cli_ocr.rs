@@ -16,6 +16,20 @@ fn ocr() -> Command {
     c
 }
 
+/// `ocr IMAGE ARGS --synthetic CONFIG` (CONFIG: the `cpu` golden config unless given): refused
+/// with exit 2 and no panic; the caller adds what stderr must say.
+fn refused(image: &Path, args: &[&str], config: Option<&Path>) -> assert_cmd::assert::Assert {
+    let cpu = golden_config("cpu");
+    ocr()
+        .arg(image)
+        .args(args)
+        .arg("--synthetic")
+        .arg(config.unwrap_or(&cpu))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("panicked").not())
+}
+
 fn golden_config(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("golden/configs")
@@ -29,6 +43,18 @@ fn write_png(dir: &Path, name: &str, w: u32, h: u32) -> PathBuf {
     let p = dir.join(name);
     img.save(&p).unwrap();
     p
+}
+
+/// `ocr IMAGE ARGS --model DIR`: refused with exit 2 and no panic.
+fn refused_model(image: &Path, args: &[&str], dir: &Path) -> assert_cmd::assert::Assert {
+    ocr()
+        .arg(image)
+        .args(args)
+        .arg("--model")
+        .arg(dir)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("panicked").not())
 }
 
 /// A model folder with the given files (config from the `cpu` golden config).
@@ -66,29 +92,14 @@ fn a_corrupt_image_is_a_clear_error() {
     let txt = d.path().join("notes.jpg");
     std::fs::write(&txt, "hello, I am text").unwrap();
     for f in [&p, &txt] {
-        ocr()
-            .arg(f)
-            .arg("--synthetic")
-            .arg(golden_config("cpu"))
-            .assert()
-            .code(2)
-            .stderr(
-                predicate::str::contains("not a readable image")
-                    .and(predicate::str::contains("panicked").not()),
-            );
+        refused(f, &[], None).stderr(predicate::str::contains("not a readable image"));
     }
 }
 
 #[test]
 fn a_missing_image_is_a_clear_error() {
-    ocr()
-        .args(["/nonexistent/page.png", "--synthetic"])
-        .arg(golden_config("cpu"))
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains(
-            "/nonexistent/page.png: cannot read the image",
-        ));
+    refused(Path::new("/nonexistent/page.png"), &[], None)
+        .stderr(predicate::str::contains("/nonexistent/page.png: cannot read the image"));
 }
 
 #[test]
@@ -96,20 +107,11 @@ fn a_zero_size_image_is_a_clear_error() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("empty.png");
     std::fs::write(&p, png_header_only(0, 10)).unwrap();
-    ocr()
-        .arg(&p)
-        .arg("--synthetic")
-        .arg(golden_config("cpu"))
-        .assert()
-        .code(2)
-        .stderr(
-            predicate::str::contains("empty.png")
-                .and(
-                    predicate::str::contains("no pixels")
-                        .or(predicate::str::contains("not a readable image")),
-                )
-                .and(predicate::str::contains("panicked").not()),
-        );
+    refused(&p, &[], None).stderr(
+        predicate::str::contains("empty.png").and(
+            predicate::str::contains("no pixels").or(predicate::str::contains("not a readable image")),
+        ),
+    );
 }
 
 #[test]
@@ -118,25 +120,12 @@ fn a_huge_image_is_refused_from_its_header() {
     let p = d.path().join("bomb.png");
     // 100000 x 100000 claimed in 66 bytes: refused from the header, before any decoding.
     std::fs::write(&p, png_bomb(100_000, 100_000)).unwrap();
-    ocr()
-        .arg(&p)
-        .arg("--synthetic")
-        .arg(golden_config("cpu"))
-        .assert()
-        .code(2)
-        .stderr(
-            predicate::str::contains("100000x100000")
-                .and(predicate::str::contains("above the limit of 89478485")),
-        );
+    refused(&p, &[], None).stderr(
+        predicate::str::contains("100000x100000").and(predicate::str::contains("above the limit of 89478485")),
+    );
     // the limit is adjustable
     let small = write_png(d.path(), "small.png", 100, 100);
-    ocr()
-        .arg(&small)
-        .args(["--max-pixels", "5000", "--synthetic"])
-        .arg(golden_config("cpu"))
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains("above the limit of 5000"));
+    refused(&small, &["--max-pixels", "5000"], None).stderr(predicate::str::contains("above the limit of 5000"));
 }
 
 #[test]
@@ -150,24 +139,12 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let img = write_png(d.path(), "page.png", 64, 48);
     // base: 273 image tokens > 200 positions; refused before the model is built
-    ocr()
-        .arg(&img)
-        .args(["--mode", "base", "--synthetic"])
-        .arg(&cfg_path)
-        .assert()
-        .code(2)
-        .stderr(
-            predicate::str::contains("the model's context is 200")
-                .and(predicate::str::contains("273 of them image tokens")),
-        );
+    refused(&img, &["--mode", "base"], Some(&cfg_path)).stderr(
+        predicate::str::contains("the model's context is 200").and(predicate::str::contains("273 of them image tokens")),
+    );
     // a long text prompt does the same in tiny mode (73 image tokens)
     let long = format!("<image>\n{}", "word ".repeat(300));
-    ocr()
-        .arg(&img)
-        .args(["--mode", "tiny", "--prompt", &long, "--synthetic"])
-        .arg(&cfg_path)
-        .assert()
-        .code(2)
+    refused(&img, &["--mode", "tiny", "--prompt", &long], Some(&cfg_path))
         .stderr(predicate::str::contains("the model's context is 200"));
 }
 
@@ -175,44 +152,23 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() {
 fn a_prompt_without_image_placeholder_is_a_clear_error() {
     let d = tempfile::tempdir().unwrap();
     let img = write_png(d.path(), "page.png", 64, 48);
-    ocr()
-        .arg(&img)
-        .args(["--prompt", "Free OCR.", "--synthetic"])
-        .arg(golden_config("cpu"))
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains(
-            "0 `<image>` placeholder(s) for 1 image",
-        ));
+    refused(&img, &["--prompt", "Free OCR."], None)
+        .stderr(predicate::str::contains("0 `<image>` placeholder(s) for 1 image"));
 }
 
 #[test]
 fn a_missing_tokenizer_is_a_clear_error() {
     let d = model_dir(false);
     let img = write_png(d.path(), "page.png", 64, 48);
-    ocr()
-        .arg(&img)
-        .arg("--model")
-        .arg(d.path())
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains("tokenizer.json: not found"));
+    refused_model(&img, &[], d.path()).stderr(predicate::str::contains("tokenizer.json: not found"));
 }
 
 #[test]
 fn missing_weights_are_a_clear_error() {
     let d = model_dir(true);
     let img = write_png(d.path(), "page.png", 64, 48);
-    ocr()
-        .arg(&img)
-        .args(["--mode", "tiny", "--model"])
-        .arg(d.path())
-        .assert()
-        .code(2)
-        .stderr(
-            predicate::str::contains("cannot load the model")
-                .and(predicate::str::contains("safetensors")),
-        );
+    refused_model(&img, &["--mode", "tiny"], d.path())
+        .stderr(predicate::str::contains("cannot load the model").and(predicate::str::contains("safetensors")));
 }
 
 #[test]
@@ -220,13 +176,7 @@ fn a_model_folder_needs_a_config() {
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("tokenizer.json"), byte_level_json()).unwrap();
     let img = write_png(d.path(), "page.png", 64, 48);
-    ocr()
-        .arg(&img)
-        .arg("--model")
-        .arg(d.path())
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains("config.json"));
+    refused_model(&img, &[], d.path()).stderr(predicate::str::contains("config.json"));
 }
 
 /// The whole pipeline on synthetic weights (full SAM-B + CLIP-L, 2-layer decoder): a 512 view,
@@ -273,13 +223,5 @@ fn a_pdf_with_too_many_pages_is_refused_before_the_model_loads() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("big.pdf");
     std::fs::write(&p, ocr_patch::serve::pdf::synthetic_pdf(10_000, 10, 10)).unwrap();
-    ocr()
-        .arg(&p)
-        .arg("--synthetic")
-        .arg(golden_config("cpu"))
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains(
-            "10000 pages, more than the limit of 500",
-        ));
+    refused(&p, &[], None).stderr(predicate::str::contains("10000 pages, more than the limit of 500"));
 }
