@@ -120,6 +120,14 @@ impl Case {
             .get(&format!("ref.output.{k}"))
             .unwrap_or_else(|| panic!("no output {k}"))
     }
+
+    /// For each size `s`: `f(x{s})` against the recorded `y{s}` (within TOL).
+    fn compare_sizes(&self, what: &str, sizes: &[usize], f: impl Fn(&Tensor) -> Tensor) {
+        for s in sizes {
+            let y = f(self.input(&format!("x{s}")));
+            compare(&format!("{what} {s}"), &y, self.output(&format!("y{s}")), TOL);
+        }
+    }
 }
 
 /// Prints and returns the largest absolute difference; fails above `tol`.
@@ -174,15 +182,7 @@ fn sam_matches_remote_code() {
         ..SamConfig::vit_b()
     };
     let sam = ImageEncoderViT::new(&cfg, case.vb().pp("model.sam_model")).unwrap();
-    for s in [256, 160, 384] {
-        let y = sam.forward(case.input(&format!("x{s}"))).unwrap();
-        compare(
-            &format!("sam {s}px"),
-            &y,
-            case.output(&format!("y{s}")),
-            TOL,
-        );
-    }
+    case.compare_sizes("sam, px:", &[256, 160, 384], |x| sam.forward(x).unwrap());
 }
 
 fn clip_config(c: &serde_json::Value) -> ClipConfig {
@@ -205,15 +205,7 @@ fn clip_matches_remote_code() {
         case.vb().pp("model.vision_model"),
     )
     .unwrap();
-    for s in [10, 16, 20] {
-        let y = clip.forward(case.input(&format!("x{s}"))).unwrap();
-        compare(
-            &format!("clip {s}x{s}"),
-            &y,
-            case.output(&format!("y{s}")),
-            TOL,
-        );
-    }
+    case.compare_sizes("clip, grid side:", &[10, 16, 20], |x| clip.forward(x).unwrap());
 }
 
 fn text_config(c: &serde_json::Value) -> TextConfig {
