@@ -14,7 +14,13 @@
 //   2. the last of row r's blocks chooses its experts (greedy: one warp's shuffles; the group
 //      methods, rarer: one thread);
 //   3. the last row to be chosen plans the slots of every row.
-// x: (rows, h) bf16; gate_w: (e, h) bf16; bias: (e) f32 or null; logits: (rows, e) f32
+// With `resid` set (the fast decoder's MoE layers) the routed rows are first made here, as
+// add_rmsnorm mode 1 makes them: x = bf16(resid + delta), normed = bf16(bf16(x / rms) * norm_w);
+// every block of the row computes them (a thread per 8 columns, while its gate loads are in
+// flight) and the row's last block stores x into resid and the normed row into `normed`
+// (h <= MAX_H). Without it, `x` holds the normed rows.
+// x: (rows, h) bf16 or null; resid, delta, normed: (rows, h) bf16; norm_w: (h) bf16;
+// gate_w: (e, h) bf16; bias: (e) f32 or null; logits: (rows, e) f32
 // scratch; done: (rows + 1) i32, zero before the first launch; slot_expert: (rows*k) i32;
 // slot_w: (rows*k) f32; offsets, list, active, n_active: as moe_plan, over e_total experts.
 // Grid: (rows, ceil(e / 8)) blocks of 256 threads. e <= 512, topk <= 32, e_total <= 1024.
