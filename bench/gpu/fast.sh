@@ -11,10 +11,9 @@
 #   tf_peer.py   bench/gpu/tf_peer.py (the peer), fast.sh (this file)
 # and .gpu/config.json + .gpu/remote/ (the patched remote code) as bench/gpu/run.sh describes,
 # .whl/ the wheels the remote code needs. Carry [".gpu", ".whl"].
-# Usage: bash $G/fast.sh [STEPS (default "tests bench profile vprofile"; also "gprofile": the
-# decode step's CUDA graph timed whole on the GPU)]
+# Usage: bash $G/fast.sh [STEPS (default "tests bench profile vprofile")]
 # Results go to $OUT: gpu.txt, kernel-tests.log, bench.json, bench.log, profile.csv (decode),
-# gprofile.csv (decode graph), vprofile.csv (vision).
+# vprofile.csv (vision).
 set -uo pipefail
 G=${G:-.gpu/gpu}
 OUT=${OUT:-/tmp/ocrp-out}
@@ -77,14 +76,6 @@ case " $STEPS " in *" profile "*)
     "$WORK/ocr-patch" bench --profile --steps 2 --model-dir "$WORK/w" > "$OUT/profile.csv" 2> "$OUT/profile.log"
   echo "rc=$?"
   summarise "$OUT/profile.csv" ;;
-esac
-case " $STEPS " in *" gprofile "*)
-  echo "== ncu: 5 batch-1 decode steps replayed from the CUDA graph, each timed whole on the GPU"
-  timeout 240 ncu --profile-from-start off --clock-control none --cache-control none \
-    --graph-profiling graph --csv --page raw --metrics gpu__time_duration.sum \
-    "$WORK/ocr-patch" bench --profile decode-graph --steps 5 --model-dir "$WORK/w" > "$OUT/gprofile.csv" 2> "$OUT/gprofile.log"
-  echo "rc=$?"
-  grep -v '^==' "$OUT/gprofile.csv" | tail -6 ;;
 esac
 case " $STEPS " in *" vprofile "*)
   echo "== ncu: one Base vision encode on the fast path"

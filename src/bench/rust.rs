@@ -356,11 +356,9 @@ pub fn profile_vision(c: &BenchConfig) -> Result<Value> {
 }
 
 /// For a profiler (`ncu --profile-from-start off`): loads the decoder alone, prefills the Base
-/// prompt's token rows, and runs `c.steps` batch-1 decode steps between `cuProfilerStart` and
-/// `cuProfilerStop`: eager (every kernel launched on its own) or, with `graph`, replays of the
-/// captured step as the bench runs them (`ncu --graph-profiling graph` then times a whole step
-/// on the GPU, without the host's part).
-pub fn profile(c: &BenchConfig, graph: bool) -> Result<Value> {
+/// prompt's token rows, and runs `c.steps` eager batch-1 decode steps (every kernel launched on
+/// its own) between `cuProfilerStart` and `cuProfilerStop`.
+pub fn profile(c: &BenchConfig) -> Result<Value> {
     let dev = Device::new_cuda_with_stream(0).context("no CUDA device")?;
     let Device::Cuda(cd) = &dev else {
         unreachable!()
@@ -376,12 +374,9 @@ pub fn profile(c: &BenchConfig, graph: bool) -> Result<Value> {
     let ids: Vec<u32> = ids.iter().map(|&i| i % text.vocab_size as u32).collect();
     let e = fast.embed_ids(&ids)?;
     fast.prefill(0, &e)?;
-    if graph {
-        fast.capture(1)?;
-    }
     decode_run(&fast, 1, 2)?;
     unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStart() };
     let (t, _) = decode_run(&fast, 1, c.steps)?;
     unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStop() };
-    Ok(json!({"profiled_steps": c.steps, "graph": graph, "step_ms_under_profiler": t}))
+    Ok(json!({"profiled_steps": c.steps, "step_ms_under_profiler": t}))
 }

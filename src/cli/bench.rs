@@ -83,9 +83,8 @@ pub struct BenchArgs {
     pub gpu: String,
 
     /// Only run, between cuProfilerStart and cuProfilerStop (for `ncu --profile-from-start
-    /// off`), --steps eager batch-1 decode steps of the fast path (`decode`, the default),
-    /// --steps replays of the decode step's CUDA graph (`decode-graph`, for `ncu
-    /// --graph-profiling graph`) or one Base vision encode (`vision`); no peer, no report
+    /// off`), --steps eager batch-1 decode steps of the fast path (`decode`, the default) or one
+    /// Base vision encode (`vision`); no peer, no report
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "decode", value_name = "WHAT")]
     pub profile: Option<ProfileTarget>,
 
@@ -101,7 +100,6 @@ pub struct BenchArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProfileTarget {
     Decode,
-    DecodeGraph,
     Vision,
 }
 
@@ -172,8 +170,7 @@ fn rust_side(c: &BenchConfig) -> anyhow::Result<serde_json::Value> {
 #[cfg(feature = "cuda")]
 fn profile_side(c: &BenchConfig, what: ProfileTarget) -> anyhow::Result<serde_json::Value> {
     match what {
-        ProfileTarget::Decode => bench::rust::profile(c, false),
-        ProfileTarget::DecodeGraph => bench::rust::profile(c, true),
+        ProfileTarget::Decode => bench::rust::profile(c),
         ProfileTarget::Vision => bench::rust::profile_vision(c),
     }
 }
