@@ -47,15 +47,6 @@ extern "C" __global__ void add_rmsnorm(bf16* __restrict__ resid, const bf16* __r
   }
   // the values are bf16 now: packing them back is exact
   if (mode != 0 && on) x8[c] = pack8(v);
-  float ss = 0.f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
-  ss = block_sum(ss, red);
-  float denom = sqrtf(ss / (float)h + eps);
-  if (!on) return;
-  float w[8], o[8];
-  unpack8(wt, w);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) o[i] = round_bf16(v[i] / denom) * w[i];
-  reinterpret_cast<uint4*>(out + (size_t)r * h)[c] = pack8(o);
+  uint4 o = rms_norm8(v, wt, h, eps, red);
+  if (on) reinterpret_cast<uint4*>(out + (size_t)r * h)[c] = o;
 }

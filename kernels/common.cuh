@@ -77,6 +77,11 @@ __device__ __forceinline__ void rope_cs(uint32_t p, int i, int hd, float theta, 
   *s = round_bf16(sinf(f));
 }
 
+// The pair (x1, x2) = (x[i], x[i + hd/2]) rotated by (c, s) from rope_cs, in f32.
+__device__ __forceinline__ float2 rope_rotate(float x1, float x2, float c, float s) {
+  return make_float2(x1 * c - x2 * s, x2 * c + x1 * s);
+}
+
 // p[c] when c < n, else zeros: the predicated 16-byte load the matrix-vector kernels issue
 // several of before using any.
 __device__ __forceinline__ uint4 load_or_zero(const uint4* __restrict__ p, int c, int n) {
@@ -100,6 +105,22 @@ __device__ __forceinline__ uint4 pack8(const float* v) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) p[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
   return u;
+}
+
+// DeepseekV2RMSNorm of a row held 8 values a thread (a thread per 8 columns; threads past the
+// row hold zeros and get a result nobody stores): bf16(bf16(v / sqrt(mean(v^2) + eps)) * w),
+// packed. Every thread of the block calls it (a block reduction); red: 32 floats of shared memory.
+__device__ __forceinline__ uint4 rms_norm8(const float* v, uint4 w8, int h, float eps, float* red) {
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
+  ss = block_sum(ss, red);
+  float denom = sqrtf(ss / (float)h + eps);
+  float w[8], o[8];
+  unpack8(w8, w);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = round_bf16(v[i] / denom) * w[i];
+  return pack8(o);
 }
 
 // Dot product of 8 bf16 pairs packed in two uint4, accumulated in f32.

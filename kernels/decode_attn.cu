@@ -72,12 +72,14 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
     if (tid < half) {
       float c, sn;
       rope_cs(p, tid, hd, theta, &c, &sn);
-      qs[tid] = round_bf16(q1 * c - q2 * sn);
-      qs[tid + half] = round_bf16(q2 * c + q1 * sn);
+      float2 qr = rope_rotate(q1, q2, c, sn);
+      qs[tid] = round_bf16(qr.x);
+      qs[tid + half] = round_bf16(qr.y);
       if (append) {
         bf16* kd = k_cache + (head + p) * hd;
-        kd[tid] = f2bf(k1 * c - k2 * sn);
-        kd[tid + half] = f2bf(k2 * c + k1 * sn);
+        float2 kr = rope_rotate(k1, k2, c, sn);
+        kd[tid] = f2bf(kr.x);
+        kd[tid + half] = f2bf(kr.y);
       }
     }
     if (append && tid < hd) v_cache[(head + p) * hd + tid] = vt;

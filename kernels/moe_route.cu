@@ -24,6 +24,7 @@
 // scratch; done: (rows + 1) i32, zero before the first launch; slot_expert: (rows*k) i32;
 // slot_w: (rows*k) f32; offsets, list, active, n_active: as moe_plan, over e_total experts.
 // Grid: (rows, ceil(e / 8)) blocks of 256 threads. e <= 512, topk <= 32, e_total <= 1024.
+#include "gemv.cuh"
 #include "moe_plan.cuh"
 
 #define MAX_E 512
@@ -189,57 +190,37 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
   int nc = h / 8;
   // 1. this warp's expert's gate row: the first span's loads go out before anything else
   int ex = blockIdx.y * (blockDim.x >> 5) + warp;
-  const uint4* wr = reinterpret_cast<const uint4*>(gate_w + (size_t)min(ex, e - 1) * h);
-  uint4 wv[U];
-#pragma unroll
-  for (int i = 0; i < U; ++i) wv[i] = load_or_zero(wr, lane + 32 * i, nc);
+  const uint4* wr[1] = {reinterpret_cast<const uint4*>(gate_w + (size_t)min(ex, e - 1) * h)};
+  uint4 wv[1][U];
+  load_span(wv, wr, lane, nc);
   // the fused residual add + RMSNorm (as add_rmsnorm mode 1), a thread per 8 columns; every
   // block of the row computes it, the row's last block stores it
   bool fused = resid != nullptr, on = (int)threadIdx.x < nc;
   uint4 xnew = make_uint4(0u, 0u, 0u, 0u), hnew = xnew;
   if (fused) {
     float v[8], d[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = d[i] = 0.f;
     if (on) {
       unpack8(reinterpret_cast<const uint4*>(resid + (size_t)r * h)[threadIdx.x], v);
       unpack8(reinterpret_cast<const uint4*>(delta + (size_t)r * h)[threadIdx.x], d);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = d[i] = 0.f;
     }
-    float ss = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      v[i] = round_bf16(v[i] + d[i]);
-      ss = fmaf(v[i], v[i], ss);
-    }
-    ss = block_sum(ss, red);
-    float denom = sqrtf(ss / (float)h + eps);
-    if (on) {
-      float w[8], o[8];
-      unpack8(__ldg(reinterpret_cast<const uint4*>(norm_w) + threadIdx.x), w);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) o[i] = round_bf16(v[i] / denom) * w[i];
-      xnew = pack8(v);
-      hnew = pack8(o);
-      reinterpret_cast<uint4*>(xs)[threadIdx.x] = hnew;
-    }
+    for (int i = 0; i < 8; ++i) v[i] = round_bf16(v[i] + d[i]);
+    uint4 w8 = on ? __ldg(reinterpret_cast<const uint4*>(norm_w) + threadIdx.x) : make_uint4(0u, 0u, 0u, 0u);
+    xnew = pack8(v);
+    hnew = rms_norm8(v, w8, h, eps, red);
+    if (on) reinterpret_cast<uint4*>(xs)[threadIdx.x] = hnew;
     __syncthreads();
   }
   const uint4* xr = fused ? reinterpret_cast<const uint4*>(xs)
                           : reinterpret_cast<const uint4*>(x + (size_t)r * h);
   if (ex < e) {
-    float acc = 0.f;
-    for (int c0 = lane; c0 < nc; c0 += 32 * U) {
-      if (c0 != lane) {
-#pragma unroll
-        for (int i = 0; i < U; ++i) wv[i] = load_or_zero(wr, c0 + 32 * i, nc);
-      }
-#pragma unroll
-      for (int i = 0; i < U; ++i)
-        if (c0 + 32 * i < nc) acc += dot8(wv[i], xr[c0 + 32 * i]);
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) logits[(size_t)r * e + ex] = acc;
+    float acc[1][1] = {{0.f}};
+    const uint4* xv[1] = {xr};
+    span_dots<1, U, 1>(wv, nc <= 32 * U, wr, nc, xv, acc);
+    float sum = warp_sum(acc[0][0]);
+    if (lane == 0) logits[(size_t)r * e + ex] = sum;
   }
   // 2. the row's last block stores the residual and the normed row, and chooses
   if (!last_to_arrive(&done[r], gridDim.y)) return;

@@ -27,7 +27,8 @@ extern "C" __global__ void rope_kv(bf16* __restrict__ qkv, const uint32_t* __res
     float c, s;
     rope_cs(p, i, hd, theta, &c, &s);
     float x1 = bf(x[i]), x2 = bf(x[i + half]);
-    bf16 o1 = f2bf(x1 * c - x2 * s), o2 = f2bf(x2 * c + x1 * s);
+    float2 o = rope_rotate(x1, x2, c, s);
+    bf16 o1 = f2bf(o.x), o2 = f2bf(o.y);
     if (kdst) {
       kdst[i] = o1;
       kdst[i + half] = o2;
