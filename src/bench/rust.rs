@@ -176,21 +176,17 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
         width_crop_num: wt,
         height_crop_num: ht,
     };
-    let (vb_ref, rows_ref) = time_ms(&dev, c.warmup, c.repeat, || {
-        Ok(vision.encode_image(&global, None)?)
-    })?;
-    let (vg_ref, grows_ref) = time_ms(&dev, c.warmup, c.repeat, || {
-        Ok(vision.encode_image(&global, Some(local))?)
-    })?;
+    // Base (the global view) and Gundam (the tiles too): each mode's times and features
+    let encode_modes = |vision: &DeepEncoder| -> Result<((Vec<f64>, Tensor), (Vec<f64>, Tensor))> {
+        let base = time_ms(&dev, c.warmup, c.repeat, || Ok(vision.encode_image(&global, None)?))?;
+        let gundam = time_ms(&dev, c.warmup, c.repeat, || Ok(vision.encode_image(&global, Some(local))?))?;
+        Ok((base, gundam))
+    };
+    let ((vb_ref, rows_ref), (vg_ref, grows_ref)) = encode_modes(&vision)?;
     let peak_reference_vision = sampler.finish();
     let sampler = MemSampler::start(cd);
     crate::model::fast::vision::accelerate(&mut vision, kernels.clone());
-    let (vb, rows) = time_ms(&dev, c.warmup, c.repeat, || {
-        Ok(vision.encode_image(&global, None)?)
-    })?;
-    let (vg, grows) = time_ms(&dev, c.warmup, c.repeat, || {
-        Ok(vision.encode_image(&global, Some(local))?)
-    })?;
+    let ((vb, rows), (vg, grows)) = encode_modes(&vision)?;
     let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
         Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
             .abs()?
