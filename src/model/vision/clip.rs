@@ -112,13 +112,7 @@ impl Block {
         let h = self
             .self_attn
             .forward(&ops.layer_norm(&self.layer_norm1, x)?, x, ops)?;
-        let m = ops.linear(
-            &self.fc1,
-            &ops.layer_norm(&self.layer_norm2, &h)?,
-            Act::QuickGelu,
-            None,
-        )?;
-        ops.linear(&self.fc2, &m, Act::None, Some(&h))
+        ops.residual_mlp(&self.layer_norm2, &self.fc1, &self.fc2, Act::QuickGelu, &h)
     }
 }
 

@@ -78,6 +78,13 @@ pub trait VisionOps: Send + Sync {
 
     /// The layer norm over the last dim of `x`.
     fn layer_norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor>;
+
+    /// A block's second half, `x + down(act(up(norm(x))))`: SAM's `x + mlp(norm2(x))`, CLIP's
+    /// `h + mlp(layer_norm2(h))`, made of the ops above.
+    fn residual_mlp(&self, norm: &Norm, up: &Linear, down: &Linear, act: Act, x: &Tensor) -> Result<Tensor> {
+        let m = self.linear(up, &self.layer_norm(norm, x)?, act, None)?;
+        self.linear(down, &m, Act::None, Some(x))
+    }
 }
 
 /// deepencoder.py as written: the full relative-position bias, then [`sdpa`]; candle's linear,

@@ -308,13 +308,7 @@ impl Block {
         // cropped), with the residual add fused
         let x = ops.linear(&self.attn.proj, &y, Act::None, Some(shortcut))?;
         // x = x + self.mlp(self.norm2(x)); MLPBlock: lin2(GELU(lin1(x))), nn.GELU's exact (erf) form
-        let m = ops.linear(
-            &self.lin1,
-            &ops.layer_norm(&self.norm2, &x)?,
-            Act::GeluErf,
-            None,
-        )?;
-        ops.linear(&self.lin2, &m, Act::None, Some(&x))
+        ops.residual_mlp(&self.norm2, &self.lin1, &self.lin2, Act::GeluErf, &x)
     }
 }
 
