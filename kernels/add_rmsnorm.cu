@@ -21,6 +21,7 @@ extern "C" __global__ void add_rmsnorm(bf16* __restrict__ resid, const bf16* __r
   bool on = c < nc;
   uint4* x8 = reinterpret_cast<uint4*>(resid + (size_t)r * h);
   uint4 wt = on ? __ldg(reinterpret_cast<const uint4*>(weight) + c) : make_uint4(0u, 0u, 0u, 0u);
+  inputs_ready();
   float v[8];
   unpack8(on ? x8[c] : make_uint4(0u, 0u, 0u, 0u), v);
   if (mode == 1 && on) {

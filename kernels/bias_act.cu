@@ -15,6 +15,7 @@ __device__ __forceinline__ float act_f(float x, int act) {
 
 extern "C" __global__ void bias_act(bf16* __restrict__ y, const bf16* __restrict__ bias,
                                     const bf16* __restrict__ res, long long n8, int out, int act) {
+  inputs_ready();
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n8) return;
   const int c0 = (int)((i * 8) % out);

@@ -11,6 +11,34 @@ __device__ __forceinline__ bf16 f2bf(float x) { return __float2bfloat16(x); }
 // What a bf16 tensor op of the reference path stores: round to nearest even.
 __device__ __forceinline__ float round_bf16(float x) { return bf(f2bf(x)); }
 
+// Programmatic dependent launch (Hopper; the host sets
+// CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION on every launch, see
+// Kernels::launch_raw): a kernel may start while the previous one still runs. Every kernel calls
+// inputs_ready() before it reads anything an earlier launch wrote or writes anything an earlier
+// launch reads; before it, only loads of weights (never written) may go out. It waits for the
+// previous grid to finish and its writes to be visible, then lets the next kernel start, so at
+// most one kernel runs ahead, in its weight loads. Without the attribute both are no-ops.
+__device__ __forceinline__ void inputs_ready() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// inputs_ready() once the loads that produced `fold` (any value computed from them) are done:
+// ptxas may otherwise sink loads issued before the wait to after it (it did in moe_route), and
+// the loads would not overlap the previous kernel. The wait is guarded by a predicate on
+// `fold`, both ways, so it cannot be scheduled before the loads complete.
+__device__ __forceinline__ void inputs_ready_after(uint32_t fold) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.u32 p, %0, 0;\n @p griddepcontrol.wait;\n"
+      " @!p griddepcontrol.wait;\n}" ::"r"(fold)
+      : "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

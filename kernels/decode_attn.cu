@@ -36,6 +36,7 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
                                        float* __restrict__ part, int* __restrict__ done,
                                        int nh, int nkv, int hd, int max_t, int chunk,
                                        float scale, int fused, float theta) {
+  inputs_ready();
   extern __shared__ float sm[];
   __shared__ float red[32];
   int r = blockIdx.x, h = blockIdx.y, s = blockIdx.z, kvh = h / (nh / nkv);

@@ -5,6 +5,7 @@
 
 extern "C" __global__ void embed(const bf16* __restrict__ table, const uint32_t* __restrict__ ids,
                                  bf16* __restrict__ out, int h) {
+  inputs_ready();
   int r = blockIdx.x;
   const uint4* src = reinterpret_cast<const uint4*>(table + (size_t)ids[r] * h);
   uint4* dst = reinterpret_cast<uint4*>(out + (size_t)r * h);

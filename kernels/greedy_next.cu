@@ -9,6 +9,7 @@ extern "C" __global__ void greedy_next(const bf16* __restrict__ logits, int voca
                                        uint32_t* __restrict__ token, uint32_t* __restrict__ pos,
                                        uint32_t* __restrict__ hist, uint32_t* __restrict__ hist_len,
                                        int hist_cap, int advance) {
+  inputs_ready();
   __shared__ float bv[32];
   __shared__ int bi[32];
   int r = blockIdx.x;

@@ -10,6 +10,7 @@
 extern "C" __global__ void layer_norm(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                       const bf16* __restrict__ b, bf16* __restrict__ y, int rows,
                                       int c, float eps) {
+  inputs_ready();
   const int lane = threadIdx.x & 31;
   const size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= (size_t)rows) return;

@@ -20,7 +20,8 @@ extern "C" __global__ void linear(const bf16* __restrict__ x, const bf16* __rest
   int nc = k / 8;
   bool resident = nc <= 32 * U;  // the whole row in registers, read once for every row of x
   uint4 wv[1][U];
-  if (resident) load_span(wv, wr, lane, nc);
+  if (resident) load_span(wv, wr, lane, nc);  // before x is ready (see inputs_ready)
+  inputs_ready();
   for (int r0 = 0; r0 < rows; r0 += CHUNK) {
     int nr = min(CHUNK, rows - r0);
     const uint4* xr[CHUNK];

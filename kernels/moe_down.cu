@@ -2,7 +2,8 @@
 // the slot's expert, in f32 rounded to bf16 (the expert's bf16 output); the weighted sum over
 // a row's slots is done by add_rmsnorm (mode 2), fused with the residual add and the next norm.
 // w_down: (e_total, h, inter) bf16; act: (n_slots, inter) bf16; slot_out: (n_slots, h) f32;
-// offsets, list, active, n_active: from moe_plan. inter a multiple of 8.
+// offsets, list, active, n_active: from moe_plan. inter a multiple of 8. Launched only right
+// after moe_gate_up (Kernels::moe_experts).
 // A warp per RPW output rows: each lane issues all its loads of a span of U * 256 columns
 // before using any; when a row fits one span (inter <= U * 256, the routed experts) the rows
 // stay in registers for all the expert's slots, else spans are reloaded per 4 slots (the dense
@@ -18,10 +19,13 @@ extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16*
                                     const int* __restrict__ offsets, const int* __restrict__ list,
                                     const int* __restrict__ active, const int* __restrict__ n_active,
                                     int inter, int h, float* __restrict__ slot_out) {
-  // both loads at once (active has e_total >= gridDim.x entries): one round trip, not two
-  int ex = active[blockIdx.x];
-  if ((int)blockIdx.x >= n_active[0]) return;
-  int beg = offsets[ex], end = offsets[ex + 1];
+  // The plan was written two launches back (Kernels::moe_experts launches moe_down right after
+  // moe_gate_up, whose blocks let this kernel start only once they have waited for the plan):
+  // it is read from L2 (__ldcg: this SM's L1 may hold the previous layer's) and this warp's
+  // weight rows are loaded before waiting for act (see inputs_ready).
+  int ex = __ldcg(active + blockIdx.x);  // with n_active: one round trip, not two
+  if ((int)blockIdx.x >= __ldcg(n_active)) return;
+  int beg = __ldcg(offsets + ex), end = __ldcg(offsets + ex + 1);
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int row0 = (blockIdx.y * (blockDim.x >> 5) + warp) * RPW;
   if (row0 >= h) return;
@@ -33,6 +37,7 @@ extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16*
   bool resident = nc <= 32 * U;
   uint4 wv[RPW][U];
   if (resident) load_span(wv, w, lane, nc);
+  inputs_ready();
   for (int s0 = beg; s0 < end; s0 += CHUNK) {
     int ns = min(CHUNK, end - s0);
     const uint4* ar[CHUNK];

@@ -7,8 +7,11 @@
 // registers for all the expert's slots (w read once from memory), else spans are reloaded per
 // 4 slots (CHUNK).
 // w_gate, w_up: (e_total, inter, h) bf16; x: (rows, h) bf16, slot s belongs to row s / k;
-// offsets, list, active, n_active: from moe_plan (block x serves the x-th expert that has
-// slots); act: (n_slots, inter) bf16. h a multiple of 8.
+// offsets, list, active, n_active: from moe_plan; act: (n_slots, inter) bf16. h a multiple of 8.
+// The last n_fixed experts (the shared experts' pieces, the dense MLP) have slots in every plan:
+// the last n_fixed blocks in x serve them and load their weight rows before the plan is known
+// (while moe_route still runs, see inputs_ready); block x < gridDim.x - n_fixed serves the x-th
+// routed expert that has slots (active is sorted by id, the fixed ones last).
 // Grid: (min(e_total, n_slots), ceil(inter / 8)) blocks of 256 threads.
 #include "gemv.cuh"
 
@@ -19,21 +22,33 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf
                                        const bf16* __restrict__ x, const int* __restrict__ offsets,
                                        const int* __restrict__ list, const int* __restrict__ active,
                                        const int* __restrict__ n_active, int k, int inter, int h,
-                                       bf16* __restrict__ act) {
-  // both loads at once (active has e_total >= gridDim.x entries): one round trip, not two
-  int ex = active[blockIdx.x];
-  if ((int)blockIdx.x >= n_active[0]) return;
-  int beg = offsets[ex], end = offsets[ex + 1];
+                                       int e_total, int n_fixed, bf16* __restrict__ act) {
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int row = blockIdx.y * (blockDim.x >> 5) + warp;
   if (row >= inter) return;
-  // the row of gate and the row of up, as the two rows of one matrix-vector product
-  const uint4* wp[2] = {reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h),
-                        reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h)};
+  int first_fixed = (int)gridDim.x - n_fixed;
+  bool fixed = (int)blockIdx.x >= first_fixed;
   int nc = h / 8;
   bool resident = nc <= 32 * U;
+  // the row of gate and the row of up, as the two rows of one matrix-vector product
+  int ex = e_total - (int)gridDim.x + (int)blockIdx.x;  // a fixed block's expert
+  const uint4* wp[2];
   uint4 w[2][U];
-  if (resident) load_span(w, wp, lane, nc);
+  if (fixed) {
+    wp[0] = reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h);
+    wp[1] = reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h);
+    if (resident) load_span(w, wp, lane, nc);
+  }
+  inputs_ready();
+  if (!fixed) {
+    // both loads at once (active has e_total >= gridDim.x entries): one round trip, not two
+    ex = active[blockIdx.x];
+    if ((int)blockIdx.x >= n_active[0] - n_fixed) return;
+    wp[0] = reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h);
+    wp[1] = reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h);
+    if (resident) load_span(w, wp, lane, nc);
+  }
+  int beg = offsets[ex], end = offsets[ex + 1];
   for (int s0 = beg; s0 < end; s0 += CHUNK) {
     int ns = min(CHUNK, end - s0);
     const uint4* xr[CHUNK];

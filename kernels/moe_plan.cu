@@ -12,6 +12,7 @@
 extern "C" __global__ void moe_plan(const int* __restrict__ slot_expert, int n_slots, int e_total,
                                     int* __restrict__ offsets, int* __restrict__ list,
                                     int* __restrict__ active, int* __restrict__ n_active) {
+  inputs_ready();
   extern __shared__ int cnt[];
-  plan_slots(slot_expert, n_slots, e_total, cnt, offsets, list, active, n_active);
+  plan_slots([=](int s) { return __ldcg(slot_expert + s); }, n_slots, e_total, cnt, offsets, list, active, n_active);
 }

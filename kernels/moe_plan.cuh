@@ -1,17 +1,19 @@
 // The slot grouping of moe_plan as a block-wide device function, for moe_plan.cu and for the
 // last block of moe_route.cu (which plans right after routing, saving a launch per layer).
-// slot_expert is read through L2 (__ldcg): in moe_route other blocks wrote it in this launch.
+// slot_of(s): slot s's expert (moe_plan and moe_route's rows read slot_expert through L2 with
+// __ldcg, as other blocks wrote it in the same launch; one routed row, from shared memory).
 // cnt: shared memory of e_total ints. Synchronises the block.
 #pragma once
 #include "common.cuh"
 
-__device__ __forceinline__ void plan_slots(const int* __restrict__ slot_expert, int n_slots,
+template <typename SlotOf>
+__device__ __forceinline__ void plan_slots(SlotOf slot_of, int n_slots,
                                            int e_total, int* cnt, int* __restrict__ offsets,
                                            int* __restrict__ list, int* __restrict__ active,
                                            int* __restrict__ n_active) {
   for (int x = threadIdx.x; x < e_total; x += blockDim.x) cnt[x] = 0;
   __syncthreads();
-  for (int s = threadIdx.x; s < n_slots; s += blockDim.x) atomicAdd(&cnt[__ldcg(slot_expert + s)], 1);
+  for (int s = threadIdx.x; s < n_slots; s += blockDim.x) atomicAdd(&cnt[slot_of(s)], 1);
   __syncthreads();
   // offsets = exclusive prefix sum of the counts, active = the experts with slots: warp 0,
   // 32 experts per round (shuffle scan, ballot for the active list)
@@ -42,7 +44,7 @@ __device__ __forceinline__ void plan_slots(const int* __restrict__ slot_expert, 
   }
   __syncthreads();
   for (int s = threadIdx.x; s < n_slots; s += blockDim.x) {
-    int p = atomicAdd(&cnt[__ldcg(slot_expert + s)], 1);
+    int p = atomicAdd(&cnt[slot_of(s)], 1);
     list[p] = s;
   }
 }

@@ -13,7 +13,7 @@
 //      expert: the gate's rows are spread over the GPU, not read by one SM) into `logits`;
 //   2. the last of row r's blocks chooses its experts (greedy: one warp's shuffles; the group
 //      methods, rarer: one thread);
-//   3. the last row to be chosen plans the slots of every row.
+//   3. the last row to be chosen plans the slots of every row (one row: from shared memory).
 // With `resid` set (the fast decoder's MoE layers) the routed rows are first made here, as
 // add_rmsnorm mode 1 makes them: x = bf16(resid + delta), normed = bf16(bf16(x / rms) * norm_w);
 // every block of the row computes them (a thread per 8 columns, while its gate loads are in
@@ -34,7 +34,7 @@
 
 // The choice of row r's experts from its logits s (shared memory, e of them); writes the
 // row's k slots. Called by the whole block; greedy uses warp 0, the group methods thread 0.
-__device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int r,
+__device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int* sel, int r,
                        const float* __restrict__ bias, int e, int topk, int n_fixed, int method,
                        int scoring, int n_group, int topk_group, int norm_topk, float scale,
                        int* __restrict__ slot_expert, float* __restrict__ slot_w) {
@@ -90,7 +90,7 @@ __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int
         if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
       }
       if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-      if (lane == 0) { se[t] = bi; wsel[t] = bv; }
+      if (lane == 0) { se[t] = sel[t] = bi; wsel[t] = bv; }
       wsum += bv;
     }
     if (lane == 0) {
@@ -100,7 +100,7 @@ __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int
       } else {
         for (int t = 0; t < topk; ++t) sw[t] = wsel[t] * scale;
       }
-      for (int f = 0; f < n_fixed; ++f) { se[topk + f] = e + f; sw[topk + f] = 1.f; }
+      for (int f = 0; f < n_fixed; ++f) { se[topk + f] = sel[topk + f] = e + f; sw[topk + f] = 1.f; }
     }
     return;
   }
@@ -150,7 +150,7 @@ __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int
     for (int i = 0; i < e; ++i)
       if (!used[i] && (best < 0 || tmp[i] > tmp[best])) best = i;
     used[best] = 1;
-    se[t] = best;
+    se[t] = sel[t] = best;
     float w = method == 1 ? tmp[best] : s[best];
     wsel[t] = w;
     sum += w;
@@ -162,7 +162,7 @@ __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int
     for (int t = 0; t < topk; ++t) sw[t] = wsel[t] * scale;
   }
   for (int f = 0; f < n_fixed; ++f) {
-    se[topk + f] = e + f;
+    se[topk + f] = sel[topk + f] = e + f;
     sw[topk + f] = 1.f;
   }
 }
@@ -184,6 +184,7 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
   __shared__ float gs[MAX_E];    // group scores
   __shared__ unsigned char used[MAX_E];
   __shared__ int cnt[MAX_E_TOTAL];
+  __shared__ int sel[64];  // the chosen row's slots' experts (topk + n_fixed)
   __shared__ __align__(16) bf16 xs[MAX_H];  // the row's normed input (fused mode)
   __shared__ float red[32];
   int r = blockIdx.x, rows = gridDim.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -193,6 +194,10 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
   const uint4* wr[1] = {reinterpret_cast<const uint4*>(gate_w + (size_t)min(ex, e - 1) * h)};
   uint4 wv[1][U];
   load_span(wv, wr, lane, nc);
+  uint32_t fold = 0;
+#pragma unroll
+  for (int i = 0; i < U; ++i) fold ^= wv[0][i].x;
+  inputs_ready_after(fold);  // the gate's loads are in flight while the previous kernel finishes
   // the fused residual add + RMSNorm (as add_rmsnorm mode 1), a thread per 8 columns; every
   // block of the row computes it, the row's last block stores it
   bool fused = resid != nullptr, on = (int)threadIdx.x < nc;
@@ -230,10 +235,16 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
   }
   for (int i = threadIdx.x; i < e; i += blockDim.x) s[i] = __ldcg(logits + (size_t)r * e + i);
   __syncthreads();
-  choose(s, tmp, gs, used, r, bias, e, topk, n_fixed, method, scoring, n_group, topk_group,
+  choose(s, tmp, gs, used, sel, r, bias, e, topk, n_fixed, method, scoring, n_group, topk_group,
          norm_topk, scale, slot_expert, slot_w);
-  // 3. the last row chosen plans every row's slots (one row: this block, no counter)
-  if (rows > 1 && !last_to_arrive(&done[rows], rows)) return;
-  __syncthreads();
-  plan_slots(slot_expert, rows * (topk + n_fixed), e_total, cnt, offsets, list, active, n_active);
+  // 3. the last row chosen plans every row's slots (one row: this block, from shared memory)
+  int n_slots = rows * (topk + n_fixed);
+  if (rows == 1) {
+    __syncthreads();
+    plan_slots([&](int i) { return sel[i]; }, n_slots, e_total, cnt, offsets, list, active, n_active);
+    return;
+  }
+  if (!last_to_arrive(&done[rows], rows)) return;
+  plan_slots([=](int i) { return __ldcg(slot_expert + i); }, n_slots, e_total, cnt, offsets, list,
+             active, n_active);
 }

@@ -10,6 +10,7 @@ extern "C" __global__ void ngram_ban(const uint32_t* __restrict__ hist,
                                      const uint32_t* __restrict__ hist_len, int hist_cap, int n,
                                      int window, const uint32_t* __restrict__ whitelist,
                                      int n_white, bf16* __restrict__ logits, int vocab) {
+  inputs_ready();
   int r = blockIdx.x;
   int len = (int)hist_len[r];
   if (n <= 0 || len < n) return;

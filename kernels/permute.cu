@@ -13,6 +13,7 @@ struct View {
 
 extern "C" __global__ void permute(const bf16* __restrict__ in, bf16* __restrict__ out, int n8,
                                    int rank, View v) {
+  inputs_ready();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n8) return;
   unsigned e = (unsigned)i * 8u;

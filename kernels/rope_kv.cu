@@ -12,6 +12,7 @@ extern "C" __global__ void rope_kv(bf16* __restrict__ qkv, const uint32_t* __res
                                    const uint32_t* __restrict__ slot, bf16* __restrict__ k_cache,
                                    bf16* __restrict__ v_cache, int nh, int nkv, int hd, int max_t,
                                    float theta) {
+  inputs_ready();
   int r = blockIdx.x, head = blockIdx.y, half = hd / 2;
   uint32_t p = pos[r];
   if (p >= (uint32_t)max_t) return;  // past the cache: nothing is written (the caller bounds steps)

@@ -128,12 +128,14 @@ __device__ __forceinline__ void softmax_block_row(bf16* s, const bf16* q, const 
 extern "C" __global__ void sam_softmax_v8(bf16* s, const bf16* q, const bf16* rh, const bf16* rw,
                                           int qh, int qw, int kh, int kw, int d, float scale,
                                           int rows) {
+  inputs_ready();
   softmax_block_row<8>(s, q, rh, rw, qh, qw, kh, kw, d, scale);
 }
 
 extern "C" __global__ void sam_softmax_v4(bf16* s, const bf16* q, const bf16* rh, const bf16* rw,
                                           int qh, int qw, int kh, int kw, int d, float scale,
                                           int rows) {
+  inputs_ready();
   softmax_block_row<4>(s, q, rh, rw, qh, qw, kh, kw, d, scale);
 }
 
@@ -141,6 +143,7 @@ extern "C" __global__ void sam_softmax_v4(bf16* s, const bf16* q, const bf16* rh
 extern "C" __global__ void sam_softmax_rows_v4(bf16* s, const bf16* q, const bf16* rh,
                                                const bf16* rw, int qh, int qw, int kh, int kw,
                                                int d, float scale, int rows) {
+  inputs_ready();
   extern __shared__ float smem_rows[];
   const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const size_t row = (size_t)blockIdx.x * nw + warp;

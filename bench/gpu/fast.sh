@@ -11,7 +11,8 @@
 #   tf_peer.py   bench/gpu/tf_peer.py (the peer), fast.sh (this file)
 # and .gpu/config.json + .gpu/remote/ (the patched remote code) as bench/gpu/run.sh describes,
 # .whl/ the wheels the remote code needs. Carry [".gpu", ".whl"].
-# Usage: bash $G/fast.sh [STEPS (default "tests bench profile vprofile")]
+# Usage: bash $G/fast.sh [STEPS (default "tests bench profile vprofile"; "pdl": the Rust side
+# alone with and without programmatic dependent launch)]
 # Results go to $OUT: gpu.txt, kernel-tests.log, bench.json, bench.log, profile.csv (decode),
 # vprofile.csv (vision).
 set -uo pipefail
@@ -46,6 +47,13 @@ case " $STEPS " in *" bench "*)
   echo "== the Rust side again, every projection through cuBLAS (OCR_PATCH_LINEAR=cublas)"
   OCR_PATCH_LINEAR=cublas timeout 200 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --gpu "$GPU" \
     --out-file "$OUT/bench-cublas.json" 2> "$OUT/bench-cublas.log" | grep -E "decode|memory" ;;
+esac
+case " $STEPS " in *" pdl "*)
+  echo "== the Rust side with and without programmatic dependent launch (OCR_PATCH_PDL=0)"
+  for pdl in 1 0; do
+    OCR_PATCH_PDL=$pdl timeout 200 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --gpu "$GPU" \
+      --out-file "$OUT/bench-pdl$pdl.json" 2> "$OUT/bench-pdl$pdl.log" | sed "s/^/pdl=$pdl /"
+  done ;;
 esac
 # Per-kernel totals of an ncu CSV (time, share, HBM GB/s).
 summarise() {

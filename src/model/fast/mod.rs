@@ -25,7 +25,7 @@ use half::bf16;
 use crate::model::config::{TextConfig, TopkMethod};
 use crate::model::generate::NoRepeatNgram;
 use crate::model::kernels::attn::{AttnShape, SplitScratch};
-use crate::model::kernels::moe::{Groups, RouteInput, RouteParams, RouteScratch};
+use crate::model::kernels::moe::{ExpertWeights, Groups, RouteInput, RouteParams, RouteScratch};
 use crate::model::kernels::norm::Delta;
 use crate::model::kernels::sample::{NgramParams, StepState};
 use crate::model::kernels::{copy_d2d, cuda_err, tensor_ptr, Buf, Kernels};
@@ -355,8 +355,10 @@ impl FastDecoder {
                     self.ones.ptr
                 }
             };
-            k.moe_gate_up(f.w_gate.ptr, f.w_up.ptr, self.h.ptr, &g, ns, f.k, f.e_total, f.inter, hs, self.act.ptr)?;
-            k.moe_down(f.w_down.ptr, self.act.ptr, &g, ns, f.e_total, f.inter, hs, self.slot_out.ptr)?;
+            // the shared experts' pieces (or the dense MLP) are in every row's slots
+            let fixed = f.route.as_ref().map_or(1, |(_, _, p)| p.n_fixed);
+            let w = ExpertWeights { gate: f.w_gate.ptr, up: f.w_up.ptr, down: f.w_down.ptr, e_total: f.e_total, inter: f.inter, fixed };
+            k.moe_experts(&w, self.h.ptr, &g, ns, f.k, hs, self.act.ptr, self.slot_out.ptr)?;
             let next = self.layers.get(li + 1).map_or(self.norm.ptr, |l| l.ln1.ptr);
             k.add_rmsnorm(self.x.ptr, Delta::Slots { slot_out: self.slot_out.ptr, w: sw, k: f.k }, next, self.h.ptr, n, hs, eps)?;
         }

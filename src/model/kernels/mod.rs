@@ -170,6 +170,10 @@ pub struct Kernels {
     layer_norm: CudaFunction,
     /// `OCR_PATCH_LINEAR=cublas`: every projection through cuBLAS (to compare).
     cublas_only: bool,
+    /// Programmatic dependent launch (compute capability >= 9.0, unless `OCR_PATCH_PDL=0`):
+    /// each kernel may start while the one before it runs (see `inputs_ready` in
+    /// `kernels/common.cuh`).
+    overlap: bool,
 }
 
 fn cfg(grid: (u32, u32, u32), block: u32, shared: u32) -> LaunchConfig {
@@ -233,8 +237,44 @@ impl Kernels {
             permute: f("permute", ptx::PERMUTE)?,
             layer_norm: f("layer_norm", ptx::LAYER_NORM)?,
             cublas_only: std::env::var("OCR_PATCH_LINEAR").is_ok_and(|v| v == "cublas"),
+            overlap: stream.context().compute_capability().map_err(cuda_err)?.0 >= 9
+                && !std::env::var("OCR_PATCH_PDL").is_ok_and(|v| v == "0"),
             stream,
         })
+    }
+
+    /// Launches `func` on the stream with `args` (pointers to each argument's value). With
+    /// [`Self::overlap`] the launch is a programmatic dependent one: the kernel may begin (its
+    /// weight loads) while the previous kernel finishes; every kernel of `kernels/` waits for
+    /// its inputs (`inputs_ready`) before reading what an earlier launch wrote.
+    pub(crate) fn launch_raw(
+        &self,
+        func: &CudaFunction,
+        cfg: LaunchConfig,
+        args: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        self.stream.context().bind_to_thread().map_err(cuda_err)?;
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(self.overlap),
+        };
+        unsafe {
+            sys::cuLaunchKernelEx(&config, func.cu_function(), args.as_mut_ptr(), std::ptr::null_mut())
+                .result()
+                .map_err(cuda_err)
+        }
     }
 
     /// Row-major `y (n, out) = x (n, k) . w (out, k)^T` in bf16 with f32 accumulation: the
@@ -307,14 +347,14 @@ impl Kernels {
 /// Rows up to which [`Kernels::linear`] uses the `linear` kernel rather than cuBLAS.
 pub const LINEAR_KERNEL_MAX_ROWS: usize = 8;
 
-/// Pushes the arguments and launches (the arguments are plain values: addresses and sizes).
+/// Pushes the arguments and launches (the arguments are plain values: addresses and sizes)
+/// through [`Kernels::launch_raw`].
 macro_rules! launch {
     ($k:expr, $func:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let mut b = $k.stream.launch_builder(&$func);
-        $( let a = $arg; b.arg(&a); )*
-        // `a` shadows itself: keep every argument alive until the launch.
-        unsafe { b.launch($cfg) }.map(|_| ()).map_err($crate::model::kernels::cuda_err)
+        let mut args: Vec<*mut std::ffi::c_void> = Vec::new();
+        // `a` shadows itself: every argument stays alive until the launch.
+        $( let a = $arg; args.push(&a as *const _ as *mut std::ffi::c_void); )*
+        $k.launch_raw(&$func, $cfg, &mut args)
     }};
 }
 pub(crate) use launch;

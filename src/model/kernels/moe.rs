@@ -1,7 +1,8 @@
 //! The fused MoE of the decode step, on the device end to end (no `.to_vec` of routing
 //! decisions, no per-expert loop on the host): `moe_route` (MoEGate: scores, top-k, weights,
 //! then the slots grouped by expert in the same launch), `moe_plan` (that grouping alone, for
-//! the dense layer's fixed slots), `moe_gate_up` and `moe_down` (a grouped GEMM: each
+//! the dense layer's fixed slots), `moe_gate_up` and `moe_down` (launched together by
+//! [`Kernels::moe_experts`]; a grouped GEMM: each
 //! chosen expert's weights read once for all of its slots; the shared experts and the dense MLP
 //! run as fixed experts of the same kernels), the weighted sum in `add_rmsnorm`.
 //! Reference: [`crate::model::decoder::moe`]'s `route` and `Mlp`.
@@ -96,9 +97,9 @@ impl Kernels {
             cfg((rows as u32, p.experts.div_ceil(8) as u32, 1), 256, 0),
             x, resid, delta, norm_w, eps as f32, normed, gate_w, bias, h as i32,
             p.experts as i32, p.topk as i32, p.n_fixed as i32, p.method, p.scoring,
-            p.n_group as i32, p.topk_group as i32, p.norm_topk as i32, p.scale, scratch.logits,
-            scratch.done, slot_expert, slot_w, (p.experts + p.n_fixed) as i32, g.offsets, g.list,
-            g.active, g.n_active
+            p.n_group as i32, p.topk_group as i32, p.norm_topk as i32, p.scale, scratch.logits, scratch.done,
+            slot_expert, slot_w, (p.experts + p.n_fixed) as i32, g.offsets, g.list, g.active,
+            g.n_active
         )
     }
 
@@ -113,55 +114,60 @@ impl Kernels {
         )
     }
 
-    /// `act[slot] = silu(gate x) * (up x)` for every slot of every expert (grouped).
+    /// The grouped MLP of every slot of every expert, by the plan in `g`:
+    /// `act[slot] = silu(gate x) * (up x)` (`moe_gate_up`), then `slot_out[slot] = down(act[slot])`
+    /// (f32, rounded to bf16; `moe_down`). The two launches stay together: `moe_down` reads the
+    /// plan before it waits for `moe_gate_up` (see the kernel), which only holds when the plan
+    /// was written before `moe_gate_up` began.
     #[allow(clippy::too_many_arguments)]
-    pub fn moe_gate_up(
+    pub fn moe_experts(
         &self,
-        w_gate: u64,
-        w_up: u64,
+        w: &ExpertWeights,
         x: u64,
         g: &Groups,
         n_slots: usize,
         k: usize,
-        e_total: usize,
-        inter: usize,
         h: usize,
         act: u64,
+        slot_out: u64,
     ) -> Result<()> {
+        let (e_total, inter) = (w.e_total, w.inter);
         if h % 8 != 0 || inter % 8 != 0 {
             candle_core::bail!("moe kernels: hidden {h} and intermediate {inter} must be multiples of 8");
+        }
+        if w.fixed > e_total.min(n_slots) {
+            candle_core::bail!("moe kernels: {} fixed experts of {e_total} for {n_slots} slots", w.fixed);
         }
         launch!(
             self,
             self.moe_gate_up,
-            // a warp per intermediate row (the kernel's RPW), 8 per block
+            // a warp per intermediate row, 8 per block
             cfg((e_total.min(n_slots) as u32, inter.div_ceil(8) as u32, 1), 256, 0),
-            w_gate, w_up, x, g.offsets, g.list, g.active, g.n_active, k as i32, inter as i32,
-            h as i32, act
-        )
-    }
-
-    /// `slot_out[slot] = down(act[slot])` (f32, rounded to bf16) for every slot (grouped).
-    #[allow(clippy::too_many_arguments)]
-    pub fn moe_down(
-        &self,
-        w_down: u64,
-        act: u64,
-        g: &Groups,
-        n_slots: usize,
-        e_total: usize,
-        inter: usize,
-        h: usize,
-        slot_out: u64,
-    ) -> Result<()> {
+            w.gate, w.up, x, g.offsets, g.list, g.active, g.n_active, k as i32, inter as i32,
+            h as i32, e_total as i32, w.fixed as i32, act
+        )?;
         launch!(
             self,
             self.moe_down,
             // a warp per 2 output rows (the kernel's RPW), 8 per block
             cfg((e_total.min(n_slots) as u32, h.div_ceil(8 * 2) as u32, 1), 256, 0),
-            w_down, act, g.offsets, g.list, g.active, g.n_active, inter as i32, h as i32, slot_out
+            w.down, act, g.offsets, g.list, g.active, g.n_active, inter as i32, h as i32, slot_out
         )
     }
+}
+
+/// One MoE layer's stacked expert weights (device addresses, bf16): gate and up
+/// `(e_total, inter, h)`, down `(e_total, h, inter)`. The last `fixed` experts (the shared
+/// experts' pieces, the dense MLP) have slots in every row: their weights are loaded before the
+/// plan is known.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertWeights {
+    pub gate: u64,
+    pub up: u64,
+    pub down: u64,
+    pub e_total: usize,
+    pub inter: usize,
+    pub fixed: usize,
 }
 
 /// What `moe_route` routes (device addresses, `(rows, h)` bf16).
@@ -217,14 +223,16 @@ mod tests {
         }
     }
 
-    /// The routing kernel against `moe::route` on the same f32 scores, every method.
+    /// The routing kernel against `moe::route` on the same f32 scores, every method; greedy also
+    /// with 160 experts (a warp's gate rows in two turns) over rows too wide to stay in
+    /// registers (1536 columns).
     #[test]
     fn moe_route_matches_route() {
         let (dev, cd) = device();
         let k = Kernels::load(&cd).unwrap();
-        let (rows, h) = (33usize, 256usize);
+        let rows = 33usize;
         // one scratch for the three launches: each must leave its counters at zero
-        let logits = Tensor::zeros(rows * 16, DType::F32, &dev).unwrap();
+        let logits = Tensor::zeros(rows * 160, DType::F32, &dev).unwrap();
         let done = Tensor::zeros(rows + 1, DType::U32, &dev).unwrap();
         let scratch = RouteScratch { logits: tensor_ptr::<f32>(&logits).unwrap(), done: tensor_ptr::<u32>(&done).unwrap() };
         let groups = |n_slots: usize, e_total: usize| {
@@ -238,12 +246,14 @@ mod tests {
             };
             (ts, g)
         };
-        for (method, scoring) in [
-            (TopkMethod::Greedy, ScoringFunc::Softmax),
-            (TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax),
-            (TopkMethod::NoauxTc, ScoringFunc::Sigmoid),
+        for (method, scoring, experts, h) in [
+            (TopkMethod::Greedy, ScoringFunc::Softmax, 16, 256),
+            (TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax, 16, 256),
+            (TopkMethod::NoauxTc, ScoringFunc::Sigmoid, 16, 256),
+            (TopkMethod::Greedy, ScoringFunc::Softmax, 160, 1536),
         ] {
-            let c = moe_cfg(method, scoring);
+            let c = MoeConfig { n_routed_experts: experts, ..moe_cfg(method, scoring) };
+            let e_total = experts + 2;
             let p = RouteParams::new(&c, 2).unwrap();
             let x = rand_bf16(&[rows, h], 1.0, 21);
             let gw = rand_bf16(&[c.n_routed_experts, h], 0.2, 22);
@@ -259,7 +269,7 @@ mod tests {
             let (gx, ggw, gb) = (x.to_device(&dev).unwrap(), gw.to_device(&dev).unwrap(), bias.to_device(&dev).unwrap());
             let se = Tensor::zeros(rows * p.k(), DType::U32, &dev).unwrap(); // holds i32s
             let sw = Tensor::zeros(rows * p.k(), DType::F32, &dev).unwrap();
-            let (plan, g) = groups(rows * p.k(), 18);
+            let (plan, g) = groups(rows * p.k(), e_total);
             k.moe_route(
                 RouteInput::Normed(tensor_ptr::<bf16>(&gx).unwrap()),
                 tensor_ptr::<bf16>(&ggw).unwrap(),
@@ -274,8 +284,8 @@ mod tests {
             )
             .unwrap();
             // the plan made in the same launch is the one moe_plan makes of the slots
-            let (alone, ga) = groups(rows * p.k(), 18);
-            k.moe_plan(tensor_ptr::<u32>(&se).unwrap(), rows * p.k(), 18, &ga).unwrap();
+            let (alone, ga) = groups(rows * p.k(), e_total);
+            k.moe_plan(tensor_ptr::<u32>(&se).unwrap(), rows * p.k(), e_total, &ga).unwrap();
             for (i, what) in [(0, "offsets"), (2, "active"), (3, "n_active")] {
                 let (a, b): (Vec<u32>, Vec<u32>) = (plan[i].to_vec1().unwrap(), alone[i].to_vec1().unwrap());
                 assert_eq!(a, b, "{method:?}: the route's {what} differ from moe_plan's");
@@ -296,10 +306,10 @@ mod tests {
                         worst = worst.max((sw[r * kk + j] - w[j]).abs());
                     }
                 }
-                assert_eq!(&se[r * kk + p.topk..(r + 1) * kk], &[16, 17], "fixed slots");
+                assert_eq!(&se[r * kk + p.topk..(r + 1) * kk], &[experts as i32, experts as i32 + 1], "fixed slots");
                 assert_eq!(&sw[r * kk + p.topk..(r + 1) * kk], &[1.0, 1.0], "fixed weights");
             }
-            eprintln!("moe_route {method:?}/{scoring:?}: {same}/{rows} rows choose the same experts, max |weight diff| {worst:.3e}");
+            eprintln!("moe_route {method:?}/{scoring:?}, {experts} experts: {same}/{rows} rows choose the same experts, max |weight diff| {worst:.3e}");
             // the kernel's f32 gate logits may sum in another order: a near-tie can flip
             assert!(same >= rows - 1, "{method:?}: only {same}/{rows} rows agree");
             assert!(worst <= 1e-5, "{method:?}: weights differ by {worst}");
@@ -448,8 +458,8 @@ mod tests {
             let g = Groups { offsets: pu(&offsets), list: pu(&list), active: pu(&active), n_active: pu(&n_active) };
             let ns = rows * kk;
             k.moe_route(RouteInput::Normed(pb(&gx)), pb(&ggw), 0, rows, h, &p, &scratch, pu(&se), pf(&sw), &g).unwrap();
-            k.moe_gate_up(pb(&wg), pb(&wu), pb(&gx), &g, ns, kk, e_total, inter, h, pb(&act)).unwrap();
-            k.moe_down(pb(&wd), pb(&act), &g, ns, e_total, inter, h, pf(&so)).unwrap();
+            let w = ExpertWeights { gate: pb(&wg), up: pb(&wu), down: pb(&wd), e_total, inter, fixed: n_shared };
+            k.moe_experts(&w, pb(&gx), &g, ns, kk, h, pb(&act), pf(&so)).unwrap();
             // one row: its 4 routed experts and the 2 shared pieces are all that run
             let na: Vec<u32> = n_active.to_vec1().unwrap();
             assert!(rows > 1 || na[0] == 6, "active experts for one row: {}", na[0]);
