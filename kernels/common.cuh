@@ -96,6 +96,31 @@ __device__ __forceinline__ bool last_to_arrive(int* counter, int expected) {
   return last;
 }
 
+// Counted rows between two grids running at once (moe_route -> moe_gate_up's fixed experts):
+// the producer's threads store their part of the rows, then publish adds n to *c (a release:
+// every thread fences before the barrier, thread 0 adds); the consumer's wait_count returns
+// once *c >= n, each thread with an acquire of its own (its later loads see the rows). The
+// consumer only runs while the producer is resident (programmatic dependent launch starts it
+// after every producer block has begun), so the spin cannot starve the producer.
+__device__ __forceinline__ void publish(int* c, int n) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(c, n);
+}
+
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void wait_count(const int* c, int n) {
+  if (threadIdx.x == 0)
+    while (load_acquire(c) < n) __nanosleep(64);
+  __syncthreads();
+  (void)load_acquire(c);
+}
+
 // cos and sin of half-split RoPE's pair i (of hd/2) at position p, as the reference's
 // rope_tables: inv_freq = 1 / theta^(2i/hd) and p * inv_freq in f32, each rounded to bf16.
 __device__ __forceinline__ void rope_cs(uint32_t p, int i, int hd, float theta, float* c, float* s) {

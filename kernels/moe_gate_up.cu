@@ -8,55 +8,34 @@
 // 4 slots (CHUNK).
 // w_gate, w_up: (e_total, inter, h) bf16; x: (rows, h) bf16, slot s belongs to row s / k;
 // offsets, list, active, n_active: from moe_plan; act: (n_slots, inter) bf16. h a multiple of 8.
-// The last n_fixed experts (the shared experts' pieces, the dense MLP) have slots in every plan:
-// the last n_fixed blocks in x serve them and load their weight rows before the plan is known
-// (while moe_route still runs, see inputs_ready); block x < gridDim.x - n_fixed serves the x-th
-// routed expert that has slots (active is sorted by id, the fixed ones last).
-// Grid: (min(e_total, n_slots), ceil(inter / 8)) blocks of 256 threads.
+// The last n_fixed experts (the shared experts' pieces, the dense MLP) are slots k - n_fixed ..
+// k of every row and need no plan: blocks y < n_fixed (the first to be scheduled) serve them as
+// soon as the rows are made. They load their weight rows at once, wait until moe_route (or moe_plan), still
+// running, has counted every row into `ready`, and work alongside the rest of the routing; the
+// last of them resets `ready` (and `fixed_done`, its own counter) for the next launch. Blocks
+// y >= n_fixed serve the (y - n_fixed)-th routed expert that has slots (active is sorted by id,
+// the fixed ones last), once the plan is complete (inputs_ready).
+// Grid: (ceil(inter / 8), min(e_total, n_slots)) blocks of 256 threads.
 #include "gemv.cuh"
 
 #define CHUNK 4
 #define U 5
 
-extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf16* __restrict__ w_up,
-                                       const bf16* __restrict__ x, const int* __restrict__ offsets,
-                                       const int* __restrict__ list, const int* __restrict__ active,
-                                       const int* __restrict__ n_active, int k, int inter, int h,
-                                       int e_total, int n_fixed, bf16* __restrict__ act) {
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int row = blockIdx.y * (blockDim.x >> 5) + warp;
-  if (row >= inter) return;
-  int first_fixed = (int)gridDim.x - n_fixed;
-  bool fixed = (int)blockIdx.x >= first_fixed;
-  int nc = h / 8;
-  bool resident = nc <= 32 * U;
-  // the row of gate and the row of up, as the two rows of one matrix-vector product
-  int ex = e_total - (int)gridDim.x + (int)blockIdx.x;  // a fixed block's expert
-  const uint4* wp[2];
-  uint4 w[2][U];
-  if (fixed) {
-    wp[0] = reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h);
-    wp[1] = reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h);
-    if (resident) load_span(w, wp, lane, nc);
-  }
-  inputs_ready();
-  if (!fixed) {
-    // both loads at once (active has e_total >= gridDim.x entries): one round trip, not two
-    ex = active[blockIdx.x];
-    if ((int)blockIdx.x >= n_active[0] - n_fixed) return;
-    wp[0] = reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h);
-    wp[1] = reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h);
-    if (resident) load_span(w, wp, lane, nc);
-  }
-  int beg = offsets[ex], end = offsets[ex + 1];
+// act of the slots slot_of(i), i in [beg, end), for this warp's row (live: the row exists).
+template <typename SlotOf>
+__device__ __forceinline__ void gate_up_slots(uint4 (&w)[2][U], bool resident,
+                                              const uint4* const (&wp)[2], int nc, const bf16* x,
+                                              int beg, int end, SlotOf slot_of, int k, int inter,
+                                              int row, bool live, bf16* act) {
+  int lane = threadIdx.x & 31;
   for (int s0 = beg; s0 < end; s0 += CHUNK) {
     int ns = min(CHUNK, end - s0);
     const uint4* xr[CHUNK];
     int sl[CHUNK];
 #pragma unroll
     for (int t = 0; t < CHUNK; ++t) {
-      sl[t] = list[s0 + min(t, ns - 1)];
-      xr[t] = reinterpret_cast<const uint4*>(x + (size_t)(sl[t] / k) * h);
+      sl[t] = slot_of(s0 + min(t, ns - 1));
+      xr[t] = reinterpret_cast<const uint4*>(x + (size_t)(sl[t] / k) * nc * 8);
     }
     float acc[2][CHUNK];  // gate, up
 #pragma unroll
@@ -68,11 +47,51 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf
     for (int t = 0; t < CHUNK; ++t) {
       if (t >= ns) break;
       float gsum = warp_sum(acc[0][t]), usum = warp_sum(acc[1][t]);
-      if (lane == 0) {
+      if (lane == 0 && live) {
         float gr = round_bf16(gsum);
         float a = round_bf16(gr / (1.f + expf(-gr)));
         act[(size_t)sl[t] * inter + row] = f2bf(a * round_bf16(usum));
       }
     }
   }
+}
+
+extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf16* __restrict__ w_up,
+                                       const bf16* __restrict__ x, const int* __restrict__ offsets,
+                                       const int* __restrict__ list, const int* __restrict__ active,
+                                       const int* __restrict__ n_active, int k, int inter, int h,
+                                       int e_total, int n_fixed, int rows, int* ready,
+                                       int* fixed_done, bf16* __restrict__ act) {
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int row = blockIdx.x * (blockDim.x >> 5) + warp;
+  bool live = row < inter;
+  row = min(row, inter - 1);  // a warp past the rows computes the last one, stores nothing
+  int nc = h / 8;
+  bool resident = nc <= 32 * U;
+  const uint4* wp[2];
+  uint4 w[2][U];
+  int f = blockIdx.y;
+  if (f < n_fixed) {
+    int ex = e_total - n_fixed + f;
+    wp[0] = reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h);
+    wp[1] = reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h);
+    if (resident) load_span(w, wp, lane, nc);
+    wait_count(ready, rows);
+    gate_up_slots(w, resident, wp, nc, x, 0, rows, [=](int i) { return i * k + k - n_fixed + f; },
+                  k, inter, row, live, act);
+    // every block still waits for the routing to finish: moe_down reads its plan before waiting
+    inputs_ready();
+    if (last_to_arrive(fixed_done, n_fixed * (int)gridDim.x) && threadIdx.x == 0) *ready = 0;
+    return;
+  }
+  if (!live) return;
+  inputs_ready();
+  // both loads at once (active has e_total >= gridDim.y entries): one round trip, not two
+  int ex = active[blockIdx.y - n_fixed];
+  if ((int)blockIdx.y >= n_active[0]) return;
+  wp[0] = reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h);
+  wp[1] = reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h);
+  if (resident) load_span(w, wp, lane, nc);
+  gate_up_slots(w, resident, wp, nc, x, offsets[ex], offsets[ex + 1], [=](int i) { return list[i]; },
+                k, inter, row, live, act);
 }

@@ -17,8 +17,11 @@
 // With `resid` set (the fast decoder's MoE layers) the routed rows are first made here, as
 // add_rmsnorm mode 1 makes them: x = bf16(resid + delta), normed = bf16(bf16(x / rms) * norm_w);
 // every block of the row computes them (a thread per 8 columns, while its gate loads are in
-// flight) and the row's last block stores x into resid and the normed row into `normed`
-// (h <= MAX_H). Without it, `x` holds the normed rows.
+// flight); block (r, 0) stores the normed row into `normed` at once, the row's last block x
+// into resid (the others read resid until they are done) (h <= MAX_H). Without it, `x` holds
+// the normed rows.
+// ready (or null): block (r, 0) adds 1 once row r's normed input is stored (publish): moe_gate_up's
+// fixed experts, launched while this kernel runs, start on the rows then.
 // x: (rows, h) bf16 or null; resid, delta, normed: (rows, h) bf16; norm_w: (h) bf16;
 // gate_w: (e, h) bf16; bias: (e) f32 or null; logits: (rows, e) f32
 // scratch; done: (rows + 1) i32, zero before the first launch; slot_expert: (rows*k) i32;
@@ -178,7 +181,7 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
                                      int* __restrict__ slot_expert, float* __restrict__ slot_w,
                                      int e_total, int* __restrict__ offsets,
                                      int* __restrict__ list, int* __restrict__ active,
-                                     int* __restrict__ n_active) {
+                                     int* __restrict__ n_active, int* ready) {
   __shared__ float s[MAX_E];     // scores
   __shared__ float tmp[MAX_E];   // scores used for the choice
   __shared__ float gs[MAX_E];    // group scores
@@ -199,9 +202,9 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
   for (int i = 0; i < U; ++i) fold ^= wv[0][i].x;
   inputs_ready_after(fold);  // the gate's loads are in flight while the previous kernel finishes
   // the fused residual add + RMSNorm (as add_rmsnorm mode 1), a thread per 8 columns; every
-  // block of the row computes it, the row's last block stores it
+  // block of the row computes it
   bool fused = resid != nullptr, on = (int)threadIdx.x < nc;
-  uint4 xnew = make_uint4(0u, 0u, 0u, 0u), hnew = xnew;
+  uint4 xnew = make_uint4(0u, 0u, 0u, 0u), hnew;
   if (fused) {
     float v[8], d[8];
 #pragma unroll
@@ -216,7 +219,14 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
     xnew = pack8(v);
     hnew = rms_norm8(v, w8, h, eps, red);
     if (on) reinterpret_cast<uint4*>(xs)[threadIdx.x] = hnew;
+    // block (r, 0) stores the normed row and counts it ready for the fixed experts
+    if (blockIdx.y == 0) {
+      if (on) reinterpret_cast<uint4*>(normed + (size_t)r * h)[threadIdx.x] = hnew;
+      if (ready) publish(ready, 1);
+    }
     __syncthreads();
+  } else if (blockIdx.y == 0 && ready) {
+    publish(ready, 1);  // the given rows are complete (the previous kernel has finished)
   }
   const uint4* xr = fused ? reinterpret_cast<const uint4*>(xs)
                           : reinterpret_cast<const uint4*>(x + (size_t)r * h);
@@ -227,12 +237,9 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
     float sum = warp_sum(acc[0][0]);
     if (lane == 0) logits[(size_t)r * e + ex] = sum;
   }
-  // 2. the row's last block stores the residual and the normed row, and chooses
+  // 2. the row's last block stores the residual and chooses
   if (!last_to_arrive(&done[r], gridDim.y)) return;
-  if (fused && on) {
-    reinterpret_cast<uint4*>(resid + (size_t)r * h)[threadIdx.x] = xnew;
-    reinterpret_cast<uint4*>(normed + (size_t)r * h)[threadIdx.x] = hnew;
-  }
+  if (fused && on) reinterpret_cast<uint4*>(resid + (size_t)r * h)[threadIdx.x] = xnew;
   for (int i = threadIdx.x; i < e; i += blockDim.x) s[i] = __ldcg(logits + (size_t)r * e + i);
   __syncthreads();
   choose(s, tmp, gs, used, sel, r, bias, e, topk, n_fixed, method, scoring, n_group, topk_group,

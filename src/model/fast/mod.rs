@@ -93,6 +93,8 @@ pub struct FastDecoder {
     list: Buf<i32>,
     active: Buf<i32>,
     n_active: Buf<i32>,
+    /// `Groups::ready` and `Groups::fixed_done`.
+    counters: Buf<i32>,
     act: Buf<bf16>,
     slot_out: Buf<f32>,
     logits: Buf<bf16>,
@@ -264,6 +266,7 @@ impl FastDecoder {
             list: Buf::zeros(dev, r * kmax)?,
             active: Buf::zeros(dev, e_max)?,
             n_active: Buf::zeros(dev, 1)?,
+            counters: Buf::zeros(dev, 2)?,
             act: Buf::zeros(dev, r * act_row)?,
             slot_out: Buf::zeros(dev, r * kmax * hs)?,
             logits: Buf::zeros(dev, s * v)?,
@@ -330,6 +333,8 @@ impl FastDecoder {
                 list: self.list.ptr,
                 active: self.active.ptr,
                 n_active: self.n_active.ptr,
+                ready: self.counters.at(0),
+                fixed_done: self.counters.at(1),
             };
             let ns = n * f.k;
             let sw = match &f.route {
@@ -351,7 +356,7 @@ impl FastDecoder {
                 None => {
                     // the dense layer: its slots are fixed
                     k.add_rmsnorm(self.x.ptr, Delta::Rows(self.delta.ptr), l.ln2.ptr, self.h.ptr, n, hs, eps)?;
-                    k.moe_plan(self.dense_expert.ptr, ns, f.e_total, &g)?;
+                    k.moe_plan(self.dense_expert.ptr, ns, f.e_total, n, &g)?;
                     self.ones.ptr
                 }
             };

@@ -99,26 +99,31 @@ impl Kernels {
             p.experts as i32, p.topk as i32, p.n_fixed as i32, p.method, p.scoring,
             p.n_group as i32, p.topk_group as i32, p.norm_topk as i32, p.scale, scratch.logits, scratch.done,
             slot_expert, slot_w, (p.experts + p.n_fixed) as i32, g.offsets, g.list, g.active,
-            g.n_active
+            g.n_active,
+            // nobody waits for the rows without fixed experts
+            if p.n_fixed > 0 { g.ready } else { 0 }
         )
     }
 
     /// Groups `n_slots` slots by expert (`offsets` `(e_total + 1)`, `list` `(n_slots)`, i32) and
-    /// lists the experts that have slots (`active` `(e_total)`, `n_active` `(1)`, i32).
-    pub fn moe_plan(&self, slot_expert: u64, n_slots: usize, e_total: usize, g: &Groups) -> Result<()> {
+    /// lists the experts that have slots (`active` `(e_total)`, `n_active` `(1)`, i32); counts
+    /// `rows` rows ready for the fixed experts (`g.ready`: the rows are complete when it runs).
+    pub fn moe_plan(&self, slot_expert: u64, n_slots: usize, e_total: usize, rows: usize, g: &Groups) -> Result<()> {
         launch!(
             self,
             self.moe_plan,
             cfg((1, 1, 1), 1024, (e_total * 4) as u32),
-            slot_expert, n_slots as i32, e_total as i32, g.offsets, g.list, g.active, g.n_active
+            slot_expert, n_slots as i32, e_total as i32, g.offsets, g.list, g.active, g.n_active,
+            rows as i32, g.ready
         )
     }
 
     /// The grouped MLP of every slot of every expert, by the plan in `g`:
     /// `act[slot] = silu(gate x) * (up x)` (`moe_gate_up`), then `slot_out[slot] = down(act[slot])`
-    /// (f32, rounded to bf16; `moe_down`). The two launches stay together: `moe_down` reads the
-    /// plan before it waits for `moe_gate_up` (see the kernel), which only holds when the plan
-    /// was written before `moe_gate_up` began.
+    /// (f32, rounded to bf16; `moe_down`). Follows `moe_route` or `moe_plan` on the same `g`
+    /// (the fixed experts wait for the rows they count). The two launches stay together:
+    /// `moe_down` reads the plan before it waits for `moe_gate_up` (see the kernel), which only
+    /// holds when the plan was written before `moe_gate_up` began.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_experts(
         &self,
@@ -138,13 +143,17 @@ impl Kernels {
         if w.fixed > e_total.min(n_slots) {
             candle_core::bail!("moe kernels: {} fixed experts of {e_total} for {n_slots} slots", w.fixed);
         }
+        if k == 0 || n_slots % k != 0 {
+            candle_core::bail!("moe kernels: {n_slots} slots are not rows of {k}");
+        }
         launch!(
             self,
             self.moe_gate_up,
-            // a warp per intermediate row, 8 per block
-            cfg((e_total.min(n_slots) as u32, inter.div_ceil(8) as u32, 1), 256, 0),
+            // a warp per intermediate row, 8 per block; the fixed experts' blocks first (y)
+            cfg((inter.div_ceil(8) as u32, e_total.min(n_slots) as u32, 1), 256, 0),
             w.gate, w.up, x, g.offsets, g.list, g.active, g.n_active, k as i32, inter as i32,
-            h as i32, e_total as i32, w.fixed as i32, act
+            h as i32, e_total as i32, w.fixed as i32, (n_slots / k) as i32, g.ready,
+            g.fixed_done, act
         )?;
         launch!(
             self,
@@ -188,13 +197,18 @@ pub struct RouteScratch {
     pub done: u64,
 }
 
-/// `moe_plan`'s output, read by the grouped kernels (device addresses of i32 arrays).
+/// `moe_plan`'s output, read by the grouped kernels (device addresses of i32 arrays), and two
+/// counters, zero when allocated (each layer leaves them zero again): `ready`, the rows
+/// `moe_route` or `moe_plan` has made ready for the fixed experts (which `moe_gate_up` starts on
+/// while the routing still runs), and `fixed_done`, the fixed experts' blocks that are done.
 #[derive(Debug, Clone, Copy)]
 pub struct Groups {
     pub offsets: u64,
     pub list: u64,
     pub active: u64,
     pub n_active: u64,
+    pub ready: u64,
+    pub fixed_done: u64,
 }
 
 #[cfg(test)]
@@ -237,12 +251,14 @@ mod tests {
         let scratch = RouteScratch { logits: tensor_ptr::<f32>(&logits).unwrap(), done: tensor_ptr::<u32>(&done).unwrap() };
         let groups = |n_slots: usize, e_total: usize| {
             let t = |n| Tensor::zeros(n, DType::U32, &dev).unwrap();
-            let ts = [t(e_total + 1), t(n_slots), t(e_total), t(1)];
+            let ts = [t(e_total + 1), t(n_slots), t(e_total), t(1), t(2)];
             let g = Groups {
                 offsets: tensor_ptr::<u32>(&ts[0]).unwrap(),
                 list: tensor_ptr::<u32>(&ts[1]).unwrap(),
                 active: tensor_ptr::<u32>(&ts[2]).unwrap(),
                 n_active: tensor_ptr::<u32>(&ts[3]).unwrap(),
+                ready: tensor_ptr::<u32>(&ts[4]).unwrap(),
+                fixed_done: tensor_ptr::<u32>(&ts[4]).unwrap() + 4,
             };
             (ts, g)
         };
@@ -285,7 +301,7 @@ mod tests {
             .unwrap();
             // the plan made in the same launch is the one moe_plan makes of the slots
             let (alone, ga) = groups(rows * p.k(), e_total);
-            k.moe_plan(tensor_ptr::<u32>(&se).unwrap(), rows * p.k(), e_total, &ga).unwrap();
+            k.moe_plan(tensor_ptr::<u32>(&se).unwrap(), rows * p.k(), e_total, rows, &ga).unwrap();
             for (i, what) in [(0, "offsets"), (2, "active"), (3, "n_active")] {
                 let (a, b): (Vec<u32>, Vec<u32>) = (plan[i].to_vec1().unwrap(), alone[i].to_vec1().unwrap());
                 assert_eq!(a, b, "{method:?}: the route's {what} differ from moe_plan's");
@@ -340,8 +356,15 @@ mod tests {
                 let r = resid.copy().unwrap();
                 let normed = Tensor::zeros((rows, h), DType::BF16, &dev).unwrap();
                 let (se, sw) = (z(rows * kk, DType::U32), z(rows * kk, DType::F32));
-                let plan = [z(e + 3, DType::U32), z(rows * kk, DType::U32), z(e + 2, DType::U32), z(1, DType::U32)];
-                let g = Groups { offsets: pu(&plan[0]), list: pu(&plan[1]), active: pu(&plan[2]), n_active: pu(&plan[3]) };
+                let plan = [z(e + 3, DType::U32), z(rows * kk, DType::U32), z(e + 2, DType::U32), z(1, DType::U32), z(2, DType::U32)];
+                let g = Groups {
+                    offsets: pu(&plan[0]),
+                    list: pu(&plan[1]),
+                    active: pu(&plan[2]),
+                    n_active: pu(&plan[3]),
+                    ready: pu(&plan[4]),
+                    fixed_done: pu(&plan[4]) + 4,
+                };
                 let (logits, done) = (z(rows * e, DType::F32), z(rows + 1, DType::U32));
                 let scratch = RouteScratch { logits: pf(&logits), done: pu(&done) };
                 let input = if fused {
@@ -445,6 +468,7 @@ mod tests {
             let list = Tensor::zeros(rows * kk, DType::U32, &dev).unwrap();
             let active = Tensor::zeros(e_total, DType::U32, &dev).unwrap();
             let n_active = Tensor::zeros(1, DType::U32, &dev).unwrap();
+            let counters = Tensor::zeros(2, DType::U32, &dev).unwrap();
             let act = Tensor::zeros((rows * kk, inter), DType::BF16, &dev).unwrap();
             let so = Tensor::zeros((rows * kk, h), DType::F32, &dev).unwrap();
             let normed = Tensor::zeros((rows, h), DType::BF16, &dev).unwrap();
@@ -455,11 +479,20 @@ mod tests {
             let logits = Tensor::zeros(rows * e, DType::F32, &dev).unwrap();
             let done = Tensor::zeros(rows + 1, DType::U32, &dev).unwrap();
             let scratch = RouteScratch { logits: pf(&logits), done: pu(&done) };
-            let g = Groups { offsets: pu(&offsets), list: pu(&list), active: pu(&active), n_active: pu(&n_active) };
+            let g = Groups {
+                offsets: pu(&offsets),
+                list: pu(&list),
+                active: pu(&active),
+                n_active: pu(&n_active),
+                ready: pu(&counters),
+                fixed_done: pu(&counters) + 4,
+            };
             let ns = rows * kk;
             k.moe_route(RouteInput::Normed(pb(&gx)), pb(&ggw), 0, rows, h, &p, &scratch, pu(&se), pf(&sw), &g).unwrap();
             let w = ExpertWeights { gate: pb(&wg), up: pb(&wu), down: pb(&wd), e_total, inter, fixed: n_shared };
             k.moe_experts(&w, pb(&gx), &g, ns, kk, h, pb(&act), pf(&so)).unwrap();
+            let left: Vec<u32> = counters.to_vec1().unwrap();
+            assert_eq!(left, [0, 0], "{rows} rows: the fixed experts' counters left at {left:?}");
             // one row: its 4 routed experts and the 2 shared pieces are all that run
             let na: Vec<u32> = n_active.to_vec1().unwrap();
             assert!(rows > 1 || na[0] == 6, "active experts for one row: {}", na[0]);
