@@ -5,8 +5,10 @@
 // rotated as it is loaded, and the block whose keys reach pos[r] rotates the new k, appends k
 // and v to the cache and then reads them like the others (blocks of one kv group write the
 // same bytes). Prefill runs rope_kv first (rows of one slot read each other's keys).
-// Split-K (flash-decoding): block (r, h, s) covers keys [s*chunk, (s+1)*chunk); with one split
-// (gridDim.z == 1, chunk >= every row's length) it writes the output, otherwise its partial
+// Split-K (flash-decoding): block (r, h, s) covers the s-th share of the row's L keys, shares of
+// max(SHARE_MIN, ceil(L / gridDim.z)) keys (at most `chunk`, the scores' room), so the few
+// blocks a graph captures once serve every length (the blocks past L return at once); with one
+// split (gridDim.z == 1, chunk >= every row's length) it writes the output, otherwise its partial
 // (running max m, sum l, unnormalised acc[hd]) to `part`, and the last of the row and head's
 // splits to finish (a counter in `done`, reset by it) merges them:
 // out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
@@ -19,6 +21,7 @@
 #include "common.cuh"
 
 #define VPRE 4
+#define SHARE_MIN 64
 
 // a8 += p * v (8 bf16 values)
 __device__ __forceinline__ void axpy8(float p, uint4 v, float* a8) {
@@ -59,7 +62,8 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
     q1 = bf(q[tid]);
   }
   int L = min((int)p + 1, max_t);
-  int j0 = s * chunk, j1 = min(L, j0 + chunk);
+  int cz = max(SHARE_MIN, (L + (int)gridDim.z - 1) / (int)gridDim.z);  // this row's share
+  int j0 = s * cz, j1 = min(L, j0 + cz);
   if (j0 >= j1) return;  // past this row's length (the merge reads only the splits it needs)
   int n = j1 - j0;
   float* qs = sm;          // hd
@@ -157,7 +161,7 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
   }
   if (gridDim.z == 1) return;
   // the last of the row's splits merges them
-  int ns = (L + chunk - 1) / chunk;
+  int ns = (L + cz - 1) / cz;
   if (!last_to_arrive(&done[r * nh + h], ns)) return;
   // the splits' (m, l) into shared memory (the accumulators' room, free now), a thread each,
   // all loaded at once; then each output dimension's partials, 8 loads in flight at a time

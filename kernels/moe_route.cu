@@ -17,16 +17,18 @@
 // With `resid` set (the fast decoder's MoE layers) the routed rows are first made here, as
 // add_rmsnorm mode 1 makes them: x = bf16(resid + delta), normed = bf16(bf16(x / rms) * norm_w);
 // every block of the row computes them (a thread per 8 columns, while its gate loads are in
-// flight); block (r, 0) stores the normed row into `normed` at once, the row's last block x
-// into resid (the others read resid until they are done) (h <= MAX_H). Without it, `x` holds
-// the normed rows.
-// ready (or null): block (r, 0) adds 1 once row r's normed input is stored (publish): moe_gate_up's
-// fixed experts, launched while this kernel runs, start on the rows then.
+// flight); the row's last block stores x into resid (the others read resid until they are
+// done) and, without `ready`, the normed row into `normed` (h <= MAX_H). Without `resid`, `x`
+// holds the normed rows.
+// ready (or null): one more block per row (y = the last) stores the normed row at once and adds
+// 1 (publish): moe_gate_up's fixed experts, launched while this kernel runs, start on the rows
+// then, off the routing's path.
 // x: (rows, h) bf16 or null; resid, delta, normed: (rows, h) bf16; norm_w: (h) bf16;
 // gate_w: (e, h) bf16; bias: (e) f32 or null; logits: (rows, e) f32
 // scratch; done: (rows + 1) i32, zero before the first launch; slot_expert: (rows*k) i32;
 // slot_w: (rows*k) f32; offsets, list, active, n_active: as moe_plan, over e_total experts.
-// Grid: (rows, ceil(e / 8)) blocks of 256 threads. e <= 512, topk <= 32, e_total <= 1024.
+// Grid: (rows, ceil(e / 8) + (ready ? 1 : 0)) blocks of 256 threads. e <= 512, topk <= 32,
+// e_total <= 1024.
 #include "gemv.cuh"
 #include "moe_plan.cuh"
 
@@ -192,14 +194,18 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
   __shared__ float red[32];
   int r = blockIdx.x, rows = gridDim.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int nc = h / 8;
+  int gate_blocks = (int)gridDim.y - (ready ? 1 : 0);
+  bool publisher = (int)blockIdx.y == gate_blocks;
   // 1. this warp's expert's gate row: the first span's loads go out before anything else
   int ex = blockIdx.y * (blockDim.x >> 5) + warp;
   const uint4* wr[1] = {reinterpret_cast<const uint4*>(gate_w + (size_t)min(ex, e - 1) * h)};
   uint4 wv[1][U];
-  load_span(wv, wr, lane, nc);
   uint32_t fold = 0;
+  if (!publisher) {
+    load_span(wv, wr, lane, nc);
 #pragma unroll
-  for (int i = 0; i < U; ++i) fold ^= wv[0][i].x;
+    for (int i = 0; i < U; ++i) fold ^= wv[0][i].x;
+  }
   inputs_ready_after(fold);  // the gate's loads are in flight while the previous kernel finishes
   // the fused residual add + RMSNorm (as add_rmsnorm mode 1), a thread per 8 columns; every
   // block of the row computes it
@@ -218,15 +224,12 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
     uint4 w8 = on ? __ldg(reinterpret_cast<const uint4*>(norm_w) + threadIdx.x) : make_uint4(0u, 0u, 0u, 0u);
     xnew = pack8(v);
     hnew = rms_norm8(v, w8, h, eps, red);
-    if (on) reinterpret_cast<uint4*>(xs)[threadIdx.x] = hnew;
-    // block (r, 0) stores the normed row and counts it ready for the fixed experts
-    if (blockIdx.y == 0) {
-      if (on) reinterpret_cast<uint4*>(normed + (size_t)r * h)[threadIdx.x] = hnew;
-      if (ready) publish(ready, 1);
-    }
+    if (on) reinterpret_cast<uint4*>(publisher ? normed + (size_t)r * h : xs)[threadIdx.x] = hnew;
     __syncthreads();
-  } else if (blockIdx.y == 0 && ready) {
-    publish(ready, 1);  // the given rows are complete (the previous kernel has finished)
+  }
+  if (publisher) {
+    publish(ready, 1);  // the normed row is stored (or was given complete)
+    return;
   }
   const uint4* xr = fused ? reinterpret_cast<const uint4*>(xs)
                           : reinterpret_cast<const uint4*>(x + (size_t)r * h);
@@ -238,8 +241,11 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
     if (lane == 0) logits[(size_t)r * e + ex] = sum;
   }
   // 2. the row's last block stores the residual and chooses
-  if (!last_to_arrive(&done[r], gridDim.y)) return;
-  if (fused && on) reinterpret_cast<uint4*>(resid + (size_t)r * h)[threadIdx.x] = xnew;
+  if (!last_to_arrive(&done[r], gate_blocks)) return;
+  if (fused && on) {
+    reinterpret_cast<uint4*>(resid + (size_t)r * h)[threadIdx.x] = xnew;
+    if (!ready) reinterpret_cast<uint4*>(normed + (size_t)r * h)[threadIdx.x] = hnew;
+  }
   for (int i = threadIdx.x; i < e; i += blockDim.x) s[i] = __ldcg(logits + (size_t)r * e + i);
   __syncthreads();
   choose(s, tmp, gs, used, sel, r, bias, e, topk, n_fixed, method, scoring, n_group, topk_group,

@@ -55,8 +55,8 @@ impl Kernels {
 
     /// `out (rows, heads * head_dim)`: each row's attention over keys `0..=pos[r]` of its slot.
     /// `split`: `None` runs one block per row and head (prefill: many rows); `Some` splits the
-    /// keys into chunks of [`SPLIT_CHUNK`] over more blocks (decode: few rows), merged by the
-    /// last block of each row and head. `rope`: `Some(theta)` does [`Self::rope_kv`]'s work for
+    /// keys into [`split_count`] shares of at least [`SPLIT_CHUNK`] keys over more blocks
+    /// (decode: few rows), merged by the last block of each row and head. `rope`: `Some(theta)` does [`Self::rope_kv`]'s work for
     /// the rows in the same launch (decode: every row in a slot of its own); `None` expects q
     /// rotated and the cache written (prefill, after `rope_kv`).
     #[allow(clippy::too_many_arguments)]
@@ -78,12 +78,12 @@ impl Kernels {
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         let (chunk, splits, part, done) = match split {
             None => (s.max_t, 1, 0u64, 0u64),
-            Some(p) => (SPLIT_CHUNK, split_count(s.max_t), p.part, p.done),
+            // the scores' room: the longest share
+            Some(p) => {
+                let splits = split_count(s.max_t);
+                (s.max_t.div_ceil(splits).max(SPLIT_CHUNK), splits, p.part, p.done)
+            }
         };
-        if splits > 1024 {
-            // the merge holds the splits' (m, l) in the accumulators' 2048 floats
-            candle_core::bail!("decode_attn: {splits} splits of {SPLIT_CHUNK} keys; at most 1024 (max_t {})", s.max_t);
-        }
         let groups = 256 / (s.head_dim / 8);
         let shared = ((s.head_dim + chunk + groups * s.head_dim) * 4) as u32;
         launch!(
@@ -106,12 +106,17 @@ pub struct SplitScratch {
     pub done: u64,
 }
 
-/// Keys per block of the split attention (decode).
+/// The fewest keys per block of the split attention (decode; `SHARE_MIN` in the kernel).
 pub const SPLIT_CHUNK: usize = 64;
+
+/// Blocks per row and head of the split attention, at most: a row's keys go in shares of
+/// `max(SPLIT_CHUNK, len / SPLITS)`, so a long cache (8,192 positions) launches 16 blocks per
+/// head, not 128 of which all but a few return at once.
+pub const SPLITS: usize = 16;
 
 /// Splits of the split attention for a cache of `max_t` positions.
 pub fn split_count(max_t: usize) -> usize {
-    max_t.div_ceil(SPLIT_CHUNK)
+    max_t.div_ceil(SPLIT_CHUNK).min(SPLITS)
 }
 
 #[cfg(test)]
@@ -129,14 +134,15 @@ mod tests {
     fn rope_kv_and_decode_attn_match_the_reference() {
         let (dev, cd) = device();
         let k = Kernels::load(&cd).unwrap();
-        let s = AttnShape { heads: 4, kv_heads: 2, head_dim: 128, max_t: 256 };
+        let s = AttnShape { heads: 4, kv_heads: 2, head_dim: 128, max_t: 2048 };
         let (nh, nkv, hd) = (s.heads, s.kv_heads, s.head_dim);
         let width = (nh + 2 * nkv) * hd;
         let theta = 10000.0;
-        // sequence A (slot 1): 150 tokens (3 chunks of 64 in the split form); sequence B (slot 0):
-        // 20 tokens. All rows in one call:
-        // the prefill of both at once (rows carry their own slot and position).
-        let lens = [(1u32, 150usize), (0u32, 20usize)];
+        // sequence A (slot 1): 1,100 tokens (16 shares of 69 keys in the split form); sequence B
+        // (slot 0): 20 tokens (one share of 64). All rows in one call: the prefill of both at
+        // once (rows carry their own slot and position).
+        let (na, nb) = (1100u32, 20u32);
+        let lens = [(1u32, na as usize), (0u32, nb as usize)];
         let rows: usize = lens.iter().map(|l| l.1).sum();
         let qkv = rand_bf16(&[rows, width], 2.0, 11);
         let (mut pos, mut slot) = (vec![], vec![]);
@@ -172,14 +178,14 @@ mod tests {
         }
         // decode's form: the last row of each sequence, q and k not yet rotated and the cache
         // holding the earlier positions only; the kernel rotates, appends and attends
-        let earlier: Vec<u32> = [(0u32, 149u32), (150, 169)].iter().flat_map(|&(a, b)| a..b).collect();
+        let earlier: Vec<u32> = [(0u32, na - 1), (na, na + nb - 1)].iter().flat_map(|&(a, b)| a..b).collect();
         let earlier = Tensor::new(earlier.as_slice(), &Device::Cpu).unwrap();
         let sub = |t: &Tensor| t.index_select(&earlier.to_device(t.device()).unwrap(), 0).unwrap();
         let (kc2, vc2) = (kc.zeros_like().unwrap(), vc.zeros_like().unwrap());
         let n_early = earlier.dims1().unwrap();
         let (e_qkv, e_pos, e_slot) = (sub(&qkv).to_device(&dev).unwrap(), sub(&g_pos), sub(&g_slot));
         k.rope_kv(p(&e_qkv), pu(&e_pos), pu(&e_slot), p(&kc2), p(&vc2), n_early, s, theta).unwrap();
-        let last = Tensor::new(&[149u32, 169], &dev).unwrap();
+        let last = Tensor::new(&[na - 1, na + nb - 1], &dev).unwrap();
         let d_qkv = qkv.to_device(&dev).unwrap().index_select(&last, 0).unwrap();
         let (d_pos, d_slot) = (g_pos.index_select(&last, 0).unwrap(), g_slot.index_select(&last, 0).unwrap());
         let d_out = Tensor::zeros((2, nh * hd), DType::BF16, &dev).unwrap();

@@ -93,8 +93,8 @@ impl Kernels {
         launch!(
             self,
             self.moe_route,
-            // a warp per expert's gate row, 8 per block
-            cfg((rows as u32, p.experts.div_ceil(8) as u32, 1), 256, 0),
+            // a warp per expert's gate row, 8 per block; one more that publishes the normed rows
+            cfg((rows as u32, (p.experts.div_ceil(8) + usize::from(p.n_fixed > 0)) as u32, 1), 256, 0),
             x, resid, delta, norm_w, eps as f32, normed, gate_w, bias, h as i32,
             p.experts as i32, p.topk as i32, p.n_fixed as i32, p.method, p.scoring,
             p.n_group as i32, p.topk_group as i32, p.norm_topk as i32, p.scale, scratch.logits, scratch.done,
