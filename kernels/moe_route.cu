@@ -20,9 +20,9 @@
 // flight); the row's last block stores x into resid (the others read resid until they are
 // done) and, without `ready`, the normed row into `normed` (h <= MAX_H). Without `resid`, `x`
 // holds the normed rows.
-// ready (or null): one more block per row (y = the last) stores the normed row at once and adds
-// 1 (publish): moe_gate_up's fixed experts, launched while this kernel runs, start on the rows
-// then, off the routing's path.
+// ready (or null): one more block per row (y = the last, no gate rows) stores the normed row at
+// once and adds 1 (publish): moe_gate_up's fixed experts, launched while this kernel runs, start
+// on the rows then, off the routing's path. It arrives with the others (it reads resid too).
 // x: (rows, h) bf16 or null; resid, delta, normed: (rows, h) bf16; norm_w: (h) bf16;
 // gate_w: (e, h) bf16; bias: (e) f32 or null; logits: (rows, e) f32
 // scratch; done: (rows + 1) i32, zero before the first launch; slot_expert: (rows*k) i32;
@@ -227,10 +227,7 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
     if (on) reinterpret_cast<uint4*>(publisher ? normed + (size_t)r * h : xs)[threadIdx.x] = hnew;
     __syncthreads();
   }
-  if (publisher) {
-    publish(ready, 1);  // the normed row is stored (or was given complete)
-    return;
-  }
+  if (publisher) publish(ready, 1);  // the normed row is stored (or was given complete)
   const uint4* xr = fused ? reinterpret_cast<const uint4*>(xs)
                           : reinterpret_cast<const uint4*>(x + (size_t)r * h);
   if (ex < e) {
@@ -241,7 +238,8 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
     if (lane == 0) logits[(size_t)r * e + ex] = sum;
   }
   // 2. the row's last block stores the residual and chooses
-  if (!last_to_arrive(&done[r], gate_blocks)) return;
+  // (every block of the row, the publisher too, has read resid before the last one stores it)
+  if (!last_to_arrive(&done[r], gridDim.y)) return;
   if (fused && on) {
     reinterpret_cast<uint4*>(resid + (size_t)r * h)[threadIdx.x] = xnew;
     if (!ready) reinterpret_cast<uint4*>(normed + (size_t)r * h)[threadIdx.x] = hnew;
