@@ -101,7 +101,8 @@ __device__ __forceinline__ bool last_to_arrive(int* counter, int expected) {
 // every thread fences before the barrier, thread 0 adds); the consumer's wait_count returns
 // once *c >= n, each thread with an acquire of its own (its later loads see the rows). The
 // consumer only runs while the producer is resident (programmatic dependent launch starts it
-// after every producer block has begun), so the spin cannot starve the producer.
+// after every producer block has begun) or after it has finished (no PDL), so the spin cannot
+// starve the producer.
 __device__ __forceinline__ void publish(int* c, int n) {
   __threadfence();
   __syncthreads();
@@ -114,9 +115,14 @@ __device__ __forceinline__ int load_acquire(const int* p) {
   return v;
 }
 
+// A count that never comes (a producer that does not publish: a caller's error) traps after
+// 2^24 naps (over a second) rather than hanging the GPU: the launch fails with an error.
 __device__ __forceinline__ void wait_count(const int* c, int n) {
   if (threadIdx.x == 0)
-    while (load_acquire(c) < n) __nanosleep(64);
+    for (int i = 0; load_acquire(c) < n; ++i) {
+      if (i == (1 << 24)) __trap();
+      __nanosleep(64);
+    }
   __syncthreads();
   (void)load_acquire(c);
 }

@@ -10,11 +10,11 @@
 // offsets, list, active, n_active: from moe_plan; act: (n_slots, inter) bf16. h a multiple of 8.
 // The last n_fixed experts (the shared experts' pieces, the dense MLP) are slots k - n_fixed ..
 // k of every row and need no plan: blocks y < n_fixed (the first to be scheduled) serve them as
-// soon as the rows are made. They load their weight rows at once, wait until moe_route (or moe_plan), still
-// running, has counted every row into `ready`, and work alongside the rest of the routing; the
-// last of them resets `ready` (and `fixed_done`, its own counter) for the next launch. Blocks
-// y >= n_fixed serve the (y - n_fixed)-th routed expert that has slots (active is sorted by id,
-// the fixed ones last), once the plan is complete (inputs_ready).
+// soon as the rows are made. They load their weight rows at once, wait until moe_route (or
+// moe_plan), still running, has counted every row into `ready` (wait_count), and work alongside
+// the rest of the routing; the last of them resets `ready` (and `fixed_done`, its own counter)
+// for the next launch. Blocks y >= n_fixed serve the (y - n_fixed)-th routed expert that has
+// slots (active is sorted by id, the fixed ones last), once the plan is complete (inputs_ready).
 // Grid: (ceil(inter / 8), min(e_total, n_slots)) blocks of 256 threads.
 #include "gemv.cuh"
 

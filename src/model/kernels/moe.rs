@@ -167,8 +167,10 @@ impl Kernels {
 
 /// One MoE layer's stacked expert weights (device addresses, bf16): gate and up
 /// `(e_total, inter, h)`, down `(e_total, h, inter)`. The last `fixed` experts (the shared
-/// experts' pieces, the dense MLP) have slots in every row: their weights are loaded before the
-/// plan is known.
+/// experts' pieces, the dense MLP) have slots in every row and start before the plan is known,
+/// on the rows counted into `Groups::ready`: `fixed` must be the `n_fixed` of the `moe_route`
+/// that made the plan (1 after `moe_plan`, which counts its rows too), or they wait for rows that
+/// never come (the kernel traps after a second: a launch error, not a hang).
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertWeights {
     pub gate: u64,
