@@ -247,7 +247,11 @@ impl Kernels {
     /// [`Self::overlap`] the launch is a programmatic dependent one: the kernel may begin (its
     /// weight loads) while the previous kernel finishes; every kernel of `kernels/` waits for
     /// its inputs (`inputs_ready`) before reading what an earlier launch wrote.
-    pub(crate) fn launch_raw(
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number, order and type, and point to
+    /// values that live until this returns (the [`launch!`] macro does both).
+    pub(crate) unsafe fn launch_raw(
         &self,
         func: &CudaFunction,
         cfg: LaunchConfig,
@@ -270,11 +274,10 @@ impl Kernels {
             attrs: &mut attr,
             numAttrs: u32::from(self.overlap),
         };
-        unsafe {
-            sys::cuLaunchKernelEx(&config, func.cu_function(), args.as_mut_ptr(), std::ptr::null_mut())
-                .result()
-                .map_err(cuda_err)
-        }
+        // SAFETY: the caller's contract (the arguments); the config is complete
+        unsafe { sys::cuLaunchKernelEx(&config, func.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(cuda_err)
     }
 
     /// Row-major `y (n, out) = x (n, k) . w (out, k)^T` in bf16 with f32 accumulation: the
@@ -346,6 +349,12 @@ impl Kernels {
     }
 }
 
+/// A kernel argument for [`Kernels::launch_raw`]: plain device values only (addresses, sizes,
+/// scalars, `#[repr(C)]` views).
+pub(crate) fn arg_ptr<T: DeviceRepr>(a: &T) -> *mut std::ffi::c_void {
+    a as *const T as *mut std::ffi::c_void
+}
+
 /// Rows up to which [`Kernels::linear`] uses the `linear` kernel rather than cuBLAS.
 pub const LINEAR_KERNEL_MAX_ROWS: usize = 8;
 
@@ -355,8 +364,9 @@ macro_rules! launch {
     ($k:expr, $func:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
         let mut args: Vec<*mut std::ffi::c_void> = Vec::new();
         // `a` shadows itself: every argument stays alive until the launch.
-        $( let a = $arg; args.push(&a as *const _ as *mut std::ffi::c_void); )*
-        $k.launch_raw(&$func, $cfg, &mut args)
+        $( let a = $arg; args.push($crate::model::kernels::arg_ptr(&a)); )*
+        // SAFETY: the arguments are the kernel's, in its order, alive until the launch returns
+        unsafe { $k.launch_raw(&$func, $cfg, &mut args) }
     }};
 }
 pub(crate) use launch;
