@@ -6,9 +6,10 @@
 // and v to the cache and then reads them like the others (blocks of one kv group write the
 // same bytes). Prefill runs rope_kv first (rows of one slot read each other's keys).
 // Split-K (flash-decoding): block (r, h, s) covers the s-th share of the row's L keys, shares of
-// max(SHARE_MIN, ceil(L / gridDim.z)) keys (at most `chunk`, the scores' room), so the few
+// max(share_min, ceil(L / gridDim.z)) keys (at most `chunk`, the scores' room), so the few
 // blocks a graph captures once serve every length (the blocks past L return at once); with one
-// split (gridDim.z == 1, chunk >= every row's length) it writes the output, otherwise its partial
+// split (gridDim.z == 1, chunk >= every row's length) or one share (ns == 1: a short row) it
+// writes the output, otherwise its partial
 // (running max m, sum l, unnormalised acc[hd]) to `part`, and the last of the row and head's
 // splits to finish (a counter in `done`, reset by it) merges them:
 // out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
@@ -21,7 +22,6 @@
 #include "common.cuh"
 
 #define VPRE 4
-#define SHARE_MIN 64
 
 // a8 += p * v (8 bf16 values)
 __device__ __forceinline__ void axpy8(float p, uint4 v, float* a8) {
@@ -37,7 +37,7 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
                                        bf16* k_cache,
                                        bf16* v_cache, bf16* __restrict__ out,
                                        float* __restrict__ part, int* __restrict__ done,
-                                       int nh, int nkv, int hd, int max_t, int chunk,
+                                       int nh, int nkv, int hd, int max_t, int chunk, int share_min,
                                        float scale, int fused, float theta) {
   inputs_ready();
   extern __shared__ float sm[];
@@ -62,7 +62,7 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
     q1 = bf(q[tid]);
   }
   int L = min((int)p + 1, max_t);
-  int cz = max(SHARE_MIN, (L + (int)gridDim.z - 1) / (int)gridDim.z);  // this row's share
+  int cz = max(share_min, (L + (int)gridDim.z - 1) / (int)gridDim.z);  // this row's share
   int j0 = s * cz, j1 = min(L, j0 + cz);
   if (j0 >= j1) return;  // past this row's length (the merge reads only the splits it needs)
   int n = j1 - j0;
@@ -93,7 +93,7 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
   }
   __syncthreads();  // also makes this block's cache writes visible to its own reads
   // the first VPRE values of each thread's keys for the weighted sum below are loaded now, so
-  // their latency hides behind the scores and the softmax (a decode split's 64 keys are all)
+  // their latency hides behind the scores and the softmax (all of a decode share of up to 64 keys)
   int tpk = hd / 8, groups = blockDim.x / tpk, g = threadIdx.x / tpk, d8 = threadIdx.x % tpk;
   uint4 vpre[VPRE];
 #pragma unroll
@@ -148,10 +148,12 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
   }
   __syncthreads();
   float* pp = part + ((size_t)r * nh + h) * gridDim.z * (hd + 2);
+  int ns = (L + cz - 1) / cz;  // the row's shares
+  bool alone = gridDim.z == 1 || ns == 1;
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
     float t = 0.f;
     for (int gg = 0; gg < groups; ++gg) t += acc[gg * hd + d];
-    if (gridDim.z == 1) {
+    if (alone) {
       out[(size_t)r * nh * hd + (size_t)h * hd + d] = f2bf(t / l);
     } else {
       float* p = pp + s * (hd + 2);
@@ -159,9 +161,8 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
       if (d == 0) { p[0] = m; p[1] = l; }
     }
   }
-  if (gridDim.z == 1) return;
+  if (alone) return;
   // the last of the row's splits merges them
-  int ns = (L + cz - 1) / cz;
   if (!last_to_arrive(&done[r * nh + h], ns)) return;
   // the splits' (m, l) into shared memory (the accumulators' room, free now), a thread each,
   // all loaded at once; then each output dimension's partials, 8 loads in flight at a time

@@ -55,6 +55,13 @@ case " $STEPS " in *" pdl "*)
       --out-file "$OUT/bench-pdl$pdl.json" 2> "$OUT/bench-pdl$pdl.log" | sed "s/^/pdl=$pdl /"
   done ;;
 esac
+case " $STEPS " in *" share "*)
+  echo "== the split attention's fewest keys per block (OCR_PATCH_ATTN_SHARE)"
+  for share in 32 64 128 256 512; do
+    OCR_PATCH_ATTN_SHARE=$share timeout 200 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --gpu "$GPU" \
+      --out-file "$OUT/bench-share$share.json" 2> /dev/null | grep "decode" | sed "s/^/share=$share /"
+  done ;;
+esac
 # Per-kernel totals of an ncu CSV (time, share, HBM GB/s).
 summarise() {
   python3 - "$1" <<'PY'

@@ -174,6 +174,9 @@ pub struct Kernels {
     /// each kernel may start while the one before it runs (see `inputs_ready` in
     /// `kernels/common.cuh`).
     overlap: bool,
+    /// The fewest keys per block of the split attention (`OCR_PATCH_ATTN_SHARE`, default
+    /// [`attn::SPLIT_CHUNK`]).
+    pub(crate) attn_share: usize,
 }
 
 fn cfg(grid: (u32, u32, u32), block: u32, shared: u32) -> LaunchConfig {
@@ -239,6 +242,11 @@ impl Kernels {
             cublas_only: std::env::var("OCR_PATCH_LINEAR").is_ok_and(|v| v == "cublas"),
             overlap: stream.context().compute_capability().map_err(cuda_err)?.0 >= 9
                 && !std::env::var("OCR_PATCH_PDL").is_ok_and(|v| v == "0"),
+            attn_share: std::env::var("OCR_PATCH_ATTN_SHARE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v| v >= 1)
+                .unwrap_or(attn::SPLIT_CHUNK),
             stream,
         })
     }
