@@ -25,10 +25,7 @@ extern "C" __global__ void add_rmsnorm(bf16* __restrict__ resid, const bf16* __r
   float v[8];
   unpack8(on ? x8[c] : make_uint4(0u, 0u, 0u, 0u), v);
   if (mode == 1 && on) {
-    float d[8];
-    unpack8(reinterpret_cast<const uint4*>(delta + (size_t)r * h)[c], d);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = round_bf16(v[i] + d[i]);
+    add_round8(v, reinterpret_cast<const uint4*>(delta + (size_t)r * h)[c]);
   } else if (mode == 2 && on) {
     float d[8];
 #pragma unroll

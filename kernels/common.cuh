@@ -75,18 +75,29 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return t;
 }
 
-// The "last block to arrive finishes" handshake: publishes every thread's earlier writes (a
-// barrier, then one gpu-scope fence by thread 0 before its atomic, as CUTLASS's barriers do:
-// one fence per block, not one per thread) and tells whether this block is the `expected`-th
-// to arrive at *counter; that block resets the counter (for the next launch or graph replay)
-// and, after its own fence, reads the others' writes (through L2: __ldcg). Every thread of the
-// block must call it.
-__device__ __forceinline__ bool last_to_arrive(int* counter, int expected) {
-  __shared__ int last;
+// A block's arrival at a counter: a barrier (every thread's earlier writes are done), then
+// thread 0 fences at gpu scope and adds n, as CUTLASS's barriers do (one fence per block, not
+// one per thread). Returns the counter's value before the add to thread 0 (others: 0). Every
+// thread of the block must call it.
+__device__ __forceinline__ int arrive(int* counter, int n) {
   __syncthreads();
+  int old = 0;
   if (threadIdx.x == 0) {
     __threadfence();
-    last = atomicAdd(counter, 1) == expected - 1;
+    old = atomicAdd(counter, n);
+  }
+  return old;
+}
+
+// The "last block to arrive finishes" handshake: every block arrives at *counter; this tells
+// whether this block is the `expected`-th. That block resets the counter (for the next launch
+// or graph replay) and, after its own fence, reads the others' writes (through L2: __ldcg).
+// Every thread of the block must call it.
+__device__ __forceinline__ bool last_to_arrive(int* counter, int expected) {
+  __shared__ int last;
+  int old = arrive(counter, 1);
+  if (threadIdx.x == 0) {
+    last = old == expected - 1;
     if (last) {
       *counter = 0;
       __threadfence();
@@ -97,17 +108,12 @@ __device__ __forceinline__ bool last_to_arrive(int* counter, int expected) {
 }
 
 // Counted rows between two grids running at once (moe_route -> moe_gate_up's fixed experts):
-// the producer's threads store their part of the rows, then publish adds n to *c (a release:
-// every thread fences before the barrier, thread 0 adds); the consumer's wait_count returns
-// once *c >= n, each thread with an acquire of its own (its later loads see the rows). The
-// consumer only runs while the producer is resident (programmatic dependent launch starts it
-// after every producer block has begun) or after it has finished (no PDL), so the spin cannot
-// starve the producer.
-__device__ __forceinline__ void publish(int* c, int n) {
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) atomicAdd(c, n);
-}
+// the producer's threads store their part of the rows, then publish adds n to *c (arrive: the
+// release); the consumer's wait_count returns once *c >= n, each thread with an acquire of its
+// own (its later loads see the rows). The consumer only runs while the producer is resident
+// (programmatic dependent launch starts it after every producer block has begun) or after it
+// has finished (no PDL), so the spin cannot starve the producer.
+__device__ __forceinline__ void publish(int* c, int n) { arrive(c, n); }
 
 __device__ __forceinline__ int load_acquire(const int* p) {
   int v;
@@ -164,6 +170,14 @@ __device__ __forceinline__ uint4 pack8(const float* v) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) p[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
   return u;
+}
+
+// v += the 8 bf16 values d8, each sum rounded to bf16 (the reference's bf16 residual add).
+__device__ __forceinline__ void add_round8(float* v, uint4 d8) {
+  float d[8];
+  unpack8(d8, d);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = round_bf16(v[i] + d[i]);
 }
 
 // DeepseekV2RMSNorm of a row held 8 values a thread (a thread per 8 columns; threads past the

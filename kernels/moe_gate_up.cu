@@ -68,14 +68,17 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf
   row = min(row, inter - 1);  // a warp past the rows computes the last one, stores nothing
   int nc = h / 8;
   bool resident = nc <= 32 * U;
+  // expert ex's row of gate and row of up, as the two rows of one matrix-vector product
   const uint4* wp[2];
   uint4 w[2][U];
-  int f = blockIdx.y;
-  if (f < n_fixed) {
-    int ex = e_total - n_fixed + f;
+  auto load_rows = [&](int ex) {
     wp[0] = reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h);
     wp[1] = reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h);
     if (resident) load_span(w, wp, lane, nc);
+  };
+  int f = blockIdx.y;
+  if (f < n_fixed) {
+    load_rows(e_total - n_fixed + f);
     wait_count(ready, rows);
     gate_up_slots(w, resident, wp, nc, x, 0, rows, [=](int i) { return i * k + k - n_fixed + f; },
                   k, inter, row, live, act);
@@ -89,9 +92,7 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf
   // both loads at once (active has e_total >= gridDim.y entries): one round trip, not two
   int ex = active[blockIdx.y - n_fixed];
   if ((int)blockIdx.y >= n_active[0]) return;
-  wp[0] = reinterpret_cast<const uint4*>(w_gate + ((size_t)ex * inter + row) * h);
-  wp[1] = reinterpret_cast<const uint4*>(w_up + ((size_t)ex * inter + row) * h);
-  if (resident) load_span(w, wp, lane, nc);
+  load_rows(ex);
   gate_up_slots(w, resident, wp, nc, x, offsets[ex], offsets[ex + 1], [=](int i) { return list[i]; },
                 k, inter, row, live, act);
 }

@@ -212,15 +212,10 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
   bool fused = resid != nullptr, on = (int)threadIdx.x < nc;
   uint4 xnew = make_uint4(0u, 0u, 0u, 0u), hnew;
   if (fused) {
-    float v[8], d[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = d[i] = 0.f;
-    if (on) {
-      unpack8(reinterpret_cast<const uint4*>(resid + (size_t)r * h)[threadIdx.x], v);
-      unpack8(reinterpret_cast<const uint4*>(delta + (size_t)r * h)[threadIdx.x], d);
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = round_bf16(v[i] + d[i]);
+    float v[8];
+    uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    unpack8(on ? reinterpret_cast<const uint4*>(resid + (size_t)r * h)[threadIdx.x] : zero, v);
+    add_round8(v, on ? reinterpret_cast<const uint4*>(delta + (size_t)r * h)[threadIdx.x] : zero);
     uint4 w8 = on ? __ldg(reinterpret_cast<const uint4*>(norm_w) + threadIdx.x) : make_uint4(0u, 0u, 0u, 0u);
     xnew = pack8(v);
     hnew = rms_norm8(v, w8, h, eps, red);

@@ -56,6 +56,21 @@ struct Experts {
     route: Option<(Buf<bf16>, Option<Buf<f32>>, RouteParams)>,
 }
 
+impl Experts {
+    /// The grouped kernels' view of the weights; the fixed experts are the shared experts'
+    /// pieces of a routed layer, or the dense MLP.
+    fn weights(&self) -> ExpertWeights {
+        ExpertWeights {
+            gate: self.w_gate.ptr,
+            up: self.w_up.ptr,
+            down: self.w_down.ptr,
+            e_total: self.e_total,
+            inter: self.inter,
+            fixed: self.route.as_ref().map_or(1, |(_, _, p)| p.n_fixed),
+        }
+    }
+}
+
 struct Layer {
     ln1: Buf<bf16>,
     ln2: Buf<bf16>,
@@ -360,10 +375,7 @@ impl FastDecoder {
                     self.ones.ptr
                 }
             };
-            // the shared experts' pieces (or the dense MLP) are in every row's slots
-            let fixed = f.route.as_ref().map_or(1, |(_, _, p)| p.n_fixed);
-            let w = ExpertWeights { gate: f.w_gate.ptr, up: f.w_up.ptr, down: f.w_down.ptr, e_total: f.e_total, inter: f.inter, fixed };
-            k.moe_experts(&w, self.h.ptr, &g, ns, f.k, hs, self.act.ptr, self.slot_out.ptr)?;
+            k.moe_experts(&f.weights(), self.h.ptr, &g, ns, f.k, hs, self.act.ptr, self.slot_out.ptr)?;
             let next = self.layers.get(li + 1).map_or(self.norm.ptr, |l| l.ln1.ptr);
             k.add_rmsnorm(self.x.ptr, Delta::Slots { slot_out: self.slot_out.ptr, w: sw, k: f.k }, next, self.h.ptr, n, hs, eps)?;
         }

@@ -56,9 +56,10 @@ impl Kernels {
     /// `out (rows, heads * head_dim)`: each row's attention over keys `0..=pos[r]` of its slot.
     /// `split`: `None` runs one block per row and head (prefill: many rows); `Some` splits the
     /// keys into [`split_count`] shares of at least [`SPLIT_CHUNK`] keys over more blocks
-    /// (decode: few rows), merged by the last block of each row and head. `rope`: `Some(theta)` does [`Self::rope_kv`]'s work for
-    /// the rows in the same launch (decode: every row in a slot of its own); `None` expects q
-    /// rotated and the cache written (prefill, after `rope_kv`).
+    /// (decode: few rows), merged by the last block of each row and head. `rope`: `Some(theta)`
+    /// does [`Self::rope_kv`]'s work for the rows in the same launch (decode: every row in a
+    /// slot of its own); `None` expects q rotated and the cache written (prefill, after
+    /// `rope_kv`).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attn(
         &self,
@@ -91,8 +92,8 @@ impl Kernels {
             self.decode_attn,
             cfg((rows as u32, s.heads as u32, splits as u32), 256, shared),
             qkv, stride as i32, pos, slot, k_cache, v_cache, out, part, done, s.heads as i32,
-            s.kv_heads as i32, s.head_dim as i32, s.max_t as i32, chunk as i32, self.attn_share as i32, scale,
-            rope.is_some() as i32, rope.unwrap_or(0.0) as f32
+            s.kv_heads as i32, s.head_dim as i32, s.max_t as i32, chunk as i32,
+            self.attn_share as i32, scale, rope.is_some() as i32, rope.unwrap_or(0.0) as f32
         )
     }
 }
@@ -141,8 +142,8 @@ mod tests {
         let width = (nh + 2 * nkv) * hd;
         let theta = 10000.0;
         // sequence A (slot 1): 1,100 tokens (16 shares of 69 keys in the split form); sequence B
-        // (slot 0): 20 tokens (one share of at least 32: written without a merge). All rows in one call: the prefill of both at
-        // once (rows carry their own slot and position).
+        // (slot 0): 20 tokens (one share of at least 32: written without a merge). All rows in
+        // one call: the prefill of both at once (rows carry their own slot and position).
         let (na, nb) = (1100u32, 20u32);
         let lens = [(1u32, na as usize), (0u32, nb as usize)];
         let rows: usize = lens.iter().map(|l| l.1).sum();

@@ -97,8 +97,8 @@ impl Kernels {
             cfg((rows as u32, (p.experts.div_ceil(8) + usize::from(p.n_fixed > 0)) as u32, 1), 256, 0),
             x, resid, delta, norm_w, eps as f32, normed, gate_w, bias, h as i32,
             p.experts as i32, p.topk as i32, p.n_fixed as i32, p.method, p.scoring,
-            p.n_group as i32, p.topk_group as i32, p.norm_topk as i32, p.scale, scratch.logits, scratch.done,
-            slot_expert, slot_w, (p.experts + p.n_fixed) as i32, g.offsets, g.list, g.active,
+            p.n_group as i32, p.topk_group as i32, p.norm_topk as i32, p.scale, scratch.logits,
+            scratch.done, slot_expert, slot_w, (p.experts + p.n_fixed) as i32, g.offsets, g.list, g.active,
             g.n_active,
             // nobody waits for the rows without fixed experts
             if p.n_fixed > 0 { g.ready } else { 0 }
