@@ -1,7 +1,8 @@
 //! Compiles `kernels/*.cu` to PTX with nvcc when the `cuda` feature is on; does nothing otherwise,
 //! so CPU builds (CI) need no CUDA toolkit.
 //!
-//! Each `kernels/<op>.cu` becomes `$OUT_DIR/<op>.ptx`, embedded by `src/model/kernels/` with
+//! Each `kernels/<op>.cu` becomes `$OUT_DIR/<op>.ptx`, and `<op>.trace.ptx` with the in-graph
+//! timeline's probes (`-DOCR_TRACE`, for `ocr-patch bench --profile trace`), embedded by `src/model/kernels/` with
 //! `include_str!`. nvcc comes from `CUDA_ROOT`/`PATH` (see `../shared/tools/cuda-build-env.sh`);
 //! the target architecture from `CUDA_COMPUTE_CAP` (default 90, Hopper).
 
@@ -32,16 +33,20 @@ fn main() {
     }
     for cu in files.iter().filter(|p| p.extension().is_some_and(|x| x == "cu")) {
         let stem = cu.file_stem().expect("a .cu file has a stem").to_string_lossy().into_owned();
-        let ptx = out.join(format!("{stem}.ptx"));
-        let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "-std=c++17"])
-            .arg(format!("-arch=compute_{cap}"))
-            .arg("-Ikernels")
-            .arg("-o")
-            .arg(&ptx)
-            .arg(cu)
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run nvcc ({}): {e}; eval \"$(../shared/tools/cuda-build-env.sh)\" first", nvcc.display()));
-        assert!(status.success(), "nvcc failed on {}", cu.display());
+        // the kernels, and the same with the timeline's probes (-DOCR_TRACE, see common.cuh)
+        for (suffix, defines) in [("", &[][..]), (".trace", &["-DOCR_TRACE"][..])] {
+            let ptx = out.join(format!("{stem}{suffix}.ptx"));
+            let status = Command::new(&nvcc)
+                .args(["--ptx", "-O3", "-std=c++17"])
+                .arg(format!("-arch=compute_{cap}"))
+                .args(defines)
+                .arg("-Ikernels")
+                .arg("-o")
+                .arg(&ptx)
+                .arg(cu)
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run nvcc ({}): {e}; eval \"$(../shared/tools/cuda-build-env.sh)\" first", nvcc.display()));
+            assert!(status.success(), "nvcc failed on {}", cu.display());
+        }
     }
 }

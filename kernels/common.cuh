@@ -18,11 +18,68 @@ __device__ __forceinline__ float round_bf16(float x) { return bf(f2bf(x)); }
 // launch reads; before it, only loads of weights (never written) may go out. It waits for the
 // previous grid to finish and its writes to be visible, then lets the next kernel start, so at
 // most one kernel runs ahead, in its weight loads. Without the attribute both are no-ops.
+#ifdef OCR_TRACE
+// The in-graph timeline (`ocr-patch bench --profile trace`, src/model/kernels/trace.rs): built
+// with -DOCR_TRACE (build.rs makes a second PTX of every kernel), thread 0 of each block that
+// reaches inputs_ready folds into its launch's slot (%gridid modulo the slots) the time it got
+// there (its weight loads issued) and the time the wait let it through (the previous kernel
+// finished), from the GPU's nanosecond clock: min and max of each, and a count (of about 256
+// blocks a launch). Reductions
+// whose results nobody waits for (RED), so the block is not held up. The host fills the slots
+// (mins at the top) and reads them back.
+#define OCR_TRACE_SLOTS 8192
+extern "C" {
+// per slot: grid id, first and last arrival, first and last release, blocks seen, blocks, and
+// the last time any block passed each of 8 marks (TRACE_MARK)
+__device__ unsigned long long ocr_trace[OCR_TRACE_SLOTS * 15];
+}
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ void trace_block(unsigned long long before) {
+  if (threadIdx.x | threadIdx.y | threadIdx.z) return;
+  // about 256 blocks of a launch (every stride-th, the last), so that a launch of thousands
+  // (lm_head) does not queue on its slot
+  unsigned long long nb = (unsigned long long)gridDim.x * gridDim.y * gridDim.z;
+  unsigned long long b = blockIdx.x + (unsigned long long)gridDim.x * (blockIdx.y + (unsigned long long)gridDim.y * blockIdx.z);
+  if (b % (nb / 256 + 1) != 0 && b != nb - 1) return;
+  unsigned long long after = global_ns(), grid;
+  asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
+  unsigned long long* r = ocr_trace + 15 * (grid % OCR_TRACE_SLOTS);
+  r[0] = grid;
+  r[6] = nb;
+  atomicMin(r + 1, before);
+  atomicMax(r + 2, before);
+  atomicMin(r + 3, after);
+  atomicMax(r + 4, after);
+  atomicAdd(r + 5, 1ull);
+}
+// A point inside a kernel (i < 8) whose latest passing, by thread 0 of any block, the
+// timeline reports (relative to the launch's first release).
+__device__ __forceinline__ void trace_mark(int i) {
+  if (threadIdx.x | threadIdx.y | threadIdx.z) return;
+  unsigned long long grid;
+  asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
+  atomicMax(ocr_trace + 15 * (grid % OCR_TRACE_SLOTS) + 7 + i, global_ns());
+}
+#define TRACE_BEFORE unsigned long long trace_t0 = global_ns();
+#define TRACE_AFTER trace_block(trace_t0);
+#define TRACE_MARK(i) trace_mark(i);
+#else
+#define TRACE_BEFORE
+#define TRACE_AFTER
+#define TRACE_MARK(i)
+#endif
+
 __device__ __forceinline__ void inputs_ready() {
+  TRACE_BEFORE
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+  TRACE_AFTER
 }
 
 // inputs_ready() once the loads that produced `fold` (any value computed from them) are done:
@@ -30,6 +87,7 @@ __device__ __forceinline__ void inputs_ready() {
 // the loads would not overlap the previous kernel. The wait is guarded by a predicate on
 // `fold`, both ways, so it cannot be scheduled before the loads complete.
 __device__ __forceinline__ void inputs_ready_after(uint32_t fold) {
+  TRACE_BEFORE
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.u32 p, %0, 0;\n @p griddepcontrol.wait;\n"
@@ -37,6 +95,7 @@ __device__ __forceinline__ void inputs_ready_after(uint32_t fold) {
       : "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+  TRACE_AFTER
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

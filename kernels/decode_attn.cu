@@ -22,6 +22,7 @@
 #include "common.cuh"
 
 #define VPRE 4
+#define KPRE 4
 
 // a8 += p * v (8 bf16 values)
 __device__ __forceinline__ void axpy8(float p, uint4 v, float* a8) {
@@ -39,28 +40,16 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
                                        float* __restrict__ part, int* __restrict__ done,
                                        int nh, int nkv, int hd, int max_t, int chunk, int share_min,
                                        float scale, int fused, float theta) {
-  inputs_ready();
   extern __shared__ float sm[];
   __shared__ float red[32];
   int r = blockIdx.x, h = blockIdx.y, s = blockIdx.z, kvh = h / (nh / nkv);
-  // the row's position and slot and this thread's part of q (and of the new k, v) are loaded
-  // together before anything waits on them (a thread per element: hd <= blockDim)
-  uint32_t p = pos[r], sl = slot[r];
   int tid = threadIdx.x, half = hd / 2;
-  const bf16* q = qkv + (size_t)r * qkv_stride + (size_t)h * hd;
-  const bf16* kn = qkv + (size_t)r * qkv_stride + (size_t)(nh + kvh) * hd;
-  const bf16* vn = kn + (size_t)nkv * hd;
-  float q1 = 0.f, q2 = 0.f, k1 = 0.f, k2 = 0.f;
-  bf16 vt = f2bf(0.f);
-  if (fused) {
-    if (tid < half) {
-      q1 = bf(q[tid]); q2 = bf(q[tid + half]);
-      k1 = bf(kn[tid]); k2 = bf(kn[tid + half]);
-    }
-    if (tid < hd) vt = vn[tid];
-  } else if (tid < hd) {
-    q1 = bf(q[tid]);
-  }
+  // Decode: the row's position and slot (written by the previous step), its share of keys and
+  // the first keys' and values' loads (the cache below the new position, written by earlier
+  // steps) go out before the wait, while the q/k/v projection runs; only q and the new k and v
+  // are the previous kernel's. Prefill's cache is rope_kv's, the previous kernel: all after it.
+  if (!fused) inputs_ready();
+  uint32_t p = __ldcg(pos + r), sl = __ldcg(slot + r);
   int L = min((int)p + 1, max_t);
   int cz = max(share_min, (L + (int)gridDim.z - 1) / (int)gridDim.z);  // this row's share
   int j0 = s * cz, j1 = min(L, j0 + cz);
@@ -72,47 +61,79 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
   size_t head = ((size_t)sl * nkv + kvh) * (size_t)max_t;
   const bf16* K = k_cache + (head + j0) * hd;
   const bf16* V = v_cache + (head + j0) * hd;
+  // the key this row appends (decode), not in the cache before this launch: loaded after it
+  int jnew = fused && p < (uint32_t)max_t ? (int)p - j0 : -1;
+  int tpk = hd / 8, groups = blockDim.x / tpk, g = threadIdx.x / tpk, d8 = threadIdx.x % tpk;
+  int quarter = hd / 4, sub = threadIdx.x & 3;
+  int kp = blockDim.x >> 2;  // keys per pass of the scores; the whole warp takes the same trips
+  // the first pass's keys (4 threads per key, KPRE 16-byte loads each: hd <= 4 * 8 * KPRE) and
+  // the first VPRE values of each thread's keys for the weighted sum
+  uint4 kpre[KPRE], vpre[VPRE];
+  bool kfirst = 4 * 8 * KPRE >= hd;
+  {
+    int j = threadIdx.x >> 2;
+    bool ok = kfirst && j < n && j != jnew;
+    const uint4* kr = reinterpret_cast<const uint4*>(K + (size_t)j * hd + sub * quarter);
+#pragma unroll
+    for (int c = 0; c < KPRE; ++c) kpre[c] = ok && c < quarter / 8 ? __ldcg(kr + c) : make_uint4(0u, 0u, 0u, 0u);
+  }
+#pragma unroll
+  for (int i = 0; i < VPRE; ++i) {
+    int j = g + i * groups;
+    vpre[i] = g < groups && j < n && j != jnew ? __ldcg(reinterpret_cast<const uint4*>(V + (size_t)j * hd) + d8)
+                                               : make_uint4(0u, 0u, 0u, 0u);
+  }
+  float cs = 1.f, sn = 0.f;
+  if (fused && tid < half) rope_cs(p, tid, hd, theta, &cs, &sn);
+  if (fused) inputs_ready();
+  // this thread's part of q (and of the new k, v): a thread per element (hd <= blockDim)
+  const bf16* q = qkv + (size_t)r * qkv_stride + (size_t)h * hd;
+  const bf16* kn = qkv + (size_t)r * qkv_stride + (size_t)(nh + kvh) * hd;
+  const bf16* vn = kn + (size_t)nkv * hd;
   if (fused) {
-    bool append = p < (uint32_t)max_t && (int)p < j1;  // this block's keys reach the new one
+    bool append = jnew >= 0 && jnew < n;  // this block's keys reach the new one
     if (tid < half) {
-      float c, sn;
-      rope_cs(p, tid, hd, theta, &c, &sn);
-      float2 qr = rope_rotate(q1, q2, c, sn);
+      float2 qr = rope_rotate(bf(q[tid]), bf(q[tid + half]), cs, sn);
       qs[tid] = round_bf16(qr.x);
       qs[tid + half] = round_bf16(qr.y);
       if (append) {
         bf16* kd = k_cache + (head + p) * hd;
-        float2 kr = rope_rotate(k1, k2, c, sn);
+        float2 kr = rope_rotate(bf(kn[tid]), bf(kn[tid + half]), cs, sn);
         kd[tid] = f2bf(kr.x);
         kd[tid + half] = f2bf(kr.y);
       }
     }
-    if (append && tid < hd) v_cache[(head + p) * hd + tid] = vt;
+    if (append && tid < hd) v_cache[(head + p) * hd + tid] = vn[tid];
   } else if (tid < hd) {
-    qs[tid] = q1;
+    qs[tid] = bf(q[tid]);
   }
   __syncthreads();  // also makes this block's cache writes visible to its own reads
-  // the first VPRE values of each thread's keys for the weighted sum below are loaded now, so
-  // their latency hides behind the scores and the softmax (all of a decode share of up to 64 keys)
-  int tpk = hd / 8, groups = blockDim.x / tpk, g = threadIdx.x / tpk, d8 = threadIdx.x % tpk;
-  uint4 vpre[VPRE];
+  TRACE_MARK(0)
+  // the new key and value, now in the cache
+  if (jnew >= 0 && jnew < n) {
+    if (kfirst && (threadIdx.x >> 2) == jnew) {
+      const uint4* kr = reinterpret_cast<const uint4*>(K + (size_t)jnew * hd + sub * quarter);
 #pragma unroll
-  for (int i = 0; i < VPRE; ++i) {
-    int j = g + i * groups;
-    vpre[i] = g < groups && j < n ? reinterpret_cast<const uint4*>(V + (size_t)j * hd)[d8]
-                                  : make_uint4(0u, 0u, 0u, 0u);
+      for (int c = 0; c < KPRE; ++c) if (c < quarter / 8) kpre[c] = kr[c];
+    }
+#pragma unroll
+    for (int i = 0; i < VPRE; ++i)
+      if (g < groups && g + i * groups == jnew) vpre[i] = reinterpret_cast<const uint4*>(V + (size_t)jnew * hd)[d8];
   }
   // scores: 4 threads per key, each hd/4 dims
-  int quarter = hd / 4, sub = threadIdx.x & 3;
   float m = -INFINITY;
-  int kp = blockDim.x >> 2;  // keys per pass; the whole warp takes the same trips (shuffles)
   for (int j = threadIdx.x >> 2; j < ((n + kp - 1) / kp) * kp; j += kp) {
     float a = 0.f;
     if (j < n) {
-      const uint4* kr = reinterpret_cast<const uint4*>(K + (size_t)j * hd + sub * quarter);
       const float* qq = qs + sub * quarter;
+      if (kfirst && j < kp) {
+#pragma unroll
+        for (int c = 0; c < KPRE; ++c) if (c < quarter / 8) a += dot8f(kpre[c], qq + 8 * c);
+      } else {
+        const uint4* kr = reinterpret_cast<const uint4*>(K + (size_t)j * hd + sub * quarter);
 #pragma unroll 4
-      for (int c = 0; c < quarter / 8; ++c) a += dot8f(kr[c], qq + 8 * c);
+        for (int c = 0; c < quarter / 8; ++c) a += dot8f(kr[c], qq + 8 * c);
+      }
     }
     a += __shfl_xor_sync(0xffffffffu, a, 1);
     a += __shfl_xor_sync(0xffffffffu, a, 2);
@@ -130,6 +151,7 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
     l += e;
   }
   l = block_sum(l, red);  // synchronises: sc is complete
+  TRACE_MARK(1)
   // weighted sum of v: hd/8 threads per key (8 dims each), `groups` keys at a time
   float a8[8];
 #pragma unroll
@@ -161,9 +183,11 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
       if (d == 0) { p[0] = m; p[1] = l; }
     }
   }
+  TRACE_MARK(2)
   if (alone) return;
   // the last of the row's splits merges them
   if (!last_to_arrive(&done[r * nh + h], ns)) return;
+  TRACE_MARK(3)
   // the splits' (m, l) into shared memory (the accumulators' room, free now), a thread each,
   // all loaded at once; then each output dimension's partials, 8 loads in flight at a time
   float* ms = acc;
@@ -192,4 +216,5 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
     }
     out[(size_t)r * nh * hd + (size_t)h * hd + d] = f2bf(num / den);
   }
+  TRACE_MARK(4)
 }

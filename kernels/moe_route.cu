@@ -38,7 +38,7 @@
 #define U 5
 
 // The choice of row r's experts from its logits s (shared memory, e of them); writes the
-// row's k slots. Called by the whole block; greedy uses warp 0, the group methods thread 0.
+// row's k slots. Called by the whole block; greedy uses all of it, the group methods thread 0.
 __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int* sel, int r,
                        const float* __restrict__ bias, int e, int topk, int n_fixed, int method,
                        int scoring, int n_group, int topk_group, int norm_topk, float scale,
@@ -46,66 +46,54 @@ __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int
   // the chosen weights, before normalisation: in shared memory, as the slots' global ones would
   // be read back one dependent round trip at a time
   __shared__ float wsel[32];
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int k = topk + n_fixed;
   int* se = slot_expert + (size_t)r * k;
   float* sw = slot_w + (size_t)r * k;
   if (method == 0) {
-    // greedy: one warp, each lane holding experts lane, lane+32, ...; softmax and k rounds of
-    // a warp argmax (value desc, id asc)
-    if (warp != 0) return;
-    const int PER = MAX_E / 32;
-    float v[PER];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < PER; ++i) {
-      int ex = lane + 32 * i;
-      v[i] = ex < e ? s[ex] : -INFINITY;
-      mx = fmaxf(mx, v[i]);
-    }
+    // greedy, the whole block at once (a warp's k rounds of argmax ran ~8 us: one warp's
+    // dependent shuffles on an SM that the experts' blocks keep busy): the scores (softmax or
+    // sigmoid), then each expert's rank among them (value desc, id asc: the order k rounds of
+    // argmax take), the first topk by rank chosen
+    __shared__ float cred[32];
+    int tid = threadIdx.x, bd = blockDim.x;
     if (scoring == 0) {
-      mx = warp_max(mx);
+      float mx = -INFINITY;
+      for (int i = tid; i < e; i += bd) mx = fmaxf(mx, s[i]);
+      mx = block_max(mx, cred);
       float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < PER; ++i) {
-        v[i] = lane + 32 * i < e ? expf(v[i] - mx) : 0.f;
-        sum += v[i];
+      for (int i = tid; i < e; i += bd) {
+        float v = expf(s[i] - mx);
+        tmp[i] = v;
+        sum += v;
       }
-      sum = warp_sum(sum);
-#pragma unroll
-      for (int i = 0; i < PER; ++i) v[i] = lane + 32 * i < e ? v[i] / sum : -INFINITY;
+      sum = block_sum(sum, cred);
+      for (int i = tid; i < e; i += bd) tmp[i] = tmp[i] / sum;
     } else {
-#pragma unroll
-      for (int i = 0; i < PER; ++i) v[i] = lane + 32 * i < e ? 1.f / (1.f + expf(-v[i])) : -INFINITY;
+      for (int i = tid; i < e; i += bd) tmp[i] = 1.f / (1.f + expf(-s[i]));
     }
-    unsigned taken = 0;  // bit i: v[i] chosen
-    float wsum = 0.f;
-    for (int t = 0; t < topk; ++t) {
-      float bv = -INFINITY;
-      int bi = 0x7fffffff;
-#pragma unroll
-      for (int i = 0; i < PER; ++i) {
-        int ex = lane + 32 * i;
-        if (ex < e && !(taken >> i & 1u) && (v[i] > bv || bi == 0x7fffffff)) { bv = v[i]; bi = ex; }
+    __syncthreads();
+    for (int i = tid; i < e; i += bd) {
+      float vi = tmp[i];
+      int rank = 0;
+      for (int j = 0; j < e; ++j) {
+        float vj = tmp[j];
+        rank += vj > vi || (vj == vi && j < i);
       }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+      if (rank < topk) {
+        sel[rank] = i;
+        wsel[rank] = vi;
       }
-      if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-      if (lane == 0) { se[t] = sel[t] = bi; wsel[t] = bv; }
-      wsum += bv;
     }
-    if (lane == 0) {
-      if (topk > 1 && norm_topk) {
-        float denom = wsum + 1e-20f;
-        for (int t = 0; t < topk; ++t) sw[t] = wsel[t] / denom * scale;
-      } else {
-        for (int t = 0; t < topk; ++t) sw[t] = wsel[t] * scale;
-      }
-      for (int f = 0; f < n_fixed; ++f) { se[topk + f] = sel[topk + f] = e + f; sw[topk + f] = 1.f; }
+    __syncthreads();
+    // the row's slots, a thread each; the weights' sum in the order chosen
+    bool norm = topk > 1 && norm_topk;
+    for (int j = tid; j < k; j += bd) {
+      float wsum = 0.f;
+      for (int t = 0; t < topk; ++t) wsum += wsel[t];
+      int x = j < topk ? sel[j] : e + (j - topk);
+      sel[j] = x;
+      se[j] = x;
+      sw[j] = j >= topk ? 1.f : norm ? wsel[j] / (wsum + 1e-20f) * scale : wsel[j] * scale;
     }
     return;
   }
@@ -206,23 +194,26 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
 #pragma unroll
     for (int i = 0; i < U; ++i) fold ^= wv[0][i].x;
   }
-  inputs_ready_after(fold);  // the gate's loads are in flight while the previous kernel finishes
   // the fused residual add + RMSNorm (as add_rmsnorm mode 1), a thread per 8 columns; every
-  // block of the row computes it
+  // block of the row computes it. The residual (written launches ago, before the kernel this
+  // one follows began) and the norm's weight load before the wait too.
   bool fused = resid != nullptr, on = (int)threadIdx.x < nc;
-  uint4 xnew = make_uint4(0u, 0u, 0u, 0u), hnew;
+  uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  uint4 x8 = fused && on ? __ldcg(reinterpret_cast<const uint4*>(resid + (size_t)r * h) + threadIdx.x) : zero;
+  uint4 w8 = fused && on ? __ldg(reinterpret_cast<const uint4*>(norm_w) + threadIdx.x) : zero;
+  inputs_ready_after(fold ^ x8.x ^ w8.x);  // the loads are in flight while the previous kernel finishes
+  uint4 xnew = zero, hnew;
   if (fused) {
     float v[8];
-    uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    unpack8(on ? reinterpret_cast<const uint4*>(resid + (size_t)r * h)[threadIdx.x] : zero, v);
+    unpack8(x8, v);
     add_round8(v, on ? reinterpret_cast<const uint4*>(delta + (size_t)r * h)[threadIdx.x] : zero);
-    uint4 w8 = on ? __ldg(reinterpret_cast<const uint4*>(norm_w) + threadIdx.x) : make_uint4(0u, 0u, 0u, 0u);
     xnew = pack8(v);
     hnew = rms_norm8(v, w8, h, eps, red);
     if (on) reinterpret_cast<uint4*>(publisher ? normed + (size_t)r * h : xs)[threadIdx.x] = hnew;
     __syncthreads();
   }
   if (publisher) publish(ready, 1);  // the normed row is stored (or was given complete)
+  TRACE_MARK(0)
   const uint4* xr = fused ? reinterpret_cast<const uint4*>(xs)
                           : reinterpret_cast<const uint4*>(x + (size_t)r * h);
   if (ex < e) {
@@ -232,9 +223,11 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
     float sum = warp_sum(acc[0][0]);
     if (lane == 0) logits[(size_t)r * e + ex] = sum;
   }
+  TRACE_MARK(1)
   // 2. the row's last block stores the residual and chooses
   // (every block of the row, the publisher too, has read resid before the last one stores it)
   if (!last_to_arrive(&done[r], gridDim.y)) return;
+  TRACE_MARK(2)
   if (fused && on) {
     reinterpret_cast<uint4*>(resid + (size_t)r * h)[threadIdx.x] = xnew;
     if (!ready) reinterpret_cast<uint4*>(normed + (size_t)r * h)[threadIdx.x] = hnew;
@@ -243,14 +236,17 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
   __syncthreads();
   choose(s, tmp, gs, used, sel, r, bias, e, topk, n_fixed, method, scoring, n_group, topk_group,
          norm_topk, scale, slot_expert, slot_w);
+  TRACE_MARK(3)
   // 3. the last row chosen plans every row's slots (one row: this block, from shared memory)
   int n_slots = rows * (topk + n_fixed);
   if (rows == 1) {
     __syncthreads();
     plan_slots([&](int i) { return sel[i]; }, n_slots, e_total, cnt, offsets, list, active, n_active);
+    TRACE_MARK(4)
     return;
   }
   if (!last_to_arrive(&done[rows], rows)) return;
   plan_slots([=](int i) { return __ldcg(slot_expert + i); }, n_slots, e_total, cnt, offsets, list,
              active, n_active);
 }
+

@@ -12,7 +12,9 @@
 # and .gpu/config.json + .gpu/remote/ (the patched remote code) as bench/gpu/run.sh describes,
 # .whl/ the wheels the remote code needs. Carry [".gpu", ".whl"].
 # Usage: bash $G/fast.sh [STEPS (default "tests bench profile vprofile"; "pdl": the Rust side
-# alone with and without programmatic dependent launch)]
+# alone with and without programmatic dependent launch; "knobs": the Rust side as it is and with
+# each NAME=VALUE of $KNOBS; "trace": the batch-1 step's timeline in the graph, `bench
+# --profile trace`)]
 # Results go to $OUT: gpu.txt, kernel-tests.log, bench.json, bench.log, profile.csv (decode),
 # vprofile.csv (vision).
 set -uo pipefail
@@ -60,6 +62,23 @@ case " $STEPS " in *" share "*)
   for share in 32 64 128 256 512; do
     OCR_PATCH_ATTN_SHARE=$share timeout 200 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --gpu "$GPU" \
       --out-file "$OUT/bench-share$share.json" 2> /dev/null | grep "decode" | sed "s/^/share=$share /"
+  done ;;
+esac
+case " $STEPS " in *" knobs "*)
+  echo "== the Rust side as it is, and with each of KNOBS (NAME=VALUE ...): ${KNOBS:-}"
+  for kv in default ${KNOBS:-}; do
+    f=${kv//=/-}
+    if [ "$kv" = default ]; then set --; else set -- "$kv"; fi
+    env "$@" timeout 200 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --gpu "$GPU" \
+      --out-file "$OUT/bench-$f.json" 2> "$WORK/bench-$f.log" | grep -E "decode|memory" | sed "s/^/$kv /"
+  done ;;
+esac
+case " $STEPS " in *" trace "*)
+  echo "== the batch-1 step's timeline in the CUDA graph (kernels with probes), PDL: ${TRACE_PDL:-1}"
+  for pdl in ${TRACE_PDL:-1}; do
+    OCR_PATCH_PDL=$pdl timeout 200 "$WORK/ocr-patch" bench --profile trace --steps 32 --model-dir "$WORK/w" \
+      > "$OUT/trace-pdl$pdl.json" 2> "$OUT/trace-pdl$pdl.log"
+    echo "pdl=$pdl rc=$?"; tail -25 "$OUT/trace-pdl$pdl.log"
   done ;;
 esac
 # Per-kernel totals of an ncu CSV (time, share, HBM GB/s).

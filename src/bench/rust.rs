@@ -376,3 +376,115 @@ pub fn profile(c: &BenchConfig) -> Result<Value> {
     unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStop() };
     Ok(json!({"profiled_steps": c.steps, "step_ms_under_profiler": t}))
 }
+
+/// The batch-1 decode step's timeline in the CUDA graph (`--profile trace`): the decoder of the
+/// bench's batch-1 run (its cache size, the Base prompt prefilled), its kernels built with the
+/// probes ([`crate::model::kernels::trace`]); the graph replayed `c.steps` times (at most what
+/// the probes' slots hold). Per launch of the step, averaged over the steps: the kernel and its
+/// blocks, how long its first block sat at the wait (the overlap programmatic launch gives), and
+/// the time from its inputs being ready to the next launch's (the step's critical path, kernel
+/// by kernel); the same summed per kernel. (The last launch of a step is followed by the host's
+/// read of the token: its time to the next step's first launch is left out.)
+pub fn profile_trace(c: &BenchConfig) -> Result<Value> {
+    // the probes are chosen when the kernels load; nothing else runs in this process yet
+    std::env::set_var("OCR_PATCH_KERNEL_TRACE", "1");
+    let dev = Device::new_cuda_with_stream(0).context("no CUDA device")?;
+    let Device::Cuda(cd) = &dev else {
+        unreachable!()
+    };
+    unsafe { cd.disable_event_tracking() };
+    let text = OcrConfig::from_file(&c.model_dir.join("config.json"))?.text()?;
+    let weights = Weights::open_dir(&c.model_dir)?;
+    let n_img = crate::model::vision::image_token_count(1024, None);
+    let mut ids = vec![0u32];
+    ids.extend(std::iter::repeat(IMAGE_TOKEN_ID).take(n_img));
+    ids.extend(PROMPT_TAIL_IDS);
+    let ids: Vec<u32> = ids.iter().map(|&i| i % text.vocab_size as u32).collect();
+    let max_t = (ids.len() + c.warmup_steps + c.steps + 8).next_multiple_of(64).max(c.max_t_b1);
+    let mut fast = fast_decoder(&text, &weights, cd, 1, max_t, 512)?;
+    let e = fast.embed_ids(&ids)?;
+    fast.capture(1)?;
+    start_batch(&mut fast, &e, 1, text.vocab_size)?;
+    decode_run(&fast, 1, c.warmup_steps)?;
+    let k = fast.kernels();
+    // a step at a time: a graph's replays reuse its launches' grid ids (the probes' slots)
+    let (mut launches, mut times, mut per_step) = (vec![], vec![], 0);
+    for s in 0..c.steps.max(1) {
+        k.trace_reset()?;
+        times.extend(decode_run(&fast, 1, 1)?.0);
+        let step = k.trace_take()?;
+        if s == 0 {
+            per_step = step.len();
+        } else if step.len() != per_step {
+            anyhow::bail!("step {s} made {} launches, the first {per_step}", step.len());
+        }
+        launches.extend(step);
+    }
+    Ok(timeline(&launches, c.steps.max(1), per_step, &times))
+}
+
+/// The report of [`profile_trace`] from its launches (`steps` steps of `per_step`, in order).
+fn timeline(launches: &[crate::model::kernels::trace::Launch], steps: usize, per_step: usize, times: &[f64]) -> Value {
+    let us = |ns: f64| ns / 1e3;
+    let mut rows = Vec::with_capacity(per_step);
+    let mut by_kernel: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+    let mut resolution = 0u64;
+    for p in 0..per_step {
+        let (mut wait, mut path, mut spread, mut n) = (0f64, 0f64, 0f64, 0usize);
+        let mut marks = [0f64; 8];
+        for s in 0..steps {
+            let l = &launches[s * per_step + p];
+            for (m, &t) in marks.iter_mut().zip(&l.marks) {
+                *m += t.saturating_sub(l.first_release) as f64;
+            }
+            wait += l.first_release.saturating_sub(l.first_arrival) as f64;
+            spread += l.last_release.saturating_sub(l.first_release) as f64;
+            // the step's last launch: the host reads the token before the next step
+            if p + 1 < per_step {
+                let next = &launches[s * per_step + p + 1];
+                path += next.first_release.saturating_sub(l.first_release) as f64;
+                n += 1;
+            }
+            for t in [l.first_arrival, l.last_arrival, l.first_release, l.last_release] {
+                resolution = gcd(resolution, t - launches[0].first_arrival.min(t));
+            }
+        }
+        let l = &launches[p];
+        let name = if l.kernel == "linear" { format!("linear ({} blocks)", l.blocks) } else { l.kernel.to_string() };
+        let path = if n > 0 { path / n as f64 } else { 0.0 };
+        let e = by_kernel.entry(name.clone()).or_default();
+        e.0 += 1;
+        e.1 += path;
+        rows.push(json!({
+            "launch": p,
+            "kernel": name,
+            "blocks": l.blocks,
+            "first_block_waited_us": us(wait / steps as f64),
+            "releases_spread_us": us(spread / steps as f64),
+            "inputs_ready_to_next_us": us(path),
+            // the kernel's marks, after its first release
+            "marks_us": launches[p].marks.iter().zip(marks).filter(|(&t, _)| t > 0).map(|(_, m)| us(m / steps as f64)).collect::<Vec<_>>(),
+        }));
+    }
+    let total: f64 = by_kernel.values().map(|v| v.1).sum();
+    let mut kernels: Vec<_> = by_kernel.into_iter().collect();
+    kernels.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+    eprintln!("{:28} {:>9} {:>10} {:>6}", "kernel", "launches", "us/step", "share");
+    for (name, (n, t)) in &kernels {
+        eprintln!("{name:28} {n:9} {:10.1} {:5.1}%", us(*t), 100.0 * t / total);
+    }
+    eprintln!("step, the first launch's inputs ready to the last's: {:.1} us; wall {:.3} ms/step (synchronised each step)", us(total), median(times));
+    json!({
+        "profiled": "batch-1 decode steps in the CUDA graph, kernels with timeline probes",
+        "steps": steps,
+        "launches_per_step": per_step,
+        "clock_resolution_ns": resolution,
+        "step_wall_ms_median": median(times),
+        "critical_path_us_by_kernel": kernels.iter().map(|(k, (n, t))| json!({"kernel": k, "launches": n, "us": us(*t)})).collect::<Vec<_>>(),
+        "launches": rows,
+    })
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}

@@ -84,7 +84,8 @@ pub struct BenchArgs {
 
     /// Only run, between cuProfilerStart and cuProfilerStop (for `ncu --profile-from-start
     /// off`), --steps eager batch-1 decode steps of the fast path (`decode`, the default) or one
-    /// Base vision encode (`vision`); no peer, no report
+    /// Base vision encode (`vision`); or (`trace`, no profiler needed) --steps batch-1 steps in
+    /// the CUDA graph with the kernels' timeline probes, reported per launch; no peer, no report
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "decode", value_name = "WHAT")]
     pub profile: Option<ProfileTarget>,
 
@@ -101,6 +102,8 @@ pub struct BenchArgs {
 pub enum ProfileTarget {
     Decode,
     Vision,
+    /// the batch-1 decode step's timeline in the CUDA graph (kernels with probes; no profiler)
+    Trace,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<Exit> {
@@ -172,6 +175,7 @@ fn profile_side(c: &BenchConfig, what: ProfileTarget) -> anyhow::Result<serde_js
     match what {
         ProfileTarget::Decode => bench::rust::profile(c),
         ProfileTarget::Vision => bench::rust::profile_vision(c),
+        ProfileTarget::Trace => bench::rust::profile_trace(c),
     }
 }
 

@@ -309,6 +309,11 @@ impl FastDecoder {
         })
     }
 
+    /// The kernels the step launches (the bench reads their timeline, [`crate::model::kernels::trace`]).
+    pub fn kernels(&self) -> &Kernels {
+        &self.k
+    }
+
     pub fn options(&self) -> &FastOptions {
         &self.opts
     }

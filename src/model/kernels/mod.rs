@@ -20,6 +20,7 @@ pub mod attn;
 pub mod moe;
 pub mod norm;
 pub mod sample;
+pub mod trace;
 pub mod vision;
 
 use std::sync::Arc;
@@ -28,11 +29,15 @@ use candle_core::cuda_backend::cudarc;
 use candle_core::{CudaDevice, Result, Tensor};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig};
 
-/// The PTX of each kernel, compiled by `build.rs`.
+/// The PTX of each kernel, compiled by `build.rs`: as run, and with the timeline's probes
+/// ([`trace`]).
 mod ptx {
     macro_rules! ptx {
         ($name:ident, $file:literal) => {
-            pub const $name: &str = include_str!(concat!(env!("OUT_DIR"), "/", $file, ".ptx"));
+            pub const $name: [&str; 2] = [
+                include_str!(concat!(env!("OUT_DIR"), "/", $file, ".ptx")),
+                include_str!(concat!(env!("OUT_DIR"), "/", $file, ".trace.ptx")),
+            ];
         };
     }
     ptx!(EMBED, "embed");
@@ -177,6 +182,8 @@ pub struct Kernels {
     /// The fewest keys per block of the split attention (`OCR_PATCH_ATTN_SHARE`, default
     /// [`attn::SPLIT_CHUNK`]).
     pub(crate) attn_share: usize,
+    /// The kernels carry the timeline's probes (`OCR_PATCH_KERNEL_TRACE=1`, see [`trace`]).
+    pub(crate) traced: bool,
 }
 
 fn cfg(grid: (u32, u32, u32), block: u32, shared: u32) -> LaunchConfig {
@@ -189,11 +196,15 @@ fn cfg(grid: (u32, u32, u32), block: u32, shared: u32) -> LaunchConfig {
 
 impl Kernels {
     pub fn load(dev: &CudaDevice) -> Result<Self> {
-        let f = |name: &str, ptx: &str| -> Result<CudaFunction> {
+        let traced = std::env::var("OCR_PATCH_KERNEL_TRACE").is_ok_and(|v| v == "1");
+        let variant = if traced { "trace_" } else { "" };
+        // a function of a module (the module's own kernel unless `func` names another)
+        let g = |func: &str, module: &str, ptx: [&str; 2]| -> Result<CudaFunction> {
             Ok(dev
-                .get_or_load_custom_func(name, &format!("ocr_patch_{name}"), ptx)?
+                .get_or_load_custom_func(func, &format!("ocr_patch_{variant}{module}"), ptx[usize::from(traced)])?
                 .into_cuda_function())
         };
+        let f = |name: &str, ptx: [&str; 2]| g(name, name, ptx);
         let stream = dev.cuda_stream();
         let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(cuda_err)?;
         let workspace = Buf::<u8>::zeros(dev, 32 << 20)?;
@@ -221,20 +232,8 @@ impl Kernels {
             greedy_next: f("greedy_next", ptx::GREEDY_NEXT)?,
             linear_rows: f("linear", ptx::LINEAR)?,
             sam_softmax_v8: f("sam_softmax_v8", ptx::SAM_SOFTMAX)?,
-            sam_softmax_v4: dev
-                .get_or_load_custom_func(
-                    "sam_softmax_v4",
-                    "ocr_patch_sam_softmax_v8",
-                    ptx::SAM_SOFTMAX,
-                )?
-                .into_cuda_function(),
-            sam_softmax_rows_v4: dev
-                .get_or_load_custom_func(
-                    "sam_softmax_rows_v4",
-                    "ocr_patch_sam_softmax_v8",
-                    ptx::SAM_SOFTMAX,
-                )?
-                .into_cuda_function(),
+            sam_softmax_v4: g("sam_softmax_v4", "sam_softmax_v8", ptx::SAM_SOFTMAX)?,
+            sam_softmax_rows_v4: g("sam_softmax_rows_v4", "sam_softmax_v8", ptx::SAM_SOFTMAX)?,
 
             bias_act: f("bias_act", ptx::BIAS_ACT)?,
             permute: f("permute", ptx::PERMUTE)?,
@@ -247,6 +246,7 @@ impl Kernels {
                 .and_then(|v| v.parse().ok())
                 .filter(|&v| v >= 1)
                 .unwrap_or(attn::SPLIT_CHUNK),
+            traced,
             stream,
         })
     }

@@ -341,15 +341,17 @@ mod tests {
     fn moe_route_with_the_norm_matches_add_rmsnorm_then_route() {
         let (dev, cd) = device();
         let k = Kernels::load(&cd).unwrap();
-        let c = moe_cfg(TopkMethod::Greedy, ScoringFunc::Softmax);
-        let p = RouteParams::new(&c, 2).unwrap();
-        let (h, e, kk) = (256usize, c.n_routed_experts, p.k());
-        let gw = rand_bf16(&[e, h], 0.2, 31).to_device(&dev).unwrap();
-        let weight = rand_bf16(&[h], 1.0, 32).to_device(&dev).unwrap();
         let pb = |t: &Tensor| tensor_ptr::<bf16>(t).unwrap();
         let pu = |t: &Tensor| tensor_ptr::<u32>(t).unwrap();
         let pf = |t: &Tensor| tensor_ptr::<f32>(t).unwrap();
-        for rows in [1usize, 5] {
+        // one row (also at the model's 64 experts of 1280) and several
+        for (rows, h, e, topk) in [(1usize, 256usize, 16usize, 4usize), (1, 1280, 64, 6), (5, 256, 16, 4)] {
+            let mut c = moe_cfg(TopkMethod::Greedy, ScoringFunc::Softmax);
+            (c.n_routed_experts, c.num_experts_per_tok) = (e, topk);
+            let p = RouteParams::new(&c, 2).unwrap();
+            let kk = p.k();
+            let gw = rand_bf16(&[e, h], 0.2, 31).to_device(&dev).unwrap();
+            let weight = rand_bf16(&[h], 1.0, 32).to_device(&dev).unwrap();
             let resid = rand_bf16(&[rows, h], 1.0, 33 + rows as u64).to_device(&dev).unwrap();
             let delta = rand_bf16(&[rows, h], 1.0, 34 + rows as u64).to_device(&dev).unwrap();
             // each way: its own residual copy, normed rows, slots, plan and scratch
@@ -378,16 +380,20 @@ mod tests {
                 k.moe_route(input, pb(&gw), 0, rows, h, &p, &scratch, pu(&se), pf(&sw), &g).unwrap();
                 let left: Vec<u32> = done.to_vec1().unwrap();
                 assert!(left.iter().all(|&v| v == 0), "{rows} rows: counters left at {left:?}");
+                // the fixed experts' count of rows made (moe_gate_up would reset it)
+                let ready: Vec<u32> = plan[4].to_vec1().unwrap();
                 let plan: Vec<Vec<f32>> = [&plan[0], &plan[2], &plan[3]].iter().map(|t| v_of(t)).collect();
-                (v_of(&r), v_of(&normed), v_of(&se), v_of(&sw), plan)
+                (v_of(&r), v_of(&normed), v_of(&se), v_of(&sw), plan, ready[0])
             };
             let (fused, apart) = (run(true), run(false));
-            assert_eq!(fused.0, apart.0, "{rows} rows: residuals differ");
-            assert_eq!(fused.1, apart.1, "{rows} rows: normed rows differ");
-            assert_eq!(fused.2, apart.2, "{rows} rows: chosen experts differ");
-            assert_eq!(fused.3, apart.3, "{rows} rows: weights differ");
-            assert_eq!(fused.4, apart.4, "{rows} rows: plans differ");
-            assert_ne!(fused.0, v_of(&resid), "{rows} rows: the residual was not updated");
+            let case = format!("{rows} rows of {h}, {e} experts");
+            assert_eq!(fused.0, apart.0, "{case}: residuals differ");
+            assert_eq!(fused.1, apart.1, "{case}: normed rows differ");
+            assert_eq!(fused.2, apart.2, "{case}: chosen experts differ");
+            assert_eq!(fused.3, apart.3, "{case}: weights differ");
+            assert_eq!(fused.4, apart.4, "{case}: plans differ");
+            assert_eq!((fused.5, apart.5), (rows as u32, rows as u32), "{case}: rows published");
+            assert_ne!(fused.0, v_of(&resid), "{case}: the residual was not updated");
         }
     }
 
