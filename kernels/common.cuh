@@ -82,18 +82,36 @@ __device__ __forceinline__ void inputs_ready() {
   TRACE_AFTER
 }
 
+// inputs_ready() without letting the next kernel start yet: the kernel calls
+// dependents_may_start() once its own first loads after the wait are through (the next
+// kernel's weight loads, issued at its start, would otherwise queue on the SMs with them).
+__device__ __forceinline__ void inputs_ready_hold() {
+  TRACE_BEFORE
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  TRACE_AFTER
+}
+
+__device__ __forceinline__ void dependents_may_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // inputs_ready() once the loads that produced `fold` (any value computed from them) are done:
 // ptxas may otherwise sink loads issued before the wait to after it (it did in moe_route), and
 // the loads would not overlap the previous kernel. The wait is guarded by a predicate on
 // `fold`, both ways, so it cannot be scheduled before the loads complete.
-__device__ __forceinline__ void inputs_ready_after(uint32_t fold) {
+// With `trigger` false it holds the next kernel as inputs_ready_hold() does.
+__device__ __forceinline__ void inputs_ready_after(uint32_t fold, bool trigger = true) {
   TRACE_BEFORE
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.u32 p, %0, 0;\n @p griddepcontrol.wait;\n"
       " @!p griddepcontrol.wait;\n}" ::"r"(fold)
       : "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  if (trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
   TRACE_AFTER
 }

@@ -85,7 +85,8 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
   }
   float cs = 1.f, sn = 0.f;
   if (fused && tid < half) rope_cs(p, tid, hd, theta, &cs, &sn);
-  if (fused) inputs_ready();
+  // the output projection (its rows: ~3 MB) may start once q and the new k, v are in
+  if (fused) inputs_ready_hold();
   // this thread's part of q (and of the new k, v): a thread per element (hd <= blockDim)
   const bf16* q = qkv + (size_t)r * qkv_stride + (size_t)h * hd;
   const bf16* kn = qkv + (size_t)r * qkv_stride + (size_t)(nh + kvh) * hd;
@@ -108,6 +109,7 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
     qs[tid] = bf(q[tid]);
   }
   __syncthreads();  // also makes this block's cache writes visible to its own reads
+  if (fused) dependents_may_start();
   TRACE_MARK(0)
   // the new key and value, now in the cache
   if (jnew >= 0 && jnew < n) {

@@ -9,16 +9,19 @@
 // stay in registers for all the expert's slots, else spans are reloaded per 4 slots (the dense
 // MLP's wide down_proj).
 // Grid: (min(e_total, n_slots), ceil(h / (8 * RPW))) blocks of 256 threads.
+// moe_down_one: the same where no expert has more than one slot (one row), compiled for that
+// alone: 60 registers against 91, 4 blocks per SM against 2.
 #include "gemv.cuh"
 
-#define CHUNK 4
 #define RPW 2
 #define U 4
 
-extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16* __restrict__ act,
-                                    const int* __restrict__ offsets, const int* __restrict__ list,
-                                    const int* __restrict__ active, const int* __restrict__ n_active,
-                                    int inter, int h, float* __restrict__ slot_out) {
+// CHUNK: the slots of an expert taken at a time
+template <int CHUNK>
+__device__ __forceinline__ void down(const bf16* __restrict__ w_down, const bf16* __restrict__ act,
+                                     const int* __restrict__ offsets, const int* __restrict__ list,
+                                     const int* __restrict__ active, const int* __restrict__ n_active,
+                                     int inter, int h, float* __restrict__ slot_out) {
   // The plan was written two launches back (Kernels::moe_experts launches moe_down right after
   // moe_gate_up, whose blocks let this kernel start only once they have waited for the plan):
   // it is read from L2 (__ldcg: this SM's L1 may hold the previous layer's) and this warp's
@@ -66,3 +69,13 @@ extern "C" __global__ void moe_down(const bf16* __restrict__ w_down, const bf16*
     }
   }
 }
+
+#define DOWN_ARGS                                                                           \
+  const bf16 *__restrict__ w_down, const bf16 *__restrict__ act,                            \
+      const int *__restrict__ offsets, const int *__restrict__ list,                        \
+      const int *__restrict__ active, const int *__restrict__ n_active, int inter, int h,   \
+      float *__restrict__ slot_out
+#define DOWN_PASS w_down, act, offsets, list, active, n_active, inter, h, slot_out
+
+extern "C" __global__ void moe_down(DOWN_ARGS) { down<4>(DOWN_PASS); }
+extern "C" __global__ void __launch_bounds__(256, 4) moe_down_one(DOWN_ARGS) { down<1>(DOWN_PASS); }

@@ -16,13 +16,15 @@
 // for the next launch. Blocks y >= n_fixed serve the (y - n_fixed)-th routed expert that has
 // slots (active is sorted by id, the fixed ones last), once the plan is complete (inputs_ready).
 // Grid: (ceil(inter / 8), min(e_total, n_slots)) blocks of 256 threads.
+// moe_gate_up_one: the same where no expert has more than one slot (one row: batch-1 decode),
+// compiled for that alone: 76 registers against 120, 3 blocks per SM against 2, so more of the
+// chosen experts' rows are in flight at once.
 #include "gemv.cuh"
 
-#define CHUNK 4
 #define U 5
 
 // act of the slots slot_of(i), i in [beg, end), for this warp's row (live: the row exists).
-template <typename SlotOf>
+template <int CHUNK, typename SlotOf>
 __device__ __forceinline__ void gate_up_slots(uint4 (&w)[2][U], bool resident,
                                               const uint4* const (&wp)[2], int nc, const bf16* x,
                                               int beg, int end, SlotOf slot_of, int k, int inter,
@@ -56,12 +58,14 @@ __device__ __forceinline__ void gate_up_slots(uint4 (&w)[2][U], bool resident,
   }
 }
 
-extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf16* __restrict__ w_up,
-                                       const bf16* __restrict__ x, const int* __restrict__ offsets,
-                                       const int* __restrict__ list, const int* __restrict__ active,
-                                       const int* __restrict__ n_active, int k, int inter, int h,
-                                       int e_total, int n_fixed, int rows, int* ready,
-                                       int* fixed_done, bf16* __restrict__ act) {
+// CHUNK: the slots of an expert taken at a time
+template <int CHUNK>
+__device__ __forceinline__ void gate_up(const bf16* __restrict__ w_gate, const bf16* __restrict__ w_up,
+                                        const bf16* __restrict__ x, const int* __restrict__ offsets,
+                                        const int* __restrict__ list, const int* __restrict__ active,
+                                        const int* __restrict__ n_active, int k, int inter, int h,
+                                        int e_total, int n_fixed, int rows, int* ready,
+                                        int* fixed_done, bf16* __restrict__ act) {
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int row = blockIdx.x * (blockDim.x >> 5) + warp;
   bool live = row < inter;
@@ -80,7 +84,7 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf
   if (f < n_fixed) {
     load_rows(e_total - n_fixed + f);
     wait_count(ready, rows);
-    gate_up_slots(w, resident, wp, nc, x, 0, rows, [=](int i) { return i * k + k - n_fixed + f; },
+    gate_up_slots<CHUNK>(w, resident, wp, nc, x, 0, rows, [=](int i) { return i * k + k - n_fixed + f; },
                   k, inter, row, live, act);
     // every block still waits for the routing to finish: moe_down reads its plan before waiting
     inputs_ready();
@@ -93,6 +97,17 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ w_gate, const bf
   int ex = active[blockIdx.y - n_fixed];
   if ((int)blockIdx.y >= n_active[0]) return;
   load_rows(ex);
-  gate_up_slots(w, resident, wp, nc, x, offsets[ex], offsets[ex + 1], [=](int i) { return list[i]; },
-                k, inter, row, live, act);
+  gate_up_slots<CHUNK>(w, resident, wp, nc, x, offsets[ex], offsets[ex + 1], [=](int i) { return list[i]; },
+                       k, inter, row, live, act);
 }
+
+#define GATE_UP_ARGS                                                                            \
+  const bf16 *__restrict__ w_gate, const bf16 *__restrict__ w_up, const bf16 *__restrict__ x,   \
+      const int *__restrict__ offsets, const int *__restrict__ list,                            \
+      const int *__restrict__ active, const int *__restrict__ n_active, int k, int inter, int h, \
+      int e_total, int n_fixed, int rows, int *ready, int *fixed_done, bf16 *__restrict__ act
+#define GATE_UP_PASS \
+  w_gate, w_up, x, offsets, list, active, n_active, k, inter, h, e_total, n_fixed, rows, ready, fixed_done, act
+
+extern "C" __global__ void moe_gate_up(GATE_UP_ARGS) { gate_up<4>(GATE_UP_PASS); }
+extern "C" __global__ void __launch_bounds__(256, 3) moe_gate_up_one(GATE_UP_ARGS) { gate_up<1>(GATE_UP_PASS); }

@@ -6,6 +6,26 @@
 #pragma once
 #include "common.cuh"
 
+// The plan of one row's k slots, whose experts sel[0..k) are distinct (shared memory): what
+// plan_slots makes of them (each expert one slot), at once: a thread per expert counts the
+// slots below it (offsets), a thread per slot its expert's rank among them (active, list).
+__device__ __forceinline__ void plan_row(const int* sel, int k, int e_total, int* __restrict__ offsets,
+                                         int* __restrict__ list, int* __restrict__ active,
+                                         int* __restrict__ n_active) {
+  for (int x = threadIdx.x; x <= e_total; x += blockDim.x) {
+    int below = 0;
+    for (int j = 0; j < k; ++j) below += sel[j] < x;
+    offsets[x] = below;
+  }
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    int rank = 0;
+    for (int i = 0; i < k; ++i) rank += sel[i] < sel[j];
+    active[rank] = sel[j];
+    list[rank] = j;
+  }
+  if (threadIdx.x == 0) n_active[0] = k;
+}
+
 template <typename SlotOf>
 __device__ __forceinline__ void plan_slots(SlotOf slot_of, int n_slots,
                                            int e_total, int* cnt, int* __restrict__ offsets,

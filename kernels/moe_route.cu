@@ -201,7 +201,9 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
   uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   uint4 x8 = fused && on ? __ldcg(reinterpret_cast<const uint4*>(resid + (size_t)r * h) + threadIdx.x) : zero;
   uint4 w8 = fused && on ? __ldg(reinterpret_cast<const uint4*>(norm_w) + threadIdx.x) : zero;
-  inputs_ready_after(fold ^ x8.x ^ w8.x);  // the loads are in flight while the previous kernel finishes
+  // the loads are in flight while the previous kernel finishes; moe_gate_up (its fixed experts'
+  // rows: ~9 MB) may start once the row is normed
+  inputs_ready_after(fold ^ x8.x ^ w8.x, false);
   uint4 xnew = zero, hnew;
   if (fused) {
     float v[8];
@@ -213,6 +215,7 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
     __syncthreads();
   }
   if (publisher) publish(ready, 1);  // the normed row is stored (or was given complete)
+  dependents_may_start();
   TRACE_MARK(0)
   const uint4* xr = fused ? reinterpret_cast<const uint4*>(xs)
                           : reinterpret_cast<const uint4*>(x + (size_t)r * h);
@@ -241,7 +244,7 @@ extern "C" __global__ void moe_route(const bf16* __restrict__ x, bf16* __restric
   int n_slots = rows * (topk + n_fixed);
   if (rows == 1) {
     __syncthreads();
-    plan_slots([&](int i) { return sel[i]; }, n_slots, e_total, cnt, offsets, list, active, n_active);
+    plan_row(sel, n_slots, e_total, offsets, list, active, n_active);
     TRACE_MARK(4)
     return;
   }

@@ -164,6 +164,9 @@ pub struct Kernels {
     moe_plan: CudaFunction,
     moe_gate_up: CudaFunction,
     moe_down: CudaFunction,
+    /// The grouped kernels compiled for one slot per expert (one row).
+    moe_gate_up_one: CudaFunction,
+    moe_down_one: CudaFunction,
     ngram_ban: CudaFunction,
     greedy_next: CudaFunction,
     linear_rows: CudaFunction,
@@ -228,6 +231,8 @@ impl Kernels {
             moe_plan: f("moe_plan", ptx::MOE_PLAN)?,
             moe_gate_up: f("moe_gate_up", ptx::MOE_GATE_UP)?,
             moe_down: f("moe_down", ptx::MOE_DOWN)?,
+            moe_gate_up_one: g("moe_gate_up_one", "moe_gate_up", ptx::MOE_GATE_UP)?,
+            moe_down_one: g("moe_down_one", "moe_down", ptx::MOE_DOWN)?,
             ngram_ban: f("ngram_ban", ptx::NGRAM_BAN)?,
             greedy_next: f("greedy_next", ptx::GREEDY_NEXT)?,
             linear_rows: f("linear", ptx::LINEAR)?,

@@ -146,9 +146,15 @@ impl Kernels {
         if k == 0 || n_slots % k != 0 {
             candle_core::bail!("moe kernels: {n_slots} slots are not rows of {k}");
         }
+        // one row: every expert has at most one slot (its chosen experts are distinct)
+        let (gate_up, down) = if n_slots == k {
+            (&self.moe_gate_up_one, &self.moe_down_one)
+        } else {
+            (&self.moe_gate_up, &self.moe_down)
+        };
         launch!(
             self,
-            self.moe_gate_up,
+            *gate_up,
             // a warp per intermediate row, 8 per block; the fixed experts' blocks first (y)
             cfg((inter.div_ceil(8) as u32, e_total.min(n_slots) as u32, 1), 256, 0),
             w.gate, w.up, x, g.offsets, g.list, g.active, g.n_active, k as i32, inter as i32,
@@ -157,7 +163,7 @@ impl Kernels {
         )?;
         launch!(
             self,
-            self.moe_down,
+            *down,
             // a warp per 2 output rows (the kernel's RPW), 8 per block
             cfg((e_total.min(n_slots) as u32, h.div_ceil(8 * 2) as u32, 1), 256, 0),
             w.down, act, g.offsets, g.list, g.active, g.n_active, inter as i32, h as i32, slot_out
@@ -380,6 +386,22 @@ mod tests {
                 k.moe_route(input, pb(&gw), 0, rows, h, &p, &scratch, pu(&se), pf(&sw), &g).unwrap();
                 let left: Vec<u32> = done.to_vec1().unwrap();
                 assert!(left.iter().all(|&v| v == 0), "{rows} rows: counters left at {left:?}");
+                // the route's plan (one row: made directly, plan_row) is moe_plan's of its slots
+                let again = [z(e + 3, DType::U32), z(rows * kk, DType::U32), z(e + 2, DType::U32), z(1, DType::U32), z(2, DType::U32)];
+                let ga = Groups {
+                    offsets: pu(&again[0]),
+                    list: pu(&again[1]),
+                    active: pu(&again[2]),
+                    n_active: pu(&again[3]),
+                    ready: pu(&again[4]),
+                    fixed_done: pu(&again[4]) + 4,
+                };
+                k.moe_plan(pu(&se), rows * kk, e + 2, rows, &ga).unwrap();
+                // (the order of several slots of one expert in `list` is the atomics')
+                let compared: &[usize] = if rows == 1 { &[0, 1, 2, 3] } else { &[0, 2, 3] };
+                for &i in compared {
+                    assert_eq!(v_of(&plan[i]), v_of(&again[i]), "{rows} rows of {h}: plan part {i} differs from moe_plan's");
+                }
                 // the fixed experts' count of rows made (moe_gate_up would reset it)
                 let ready: Vec<u32> = plan[4].to_vec1().unwrap();
                 let plan: Vec<Vec<f32>> = [&plan[0], &plan[2], &plan[3]].iter().map(|t| v_of(t)).collect();
