@@ -21,7 +21,7 @@ extern "C" __global__ void add_rmsnorm(bf16* __restrict__ resid, const bf16* __r
   bool on = c < nc;
   uint4* x8 = reinterpret_cast<uint4*>(resid + (size_t)r * h);
   uint4 wt = on ? __ldg(reinterpret_cast<const uint4*>(weight) + c) : make_uint4(0u, 0u, 0u, 0u);
-  inputs_ready();
+  inputs_ready_hold();  // the next kernel (its weights: ~10 MB) starts once the row is loaded
   float v[8];
   unpack8(on ? x8[c] : make_uint4(0u, 0u, 0u, 0u), v);
   if (mode == 1 && on) {
@@ -43,6 +43,7 @@ extern "C" __global__ void add_rmsnorm(bf16* __restrict__ resid, const bf16* __r
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = round_bf16(v[i] + round_bf16(d[i]));
   }
+  dependents_may_start();
   // the values are bf16 now: packing them back is exact
   if (mode != 0 && on) x8[c] = pack8(v);
   uint4 o = rms_norm8(v, wt, h, eps, red);

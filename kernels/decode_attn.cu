@@ -190,31 +190,35 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
   // the last of the row's splits merges them
   if (!last_to_arrive(&done[r * nh + h], ns)) return;
   TRACE_MARK(3)
-  // the splits' (m, l) into shared memory (the accumulators' room, free now), a thread each,
-  // all loaded at once; then each output dimension's partials, 8 loads in flight at a time
-  float* ms = acc;
-  float* ls = acc + ns;
-  for (int t = threadIdx.x; t < ns; t += blockDim.x) {
-    ms[t] = __ldcg(pp + t * (hd + 2));
-    ls[t] = __ldcg(pp + t * (hd + 2) + 1);
-  }
-  __syncthreads();
-  float M = -INFINITY;
-  for (int t = 0; t < ns; ++t) M = fmaxf(M, ms[t]);
+  // each output dimension's partials with every split's (m, l), 16 splits' loads at once (one
+  // round trip for a decode row's at most 16), folded by a running max
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    float num = 0.f, den = 0.f;
-    for (int t0 = 0; t0 < ns; t0 += 8) {
-      float a[8];
+    float M = -INFINITY, num = 0.f, den = 0.f;
+    for (int t0 = 0; t0 < ns; t0 += 16) {
+      float mv[16], lv[16], av[16];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) a[i] = t0 + i < ns ? __ldcg(pp + (t0 + i) * (hd + 2) + 2 + d) : 0.f;
+      for (int i = 0; i < 16; ++i) {
+        bool ok = t0 + i < ns;
+        const float* pt = pp + (size_t)(t0 + i) * (hd + 2);
+        mv[i] = ok ? __ldcg(pt) : -INFINITY;
+        lv[i] = ok ? __ldcg(pt + 1) : 0.f;
+        av[i] = ok ? __ldcg(pt + 2 + d) : 0.f;
+      }
+      float mc = M;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
+      for (int i = 0; i < 16; ++i) mc = fmaxf(mc, mv[i]);
+      float back = __expf(M - mc);  // 0 on the first turn (M = -inf)
+      num *= back;
+      den *= back;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
         if (t0 + i < ns) {
-          float w = __expf(ms[t0 + i] - M);
-          den += w * ls[t0 + i];
-          num += w * a[i];
+          float w = __expf(mv[i] - mc);
+          den += w * lv[i];
+          num += w * av[i];
         }
       }
+      M = mc;
     }
     out[(size_t)r * nh * hd + (size_t)h * hd + d] = f2bf(num / den);
   }

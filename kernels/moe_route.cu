@@ -72,14 +72,18 @@ __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int
       for (int i = tid; i < e; i += bd) tmp[i] = 1.f / (1.f + expf(-s[i]));
     }
     __syncthreads();
-    for (int i = tid; i < e; i += bd) {
-      float vi = tmp[i];
+    // 4 threads an expert (lanes 4i..4i+3 of a warp), each over a quarter of the others
+    for (int i0 = 0; i0 < e; i0 += bd / 4) {
+      int i = i0 + tid / 4, q = tid & 3;
+      float vi = i < e ? tmp[i] : 0.f;
       int rank = 0;
-      for (int j = 0; j < e; ++j) {
+      for (int j = q; j < e; j += 4) {
         float vj = tmp[j];
         rank += vj > vi || (vj == vi && j < i);
       }
-      if (rank < topk) {
+      rank += __shfl_xor_sync(0xffffffffu, rank, 1);
+      rank += __shfl_xor_sync(0xffffffffu, rank, 2);
+      if (i < e && q == 0 && rank < topk) {
         sel[rank] = i;
         wsel[rank] = vi;
       }
