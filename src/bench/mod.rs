@@ -17,6 +17,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod rust;
+pub mod timeline;
 
 use std::path::PathBuf;
 use std::process::Command;

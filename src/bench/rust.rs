@@ -164,10 +164,7 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
         tiles.extend(view_pixels(1, ts, ts, (i % wt) * ts, (i / wt) * ts, true));
     }
     let tiles = Tensor::from_vec(tiles, (wt * ht, 3, ts, ts), &dev)?.to_dtype(DType::BF16)?;
-    let mut ids = vec![0u32];
-    ids.extend(std::iter::repeat(IMAGE_TOKEN_ID).take(n_img));
-    ids.extend(PROMPT_TAIL_IDS);
-    let ids: Vec<u32> = ids.iter().map(|&i| i % vocab as u32).collect();
+    let ids = base_prompt_ids(vocab);
     let mask: Vec<bool> = (0..ids.len()).map(|p| p >= 1 && p <= n_img).collect();
 
     // ---- vision: the reference encoder, then the fast path's (fused SAM attention) ----
@@ -351,24 +348,38 @@ pub fn profile_vision(c: &BenchConfig) -> Result<Value> {
     )
 }
 
-/// For a profiler (`ncu --profile-from-start off`): loads the decoder alone, prefills the Base
-/// prompt's token rows, and runs `c.steps` eager batch-1 decode steps (every kernel launched on
-/// its own) between `cuProfilerStart` and `cuProfilerStop`.
-pub fn profile(c: &BenchConfig) -> Result<Value> {
+/// The device on its own stream, cudarc's per-buffer events off (one stream, our own ordering;
+/// capturable), and the model's text config and weights: the decoder alone, for the profiles.
+fn decoder_side(c: &BenchConfig) -> Result<(Device, TextConfig, Weights)> {
     let dev = Device::new_cuda_with_stream(0).context("no CUDA device")?;
-    let Device::Cuda(cd) = &dev else {
-        unreachable!()
-    };
-    unsafe { cd.disable_event_tracking() };
+    if let Device::Cuda(cd) = &dev {
+        unsafe { cd.disable_event_tracking() };
+    }
     let text = OcrConfig::from_file(&c.model_dir.join("config.json"))?.text()?;
     let weights = Weights::open_dir(&c.model_dir)?;
-    let mut fast = fast_decoder(&text, &weights, cd, 1, 512, 512)?;
+    Ok((dev, text, weights))
+}
+
+/// The Base prompt's token ids (BOS, the image's rows as the image token, the prompt's tail),
+/// within the vocabulary.
+fn base_prompt_ids(vocab: usize) -> Vec<u32> {
     let n_img = crate::model::vision::image_token_count(1024, None);
     let mut ids = vec![0u32];
     ids.extend(std::iter::repeat(IMAGE_TOKEN_ID).take(n_img));
     ids.extend(PROMPT_TAIL_IDS);
-    let ids: Vec<u32> = ids.iter().map(|&i| i % text.vocab_size as u32).collect();
-    let e = fast.embed_ids(&ids)?;
+    ids.iter().map(|&i| i % vocab as u32).collect()
+}
+
+/// For a profiler (`ncu --profile-from-start off`): loads the decoder alone, prefills the Base
+/// prompt's token rows, and runs `c.steps` eager batch-1 decode steps (every kernel launched on
+/// its own) between `cuProfilerStart` and `cuProfilerStop`.
+pub fn profile(c: &BenchConfig) -> Result<Value> {
+    let (dev, text, weights) = decoder_side(c)?;
+    let Device::Cuda(cd) = &dev else {
+        unreachable!()
+    };
+    let mut fast = fast_decoder(&text, &weights, cd, 1, 512, 512)?;
+    let e = fast.embed_ids(&base_prompt_ids(text.vocab_size))?;
     fast.prefill(0, &e)?;
     decode_run(&fast, 1, 2)?;
     unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStart() };
@@ -388,18 +399,11 @@ pub fn profile(c: &BenchConfig) -> Result<Value> {
 pub fn profile_trace(c: &BenchConfig) -> Result<Value> {
     // the probes are chosen when the kernels load; nothing else runs in this process yet
     std::env::set_var("OCR_PATCH_KERNEL_TRACE", "1");
-    let dev = Device::new_cuda_with_stream(0).context("no CUDA device")?;
+    let (dev, text, weights) = decoder_side(c)?;
     let Device::Cuda(cd) = &dev else {
         unreachable!()
     };
-    unsafe { cd.disable_event_tracking() };
-    let text = OcrConfig::from_file(&c.model_dir.join("config.json"))?.text()?;
-    let weights = Weights::open_dir(&c.model_dir)?;
-    let n_img = crate::model::vision::image_token_count(1024, None);
-    let mut ids = vec![0u32];
-    ids.extend(std::iter::repeat(IMAGE_TOKEN_ID).take(n_img));
-    ids.extend(PROMPT_TAIL_IDS);
-    let ids: Vec<u32> = ids.iter().map(|&i| i % text.vocab_size as u32).collect();
+    let ids = base_prompt_ids(text.vocab_size);
     let max_t = (ids.len() + c.warmup_steps + c.steps + 8).next_multiple_of(64).max(c.max_t_b1);
     let mut fast = fast_decoder(&text, &weights, cd, 1, max_t, 512)?;
     let e = fast.embed_ids(&ids)?;
@@ -420,71 +424,5 @@ pub fn profile_trace(c: &BenchConfig) -> Result<Value> {
         }
         launches.extend(step);
     }
-    Ok(timeline(&launches, c.steps.max(1), per_step, &times))
-}
-
-/// The report of [`profile_trace`] from its launches (`steps` steps of `per_step`, in order).
-fn timeline(launches: &[crate::model::kernels::trace::Launch], steps: usize, per_step: usize, times: &[f64]) -> Value {
-    let us = |ns: f64| ns / 1e3;
-    let mut rows = Vec::with_capacity(per_step);
-    let mut by_kernel: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
-    let mut resolution = 0u64;
-    for p in 0..per_step {
-        let (mut wait, mut path, mut spread, mut n) = (0f64, 0f64, 0f64, 0usize);
-        let mut marks = [0f64; 8];
-        for s in 0..steps {
-            let l = &launches[s * per_step + p];
-            for (m, &t) in marks.iter_mut().zip(&l.marks) {
-                *m += t.saturating_sub(l.first_release) as f64;
-            }
-            wait += l.first_release.saturating_sub(l.first_arrival) as f64;
-            spread += l.last_release.saturating_sub(l.first_release) as f64;
-            // the step's last launch: the host reads the token before the next step
-            if p + 1 < per_step {
-                let next = &launches[s * per_step + p + 1];
-                path += next.first_release.saturating_sub(l.first_release) as f64;
-                n += 1;
-            }
-            for t in [l.first_arrival, l.last_arrival, l.first_release, l.last_release] {
-                resolution = gcd(resolution, t - launches[0].first_arrival.min(t));
-            }
-        }
-        let l = &launches[p];
-        let name = if l.kernel == "linear" { format!("linear ({} blocks)", l.blocks) } else { l.kernel.to_string() };
-        let path = if n > 0 { path / n as f64 } else { 0.0 };
-        let e = by_kernel.entry(name.clone()).or_default();
-        e.0 += 1;
-        e.1 += path;
-        rows.push(json!({
-            "launch": p,
-            "kernel": name,
-            "blocks": l.blocks,
-            "first_block_waited_us": us(wait / steps as f64),
-            "releases_spread_us": us(spread / steps as f64),
-            "inputs_ready_to_next_us": us(path),
-            // the kernel's marks, after its first release
-            "marks_us": launches[p].marks.iter().zip(marks).filter(|(&t, _)| t > 0).map(|(_, m)| us(m / steps as f64)).collect::<Vec<_>>(),
-        }));
-    }
-    let total: f64 = by_kernel.values().map(|v| v.1).sum();
-    let mut kernels: Vec<_> = by_kernel.into_iter().collect();
-    kernels.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-    eprintln!("{:28} {:>9} {:>10} {:>6}", "kernel", "launches", "us/step", "share");
-    for (name, (n, t)) in &kernels {
-        eprintln!("{name:28} {n:9} {:10.1} {:5.1}%", us(*t), 100.0 * t / total);
-    }
-    eprintln!("step, the first launch's inputs ready to the last's: {:.1} us; wall {:.3} ms/step (synchronised each step)", us(total), median(times));
-    json!({
-        "profiled": "batch-1 decode steps in the CUDA graph, kernels with timeline probes",
-        "steps": steps,
-        "launches_per_step": per_step,
-        "clock_resolution_ns": resolution,
-        "step_wall_ms_median": median(times),
-        "critical_path_us_by_kernel": kernels.iter().map(|(k, (n, t))| json!({"kernel": k, "launches": n, "us": us(*t)})).collect::<Vec<_>>(),
-        "launches": rows,
-    })
-}
-
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 { a } else { gcd(b, a % b) }
+    Ok(super::timeline::report(&launches, c.steps.max(1), per_step, &times))
 }

@@ -257,19 +257,7 @@ mod tests {
         let logits = Tensor::zeros(rows * 160, DType::F32, &dev).unwrap();
         let done = Tensor::zeros(rows + 1, DType::U32, &dev).unwrap();
         let scratch = RouteScratch { logits: tensor_ptr::<f32>(&logits).unwrap(), done: tensor_ptr::<u32>(&done).unwrap() };
-        let groups = |n_slots: usize, e_total: usize| {
-            let t = |n| Tensor::zeros(n, DType::U32, &dev).unwrap();
-            let ts = [t(e_total + 1), t(n_slots), t(e_total), t(1), t(2)];
-            let g = Groups {
-                offsets: tensor_ptr::<u32>(&ts[0]).unwrap(),
-                list: tensor_ptr::<u32>(&ts[1]).unwrap(),
-                active: tensor_ptr::<u32>(&ts[2]).unwrap(),
-                n_active: tensor_ptr::<u32>(&ts[3]).unwrap(),
-                ready: tensor_ptr::<u32>(&ts[4]).unwrap(),
-                fixed_done: tensor_ptr::<u32>(&ts[4]).unwrap() + 4,
-            };
-            (ts, g)
-        };
+        let groups = |n_slots: usize, e_total: usize| plan_buffers(&dev, n_slots, e_total);
         for (method, scoring, experts, h) in [
             (TopkMethod::Greedy, ScoringFunc::Softmax, 16, 256),
             (TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax, 16, 256),
@@ -366,15 +354,7 @@ mod tests {
                 let r = resid.copy().unwrap();
                 let normed = Tensor::zeros((rows, h), DType::BF16, &dev).unwrap();
                 let (se, sw) = (z(rows * kk, DType::U32), z(rows * kk, DType::F32));
-                let plan = [z(e + 3, DType::U32), z(rows * kk, DType::U32), z(e + 2, DType::U32), z(1, DType::U32), z(2, DType::U32)];
-                let g = Groups {
-                    offsets: pu(&plan[0]),
-                    list: pu(&plan[1]),
-                    active: pu(&plan[2]),
-                    n_active: pu(&plan[3]),
-                    ready: pu(&plan[4]),
-                    fixed_done: pu(&plan[4]) + 4,
-                };
+                let (plan, g) = plan_buffers(&dev, rows * kk, e + 2);
                 let (logits, done) = (z(rows * e, DType::F32), z(rows + 1, DType::U32));
                 let scratch = RouteScratch { logits: pf(&logits), done: pu(&done) };
                 let input = if fused {
@@ -387,15 +367,7 @@ mod tests {
                 let left: Vec<u32> = done.to_vec1().unwrap();
                 assert!(left.iter().all(|&v| v == 0), "{rows} rows: counters left at {left:?}");
                 // the route's plan (one row: made directly, plan_row) is moe_plan's of its slots
-                let again = [z(e + 3, DType::U32), z(rows * kk, DType::U32), z(e + 2, DType::U32), z(1, DType::U32), z(2, DType::U32)];
-                let ga = Groups {
-                    offsets: pu(&again[0]),
-                    list: pu(&again[1]),
-                    active: pu(&again[2]),
-                    n_active: pu(&again[3]),
-                    ready: pu(&again[4]),
-                    fixed_done: pu(&again[4]) + 4,
-                };
+                let (again, ga) = plan_buffers(&dev, rows * kk, e + 2);
                 k.moe_plan(pu(&se), rows * kk, e + 2, rows, &ga).unwrap();
                 // (the order of several slots of one expert in `list` is the atomics')
                 let compared: &[usize] = if rows == 1 { &[0, 1, 2, 3] } else { &[0, 2, 3] };
@@ -417,6 +389,23 @@ mod tests {
             assert_eq!((fused.5, apart.5), (rows as u32, rows as u32), "{case}: rows published");
             assert_ne!(fused.0, v_of(&resid), "{case}: the residual was not updated");
         }
+    }
+
+    /// Zeroed plan buffers for `n_slots` slots over `e_total` experts (offsets, list, active,
+    /// n_active, the two counters) and their [`Groups`].
+    fn plan_buffers(dev: &Device, n_slots: usize, e_total: usize) -> ([Tensor; 5], Groups) {
+        let t = |n| Tensor::zeros(n, DType::U32, dev).unwrap();
+        let ts = [t(e_total + 1), t(n_slots), t(e_total), t(1), t(2)];
+        let p = |i: usize| tensor_ptr::<u32>(&ts[i]).unwrap();
+        let g = Groups {
+            offsets: p(0),
+            list: p(1),
+            active: p(2),
+            n_active: p(3),
+            ready: p(4),
+            fixed_done: p(4) + 4,
+        };
+        (ts, g)
     }
 
     /// A tensor's values as f32 (u32 indices are exact below 2^24).

@@ -14,6 +14,7 @@ use candle_core::Result;
 use cudarc::driver::{sys, CudaFunction};
 
 use super::{cuda_err, Kernels};
+pub use crate::bench::timeline::Launch;
 use candle_core::cuda_backend::cudarc;
 
 /// Slots per module (`OCR_TRACE_SLOTS` in `common.cuh`): launches are told apart by their grid
@@ -22,28 +23,6 @@ pub const SLOTS: usize = 8192;
 /// u64 fields per slot: grid id, first and last arrival, first and last release, blocks seen,
 /// blocks launched, the 8 marks.
 const FIELDS: usize = 15;
-
-/// One launch's blocks as the probes saw them (times in ns of the GPU's global clock; of the
-/// blocks that reached `inputs_ready`, about 256 a launch: every stride-th and the last).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Launch {
-    /// The kernel's module (`kernels/<module>.cu`).
-    pub kernel: &'static str,
-    /// The GPU's launch number (`%gridid`): increases with launch order.
-    pub grid: u64,
-    /// Blocks launched, and those the probes saw.
-    pub blocks: u64,
-    pub seen: u64,
-    /// The first and the last block at the wait.
-    pub first_arrival: u64,
-    pub last_arrival: u64,
-    /// The first and the last block through it: the first is when the kernel's inputs were
-    /// ready (the launch before it had finished).
-    pub first_release: u64,
-    pub last_release: u64,
-    /// The last passing of each mark (`TRACE_MARK(i)` in a kernel; 0: not passed).
-    pub marks: [u64; 8],
-}
 
 impl Kernels {
     /// The decoder kernels' modules (each `ocr_trace` once).
@@ -65,7 +44,9 @@ impl Kernels {
     /// Address of the module's `ocr_trace` slots.
     fn trace_slots(&self, f: &CudaFunction) -> Result<u64> {
         if !self.traced {
-            candle_core::bail!("the kernels carry no probes: load them with OCR_PATCH_KERNEL_TRACE=1");
+            candle_core::bail!(
+                "the kernels carry no probes: load them with OCR_PATCH_KERNEL_TRACE=1"
+            );
         }
         self.stream.context().bind_to_thread().map_err(cuda_err)?;
         let mut module: sys::CUmodule = std::ptr::null_mut();
@@ -73,13 +54,18 @@ impl Kernels {
         let mut bytes = 0usize;
         // SAFETY: out-pointers to locals; the function is loaded and outlives the calls
         unsafe {
-            sys::cuFuncGetModule(&mut module, f.cu_function()).result().map_err(cuda_err)?;
+            sys::cuFuncGetModule(&mut module, f.cu_function())
+                .result()
+                .map_err(cuda_err)?;
             sys::cuModuleGetGlobal_v2(&mut ptr, &mut bytes, module, c"ocr_trace".as_ptr())
                 .result()
                 .map_err(cuda_err)?;
         }
         if bytes != SLOTS * FIELDS * 8 {
-            candle_core::bail!("ocr_trace holds {bytes} bytes, expected {}", SLOTS * FIELDS * 8);
+            candle_core::bail!(
+                "ocr_trace holds {bytes} bytes, expected {}",
+                SLOTS * FIELDS * 8
+            );
         }
         Ok(ptr)
     }
@@ -92,8 +78,10 @@ impl Kernels {
         for (_, f) in self.traced_modules() {
             let p = self.trace_slots(f)?;
             // SAFETY: p is the module's global of exactly this size (checked)
-            unsafe { cudarc::driver::result::memcpy_htod_async(p, &empty, self.stream.cu_stream()) }
-                .map_err(cuda_err)?;
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(p, &empty, self.stream.cu_stream())
+            }
+            .map_err(cuda_err)?;
         }
         self.stream.synchronize().map_err(cuda_err)
     }
@@ -106,8 +94,10 @@ impl Kernels {
             let p = self.trace_slots(f)?;
             let mut v = vec![0u64; SLOTS * FIELDS];
             // SAFETY: as in trace_reset
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut v, p, self.stream.cu_stream()) }
-                .map_err(cuda_err)?;
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(&mut v, p, self.stream.cu_stream())
+            }
+            .map_err(cuda_err)?;
             self.stream.synchronize().map_err(cuda_err)?;
             out.extend(v.chunks(FIELDS).filter(|s| s[5] > 0).map(|s| Launch {
                 kernel,
