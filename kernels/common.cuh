@@ -11,22 +11,14 @@ __device__ __forceinline__ bf16 f2bf(float x) { return __float2bfloat16(x); }
 // What a bf16 tensor op of the reference path stores: round to nearest even.
 __device__ __forceinline__ float round_bf16(float x) { return bf(f2bf(x)); }
 
-// Programmatic dependent launch (Hopper; the host sets
-// CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION on every launch, see
-// Kernels::launch_raw): a kernel may start while the previous one still runs. Every kernel calls
-// inputs_ready() before it reads anything an earlier launch wrote or writes anything an earlier
-// launch reads; before it, only loads of weights (never written) may go out. It waits for the
-// previous grid to finish and its writes to be visible, then lets the next kernel start, so at
-// most one kernel runs ahead, in its weight loads. Without the attribute both are no-ops.
 #ifdef OCR_TRACE
 // The in-graph timeline (`ocr-patch bench --profile trace`, src/model/kernels/trace.rs): built
 // with -DOCR_TRACE (build.rs makes a second PTX of every kernel), thread 0 of each block that
 // reaches inputs_ready folds into its launch's slot (%gridid modulo the slots) the time it got
 // there (its weight loads issued) and the time the wait let it through (the previous kernel
 // finished), from the GPU's nanosecond clock: min and max of each, and a count (of about 256
-// blocks a launch). Reductions
-// whose results nobody waits for (RED), so the block is not held up. The host fills the slots
-// (mins at the top) and reads them back.
+// blocks a launch). Reductions whose results nobody waits for (RED), so the block is not held
+// up. The host fills the slots (mins at the top) and reads them back.
 #define OCR_TRACE_SLOTS 8192
 extern "C" {
 // per slot: grid id, first and last arrival, first and last release, blocks seen, blocks, and
@@ -38,6 +30,12 @@ __device__ __forceinline__ unsigned long long global_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
+// This launch's slot.
+__device__ __forceinline__ unsigned long long* trace_slot() {
+  unsigned long long grid;
+  asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
+  return ocr_trace + 15 * (grid % OCR_TRACE_SLOTS);
+}
 __device__ __forceinline__ void trace_block(unsigned long long before) {
   if (threadIdx.x | threadIdx.y | threadIdx.z) return;
   // about 256 blocks of a launch (every stride-th, the last), so that a launch of thousands
@@ -47,7 +45,7 @@ __device__ __forceinline__ void trace_block(unsigned long long before) {
   if (b % (nb / 256 + 1) != 0 && b != nb - 1) return;
   unsigned long long after = global_ns(), grid;
   asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
-  unsigned long long* r = ocr_trace + 15 * (grid % OCR_TRACE_SLOTS);
+  unsigned long long* r = trace_slot();
   r[0] = grid;
   r[6] = nb;
   atomicMin(r + 1, before);
@@ -60,9 +58,7 @@ __device__ __forceinline__ void trace_block(unsigned long long before) {
 // timeline reports (relative to the launch's first release).
 __device__ __forceinline__ void trace_mark(int i) {
   if (threadIdx.x | threadIdx.y | threadIdx.z) return;
-  unsigned long long grid;
-  asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
-  atomicMax(ocr_trace + 15 * (grid % OCR_TRACE_SLOTS) + 7 + i, global_ns());
+  atomicMax(trace_slot() + 7 + i, global_ns());
 }
 #define TRACE_BEFORE unsigned long long trace_t0 = global_ns();
 #define TRACE_AFTER trace_block(trace_t0);
@@ -73,16 +69,14 @@ __device__ __forceinline__ void trace_mark(int i) {
 #define TRACE_MARK(i)
 #endif
 
-__device__ __forceinline__ void inputs_ready() {
-  TRACE_BEFORE
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-  TRACE_AFTER
-}
-
-// inputs_ready() without letting the next kernel start yet: the kernel calls
+// Programmatic dependent launch (Hopper; the host sets
+// CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION on every launch, see
+// Kernels::launch_raw): a kernel may start while the previous one still runs. Every kernel calls
+// inputs_ready() before it reads anything an earlier launch wrote or writes anything an earlier
+// launch reads; before it, only loads of weights (never written) may go out. It waits for the
+// previous grid to finish and its writes to be visible, then lets the next kernel start, so at
+// most one kernel runs ahead, in its weight loads. Without the attribute both are no-ops.
+// inputs_ready_hold() waits without letting the next kernel start yet: the kernel calls
 // dependents_may_start() once its own first loads after the wait are through (the next
 // kernel's weight loads, issued at its start, would otherwise queue on the SMs with them).
 __device__ __forceinline__ void inputs_ready_hold() {
@@ -99,6 +93,11 @@ __device__ __forceinline__ void dependents_may_start() {
 #endif
 }
 
+__device__ __forceinline__ void inputs_ready() {
+  inputs_ready_hold();
+  dependents_may_start();
+}
+
 // inputs_ready() once the loads that produced `fold` (any value computed from them) are done:
 // ptxas may otherwise sink loads issued before the wait to after it (it did in moe_route), and
 // the loads would not overlap the previous kernel. The wait is guarded by a predicate on
@@ -111,9 +110,9 @@ __device__ __forceinline__ void inputs_ready_after(uint32_t fold, bool trigger =
       "{\n .reg .pred p;\n setp.ne.u32 p, %0, 0;\n @p griddepcontrol.wait;\n"
       " @!p griddepcontrol.wait;\n}" ::"r"(fold)
       : "memory");
-  if (trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
   TRACE_AFTER
+  if (trigger) dependents_may_start();
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

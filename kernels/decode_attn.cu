@@ -63,6 +63,7 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
   const bf16* V = v_cache + (head + j0) * hd;
   // the key this row appends (decode), not in the cache before this launch: loaded after it
   int jnew = fused && p < (uint32_t)max_t ? (int)p - j0 : -1;
+  bool append = jnew >= 0 && jnew < n;  // this block's keys reach the new one
   int tpk = hd / 8, groups = blockDim.x / tpk, g = threadIdx.x / tpk, d8 = threadIdx.x % tpk;
   int quarter = hd / 4, sub = threadIdx.x & 3;
   int kp = blockDim.x >> 2;  // keys per pass of the scores; the whole warp takes the same trips
@@ -92,7 +93,6 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
   const bf16* kn = qkv + (size_t)r * qkv_stride + (size_t)(nh + kvh) * hd;
   const bf16* vn = kn + (size_t)nkv * hd;
   if (fused) {
-    bool append = jnew >= 0 && jnew < n;  // this block's keys reach the new one
     if (tid < half) {
       float2 qr = rope_rotate(bf(q[tid]), bf(q[tid + half]), cs, sn);
       qs[tid] = round_bf16(qr.x);
@@ -112,7 +112,7 @@ extern "C" __global__ void decode_attn(const bf16* __restrict__ qkv, int qkv_str
   if (fused) dependents_may_start();
   TRACE_MARK(0)
   // the new key and value, now in the cache
-  if (jnew >= 0 && jnew < n) {
+  if (append) {
     if (kfirst && (threadIdx.x >> 2) == jnew) {
       const uint4* kr = reinterpret_cast<const uint4*>(K + (size_t)jnew * hd + sub * quarter);
 #pragma unroll

@@ -11,8 +11,8 @@
 // reset by that block for the next launch or graph replay):
 //   1. block (r, g) computes the gate logits of experts g*8 .. g*8+7 of row r (a warp per
 //      expert: the gate's rows are spread over the GPU, not read by one SM) into `logits`;
-//   2. the last of row r's blocks chooses its experts (greedy: one warp's shuffles; the group
-//      methods, rarer: one thread);
+//   2. the last of row r's blocks chooses its experts (greedy: every expert's rank among the
+//      scores, by the whole block; the group methods, rarer: one thread);
 //   3. the last row to be chosen plans the slots of every row (one row: from shared memory).
 // With `resid` set (the fast decoder's MoE layers) the routed rows are first made here, as
 // add_rmsnorm mode 1 makes them: x = bf16(resid + delta), normed = bf16(bf16(x / rms) * norm_w);
@@ -36,6 +36,10 @@
 #define MAX_E_TOTAL 1024
 #define MAX_H 2048
 #define U 5
+
+__device__ void choose_groups(float* s, float* tmp, float* gs, unsigned char* used, int* sel,
+                              float* wsel, const float* __restrict__ bias, int e, int topk,
+                              int method, int scoring, int n_group, int topk_group);
 
 // The choice of row r's experts from its logits s (shared memory, e of them); writes the
 // row's k slots. Called by the whole block; greedy uses all of it, the group methods thread 0.
@@ -88,20 +92,28 @@ __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int
         wsel[rank] = vi;
       }
     }
-    __syncthreads();
-    // the row's slots, a thread each; the weights' sum in the order chosen
-    bool norm = topk > 1 && norm_topk;
-    for (int j = tid; j < k; j += bd) {
-      float wsum = 0.f;
-      for (int t = 0; t < topk; ++t) wsum += wsel[t];
-      int x = j < topk ? sel[j] : e + (j - topk);
-      sel[j] = x;
-      se[j] = x;
-      sw[j] = j >= topk ? 1.f : norm ? wsel[j] / (wsum + 1e-20f) * scale : wsel[j] * scale;
-    }
-    return;
+  } else if (threadIdx.x == 0) {
+    choose_groups(s, tmp, gs, used, sel, wsel, bias, e, topk, method, scoring, n_group, topk_group);
   }
-  if (threadIdx.x != 0) return;
+  __syncthreads();
+  // the row's slots, a thread each (stored at once: a store per round stalled on SMs busy with
+  // the experts' loads); the weights' sum in the order chosen
+  bool norm = topk > 1 && norm_topk;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    float wsum = 0.f;
+    for (int t = 0; t < topk; ++t) wsum += wsel[t];
+    int x = j < topk ? sel[j] : e + (j - topk);
+    sel[j] = x;
+    se[j] = x;
+    sw[j] = j >= topk ? 1.f : norm ? wsel[j] / (wsum + 1e-20f) * scale : wsel[j] * scale;
+  }
+}
+
+// The group methods' choice (group_limited_greedy, noaux_tc) of topk experts from the logits s,
+// by one thread: the experts into sel[0..topk), their weights before normalisation into wsel.
+__device__ void choose_groups(float* s, float* tmp, float* gs, unsigned char* used, int* sel,
+                              float* wsel, const float* __restrict__ bias, int e, int topk,
+                              int method, int scoring, int n_group, int topk_group) {
   if (scoring == 0) {
     float m = -INFINITY;
     for (int i = 0; i < e; ++i) m = fmaxf(m, s[i]);
@@ -141,26 +153,13 @@ __device__ void choose(float* s, float* tmp, float* gs, unsigned char* used, int
     for (int i = 0; i < e; ++i) if (!used[i / per]) tmp[i] = 0.f;
     for (int i = 0; i < e; ++i) used[i] = 0;
   }
-  float sum = 0.f;
   for (int t = 0; t < topk; ++t) {
     int best = -1;
     for (int i = 0; i < e; ++i)
       if (!used[i] && (best < 0 || tmp[i] > tmp[best])) best = i;
     used[best] = 1;
-    se[t] = sel[t] = best;
-    float w = method == 1 ? tmp[best] : s[best];
-    wsel[t] = w;
-    sum += w;
-  }
-  if (topk > 1 && norm_topk) {
-    float denom = sum + 1e-20f;
-    for (int t = 0; t < topk; ++t) sw[t] = wsel[t] / denom * scale;
-  } else {
-    for (int t = 0; t < topk; ++t) sw[t] = wsel[t] * scale;
-  }
-  for (int f = 0; f < n_fixed; ++f) {
-    se[topk + f] = sel[topk + f] = e + f;
-    sw[topk + f] = 1.f;
+    sel[t] = best;
+    wsel[t] = method == 1 ? tmp[best] : s[best];
   }
 }
 

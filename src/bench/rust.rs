@@ -410,13 +410,13 @@ pub fn profile_trace(c: &BenchConfig) -> Result<Value> {
     fast.capture(1)?;
     start_batch(&mut fast, &e, 1, text.vocab_size)?;
     decode_run(&fast, 1, c.warmup_steps)?;
-    let k = fast.kernels();
+    let tracer = fast.kernels().tracer()?;
     // a step at a time: a graph's replays reuse its launches' grid ids (the probes' slots)
     let (mut launches, mut times, mut per_step) = (vec![], vec![], 0);
     for s in 0..c.steps.max(1) {
-        k.trace_reset()?;
+        tracer.reset()?;
         times.extend(decode_run(&fast, 1, 1)?.0);
-        let step = k.trace_take()?;
+        let step = tracer.take()?;
         if s == 0 {
             per_step = step.len();
         } else if step.len() != per_step {

@@ -70,47 +70,75 @@ impl Kernels {
         Ok(ptr)
     }
 
-    /// Empties every module's slots (synchronises the stream).
-    pub fn trace_reset(&self) -> Result<()> {
-        let empty: Vec<u64> = (0..SLOTS)
+    /// The probes' slots of every decoder module, looked up once, to reset and read step by
+    /// step ([`Tracer`]).
+    pub fn tracer(&self) -> Result<Tracer<'_>> {
+        let slots = self
+            .traced_modules()
+            .into_iter()
+            .map(|(kernel, f)| Ok((kernel, self.trace_slots(f)?)))
+            .collect::<Result<_>>()?;
+        let empty = (0..SLOTS)
             .flat_map(|_| [0, u64::MAX, 0, u64::MAX, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
             .collect();
-        for (_, f) in self.traced_modules() {
-            let p = self.trace_slots(f)?;
-            // SAFETY: p is the module's global of exactly this size (checked)
-            unsafe {
-                cudarc::driver::result::memcpy_htod_async(p, &empty, self.stream.cu_stream())
-            }
-            .map_err(cuda_err)?;
+        Ok(Tracer {
+            k: self,
+            slots,
+            empty,
+        })
+    }
+}
+
+/// The kernels' probe slots (device addresses, one array per module) and what empties them.
+pub struct Tracer<'a> {
+    k: &'a Kernels,
+    slots: Vec<(&'static str, u64)>,
+    /// Every slot empty: mins at the top, the rest zero.
+    empty: Vec<u64>,
+}
+
+impl Tracer<'_> {
+    /// Empties every module's slots (synchronises the stream).
+    pub fn reset(&self) -> Result<()> {
+        let st = &self.k.stream;
+        for &(_, p) in &self.slots {
+            // SAFETY: p is the module's global of exactly this size (checked by trace_slots)
+            unsafe { cudarc::driver::result::memcpy_htod_async(p, &self.empty, st.cu_stream()) }
+                .map_err(cuda_err)?;
         }
-        self.stream.synchronize().map_err(cuda_err)
+        st.synchronize().map_err(cuda_err)
     }
 
-    /// The launches recorded since [`Self::trace_reset`], in launch order (synchronises).
-    pub fn trace_take(&self) -> Result<Vec<Launch>> {
-        self.stream.synchronize().map_err(cuda_err)?;
-        let mut out = Vec::new();
-        for (kernel, f) in self.traced_modules() {
-            let p = self.trace_slots(f)?;
-            let mut v = vec![0u64; SLOTS * FIELDS];
-            // SAFETY: as in trace_reset
-            unsafe {
-                cudarc::driver::result::memcpy_dtoh_async(&mut v, p, self.stream.cu_stream())
-            }
-            .map_err(cuda_err)?;
-            self.stream.synchronize().map_err(cuda_err)?;
-            out.extend(v.chunks(FIELDS).filter(|s| s[5] > 0).map(|s| Launch {
-                kernel,
-                grid: s[0],
-                blocks: s[6],
-                seen: s[5],
-                first_arrival: s[1],
-                last_arrival: s[2],
-                first_release: s[3],
-                last_release: s[4],
-                marks: s[7..15].try_into().expect("8 marks"),
-            }));
+    /// The launches recorded since [`Self::reset`], in launch order (synchronises).
+    pub fn take(&self) -> Result<Vec<Launch>> {
+        let st = &self.k.stream;
+        let mut v = vec![0u64; SLOTS * FIELDS * self.slots.len()];
+        for (chunk, &(_, p)) in v.chunks_mut(SLOTS * FIELDS).zip(&self.slots) {
+            // SAFETY: as in reset
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(chunk, p, st.cu_stream()) }
+                .map_err(cuda_err)?;
         }
+        st.synchronize().map_err(cuda_err)?;
+        let mut out: Vec<Launch> = v
+            .chunks(SLOTS * FIELDS)
+            .zip(&self.slots)
+            .flat_map(|(module, &(kernel, _))| {
+                module
+                    .chunks(FIELDS)
+                    .filter(|s| s[5] > 0)
+                    .map(move |s| Launch {
+                        kernel,
+                        grid: s[0],
+                        blocks: s[6],
+                        seen: s[5],
+                        first_arrival: s[1],
+                        last_arrival: s[2],
+                        first_release: s[3],
+                        last_release: s[4],
+                        marks: s[7..15].try_into().expect("8 marks"),
+                    })
+            })
+            .collect();
         out.sort_by_key(|l| l.grid);
         Ok(out)
     }
