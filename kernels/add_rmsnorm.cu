@@ -24,25 +24,7 @@ extern "C" __global__ void add_rmsnorm(bf16* __restrict__ resid, const bf16* __r
   inputs_ready_hold();  // the next kernel (its weights: ~10 MB) starts once the row is loaded
   float v[8];
   unpack8(on ? x8[c] : make_uint4(0u, 0u, 0u, 0u), v);
-  if (mode == 1 && on) {
-    add_round8(v, reinterpret_cast<const uint4*>(delta + (size_t)r * h)[c]);
-  } else if (mode == 2 && on) {
-    float d[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) d[i] = 0.f;
-#pragma unroll 8
-    for (int j = 0; j < k; ++j) {
-      float wj = slot_w[r * k + j];
-      const float4* so = reinterpret_cast<const float4*>(slot_out + ((size_t)r * k + j) * h) + 2 * c;
-      float4 a = so[0], b = so[1];
-      d[0] = fmaf(wj, a.x, d[0]); d[1] = fmaf(wj, a.y, d[1]);
-      d[2] = fmaf(wj, a.z, d[2]); d[3] = fmaf(wj, a.w, d[3]);
-      d[4] = fmaf(wj, b.x, d[4]); d[5] = fmaf(wj, b.y, d[5]);
-      d[6] = fmaf(wj, b.z, d[6]); d[7] = fmaf(wj, b.w, d[7]);
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = round_bf16(v[i] + round_bf16(d[i]));
-  }
+  if (on) add_delta8(v, delta, slot_out, slot_w, k, mode, r, c, h);
   dependents_may_start();
   // the values are bf16 now: packing them back is exact
   if (mode != 0 && on) x8[c] = pack8(v);

@@ -256,6 +256,34 @@ __device__ __forceinline__ void add_round8(float* v, uint4 d8) {
   for (int i = 0; i < 8; ++i) v[i] = round_bf16(v[i] + d[i]);
 }
 
+// v (this thread's 8 columns c of row r of the residual stream) += what add_rmsnorm's mode adds
+// (see add_rmsnorm.cu): nothing (0), the bf16 row delta (1), or the slots' weighted sum (2:
+// sum_j slot_w[r*k+j] * slot_out[r*k+j] in f32, rounded to bf16 once), each sum rounded to bf16.
+__device__ __forceinline__ void add_delta8(float* v, const bf16* __restrict__ delta,
+                                           const float* __restrict__ slot_out,
+                                           const float* __restrict__ slot_w, int k, int mode,
+                                           int r, int c, int h) {
+  if (mode == 1) {
+    add_round8(v, reinterpret_cast<const uint4*>(delta + (size_t)r * h)[c]);
+  } else if (mode == 2) {
+    float d[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) d[i] = 0.f;
+#pragma unroll 8
+    for (int j = 0; j < k; ++j) {
+      float wj = slot_w[r * k + j];
+      const float4* so = reinterpret_cast<const float4*>(slot_out + ((size_t)r * k + j) * h) + 2 * c;
+      float4 a = so[0], b = so[1];
+      d[0] = fmaf(wj, a.x, d[0]); d[1] = fmaf(wj, a.y, d[1]);
+      d[2] = fmaf(wj, a.z, d[2]); d[3] = fmaf(wj, a.w, d[3]);
+      d[4] = fmaf(wj, b.x, d[4]); d[5] = fmaf(wj, b.y, d[5]);
+      d[6] = fmaf(wj, b.z, d[6]); d[7] = fmaf(wj, b.w, d[7]);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = round_bf16(v[i] + round_bf16(d[i]));
+  }
+}
+
 // DeepseekV2RMSNorm of a row held 8 values a thread (a thread per 8 columns; threads past the
 // row hold zeros and get a result nobody stores): bf16(bf16(v / sqrt(mean(v^2) + eps)) * w),
 // packed. Every thread of the block calls it (a block reduction); red: 32 floats of shared memory.

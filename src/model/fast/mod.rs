@@ -92,6 +92,10 @@ pub struct FastDecoder {
     layers: Vec<Layer>,
     // activations, `max_rows` rows
     x: Buf<bf16>,
+    /// One row's other residual buffer: `norm_linear` reads the row from one and writes the
+    /// updated row to the other (its other blocks are still reading), so one row's layers
+    /// alternate between `x` and this.
+    x_alt: Buf<bf16>,
     h: Buf<bf16>,
     qkv: Buf<bf16>,
     attn: Buf<bf16>,
@@ -265,6 +269,7 @@ impl FastDecoder {
         }
         Ok(Self {
             x: Buf::zeros(dev, r * hs)?,
+            x_alt: Buf::zeros(dev, hs)?,
             h: Buf::zeros(dev, r * hs)?,
             qkv: Buf::zeros(dev, r * (nh + 2 * nkv) * hd)?,
             attn: Buf::zeros(dev, r * nh * hd)?,
@@ -329,11 +334,20 @@ impl FastDecoder {
         let (hs, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
         let s = self.shape;
         let width = (s.heads + 2 * s.kv_heads) * s.head_dim;
+        // the residual stream's buffer, and what the next norm adds to it first
+        let (mut resid, mut alt) = (self.x.ptr, self.x_alt.ptr);
+        let mut pending = Delta::None;
         for (li, l) in self.layers.iter().enumerate() {
-            if li == 0 {
-                k.add_rmsnorm(self.x.ptr, Delta::None, l.ln1.ptr, self.h.ptr, n, hs, eps)?;
+            if k.norm_linear_fits(n, hs) {
+                // one row: the norm inside the q/k/v projection's blocks (no launch between)
+                k.norm_linear(resid, alt, pending, l.ln1.ptr, eps, l.wqkv.ptr, self.qkv.ptr, hs, width)?;
+                if !matches!(pending, Delta::None) {
+                    std::mem::swap(&mut resid, &mut alt);
+                }
+            } else {
+                k.add_rmsnorm(resid, pending, l.ln1.ptr, self.h.ptr, n, hs, eps)?;
+                k.linear(self.h.ptr, l.wqkv.ptr, self.qkv.ptr, n, hs, width)?;
             }
-            k.linear(self.h.ptr, l.wqkv.ptr, self.qkv.ptr, n, hs, width)?;
             let (kc, vc) = (self.kc[li].ptr, self.vc[li].ptr);
             // decode (few rows): keys split over more blocks; prefill: one block per row and head
             // (from 16 rows on, rows x heads blocks fill the GPU without splitting)
@@ -364,7 +378,7 @@ impl FastDecoder {
                     let b = bias.as_ref().map_or(0, |b| b.ptr);
                     let scratch = RouteScratch { logits: self.route_logits.ptr, done: self.route_done.ptr };
                     let input = RouteInput::AddNorm {
-                        resid: self.x.ptr,
+                        resid,
                         delta: self.delta.ptr,
                         weight: l.ln2.ptr,
                         normed: self.h.ptr,
@@ -375,16 +389,15 @@ impl FastDecoder {
                 }
                 None => {
                     // the dense layer: its slots are fixed
-                    k.add_rmsnorm(self.x.ptr, Delta::Rows(self.delta.ptr), l.ln2.ptr, self.h.ptr, n, hs, eps)?;
+                    k.add_rmsnorm(resid, Delta::Rows(self.delta.ptr), l.ln2.ptr, self.h.ptr, n, hs, eps)?;
                     k.moe_plan(self.dense_expert.ptr, ns, f.e_total, n, &g)?;
                     self.ones.ptr
                 }
             };
             k.moe_experts(&f.weights(), self.h.ptr, &g, ns, f.k, hs, self.act.ptr, self.slot_out.ptr)?;
-            let next = self.layers.get(li + 1).map_or(self.norm.ptr, |l| l.ln1.ptr);
-            k.add_rmsnorm(self.x.ptr, Delta::Slots { slot_out: self.slot_out.ptr, w: sw, k: f.k }, next, self.h.ptr, n, hs, eps)?;
+            pending = Delta::Slots { slot_out: self.slot_out.ptr, w: sw, k: f.k };
         }
-        Ok(())
+        k.add_rmsnorm(resid, pending, self.norm.ptr, self.h.ptr, n, hs, eps)
     }
 
     fn state(&self, slot: usize) -> StepState {

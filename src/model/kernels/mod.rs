@@ -42,6 +42,7 @@ mod ptx {
     }
     ptx!(EMBED, "embed");
     ptx!(ADD_RMSNORM, "add_rmsnorm");
+    ptx!(NORM_LINEAR, "norm_linear");
     ptx!(ROPE_KV, "rope_kv");
     ptx!(DECODE_ATTN, "decode_attn");
     ptx!(MOE_ROUTE, "moe_route");
@@ -158,6 +159,8 @@ pub struct Kernels {
     _workspace: Buf<u8>,
     embed: CudaFunction,
     add_rmsnorm: CudaFunction,
+    /// 4, 2 and 1 outputs a warp.
+    norm_linear: [CudaFunction; 3],
     rope_kv: CudaFunction,
     decode_attn: CudaFunction,
     moe_route: CudaFunction,
@@ -178,6 +181,10 @@ pub struct Kernels {
     layer_norm: CudaFunction,
     /// `OCR_PATCH_LINEAR=cublas`: every projection through cuBLAS (to compare).
     cublas_only: bool,
+    /// One row's post-MoE norm inside the q/k/v projection (`norm_linear`), each warp making
+    /// this many outputs (1, 2 or 4; `OCR_PATCH_NORM_LINEAR`, default 4); 0 (to compare):
+    /// `add_rmsnorm` then `linear`.
+    pub(crate) norm_rows: usize,
     /// Programmatic dependent launch (compute capability >= 9.0, unless `OCR_PATCH_PDL=0`):
     /// each kernel may start while the one before it runs (see `inputs_ready` in
     /// `kernels/common.cuh`).
@@ -225,6 +232,11 @@ impl Kernels {
             _workspace: workspace,
             embed: f("embed", ptx::EMBED)?,
             add_rmsnorm: f("add_rmsnorm", ptx::ADD_RMSNORM)?,
+            norm_linear: [
+                f("norm_linear", ptx::NORM_LINEAR)?,
+                g("norm_linear_r2", "norm_linear", ptx::NORM_LINEAR)?,
+                g("norm_linear_r1", "norm_linear", ptx::NORM_LINEAR)?,
+            ],
             rope_kv: f("rope_kv", ptx::ROPE_KV)?,
             decode_attn: f("decode_attn", ptx::DECODE_ATTN)?,
             moe_route: f("moe_route", ptx::MOE_ROUTE)?,
@@ -244,6 +256,12 @@ impl Kernels {
             permute: f("permute", ptx::PERMUTE)?,
             layer_norm: f("layer_norm", ptx::LAYER_NORM)?,
             cublas_only: std::env::var("OCR_PATCH_LINEAR").is_ok_and(|v| v == "cublas"),
+            norm_rows: match std::env::var("OCR_PATCH_NORM_LINEAR").as_deref() {
+                Ok("0") => 0,
+                Ok("1") => 1,
+                Ok("2") => 2,
+                _ => 4,
+            },
             overlap: stream.context().compute_capability().map_err(cuda_err)?.0 >= 9
                 && !std::env::var("OCR_PATCH_PDL").is_ok_and(|v| v == "0"),
             attn_share: std::env::var("OCR_PATCH_ATTN_SHARE")

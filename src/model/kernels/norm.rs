@@ -1,5 +1,6 @@
-//! `embed` (token rows) and `add_rmsnorm` (the residual add fused with the next RMSNorm; the
-//! MoE's weighted sum of expert outputs folded in). Reference: `DeepseekV2RMSNorm` as
+//! `embed` (token rows), `add_rmsnorm` (the residual add fused with the next RMSNorm; the
+//! MoE's weighted sum of expert outputs folded in) and `norm_linear` (that and the projection
+//! after it, for one row). Reference: `DeepseekV2RMSNorm` as
 //! [`crate::model::decoder::RmsNorm`] computes it, after the reference path's bf16 add.
 
 use candle_core::Result;
@@ -15,6 +16,17 @@ pub enum Delta {
     Rows(u64),
     /// `sum_j w[r*k+j] * slot_out[r*k+j]`: `slot_out` `(rows*k, h)` f32, `w` `(rows*k)` f32.
     Slots { slot_out: u64, w: u64, k: usize },
+}
+
+impl Delta {
+    /// The kernels' arguments: mode, delta, slot outputs, slot weights, slots per row.
+    fn args(self) -> (i32, u64, u64, u64, i32) {
+        match self {
+            Delta::None => (0, 0, 0, 0, 0),
+            Delta::Rows(p) => (1, p, 0, 0, 0),
+            Delta::Slots { slot_out, w, k } => (2, 0, slot_out, w, k as i32),
+        }
+    }
 }
 
 impl Kernels {
@@ -41,17 +53,58 @@ impl Kernels {
         if h % 8 != 0 || h > 8192 {
             candle_core::bail!("add_rmsnorm: hidden size {h} must be a multiple of 8, at most 8192");
         }
-        let (mode, d, so, sw, k) = match delta {
-            Delta::None => (0i32, 0u64, 0u64, 0u64, 0i32),
-            Delta::Rows(p) => (1, p, 0, 0, 0),
-            Delta::Slots { slot_out, w, k } => (2, 0, slot_out, w, k as i32),
-        };
+        let (mode, d, so, sw, k) = delta.args();
         launch!(
             self,
             self.add_rmsnorm,
             // a thread per 8 columns, whole warps
             cfg((rows as u32, 1, 1), (h / 8).div_ceil(32) as u32 * 32, 0),
             resid, d, so, sw, k, mode, weight, out, h as i32, eps as f32
+        )
+    }
+
+    /// Whether [`Self::norm_linear`] takes `rows` rows of hidden size `h` (one row, `h` a
+    /// multiple of 8 up to 2048; not under `OCR_PATCH_LINEAR=cublas` nor
+    /// `OCR_PATCH_NORM_LINEAR=0`).
+    pub fn norm_linear_fits(&self, rows: usize, h: usize) -> bool {
+        rows == 1 && h % 8 == 0 && h <= 2048 && !self.cublas_only && self.norm_rows != 0
+    }
+
+    /// One row's [`Self::add_rmsnorm`] and the [`Self::linear`] that reads its output in one
+    /// launch: `x = resid + delta`, `resid_out = x` (unless `delta` is [`Delta::None`]),
+    /// `y (1, out) = (RMSNorm(x) * norm_w) . w (out, h)^T`, the same values as the two launches.
+    /// `resid_out` must not be `resid` (every block reads `resid`; the first writes `resid_out`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn norm_linear(
+        &self,
+        resid: u64,
+        resid_out: u64,
+        delta: Delta,
+        norm_w: u64,
+        eps: f64,
+        w: u64,
+        y: u64,
+        h: usize,
+        out: usize,
+    ) -> Result<()> {
+        if h % 8 != 0 || h > 2048 || out == 0 {
+            candle_core::bail!("norm_linear: hidden size {h} must be a multiple of 8, at most 2048 (out {out})");
+        }
+        if resid == resid_out && !matches!(delta, Delta::None) {
+            candle_core::bail!("norm_linear: resid_out must be another buffer than resid");
+        }
+        let (mode, d, so, sw, k) = delta.args();
+        // outputs a warp (8 warps a block)
+        let (func, per_warp) = match self.norm_rows {
+            1 => (&self.norm_linear[2], 1),
+            2 => (&self.norm_linear[1], 2),
+            _ => (&self.norm_linear[0], 4),
+        };
+        launch!(
+            self,
+            *func,
+            cfg((out.div_ceil(8 * per_warp) as u32, 1, 1), 256, 0),
+            resid, resid_out, d, so, sw, k, mode, norm_w, eps as f32, w, y, h as i32, out as i32
         )
     }
 }
@@ -131,6 +184,61 @@ mod tests {
             // one bf16 ulp of the largest values (|out| < 8): 2^-5
             assert!(dr <= 1.6e-2 && dn <= 3.2e-2, "{name}: resid {dr}, out {dn}");
         }
+    }
+
+    /// `norm_linear` gives what `add_rmsnorm` then `linear` give, bit for bit, in every mode,
+    /// for a row held in registers (1280) and one that is not (2048), an output count that is
+    /// not a multiple of the block's 8; it refuses a hidden size it cannot hold and an in-place
+    /// residual.
+    #[test]
+    fn norm_linear_equals_add_rmsnorm_then_linear() {
+        let (dev, cd) = device();
+        let mut k = Kernels::load(&cd).unwrap();
+        let kk = 3usize;
+        let p = |t: &Tensor| tensor_ptr::<bf16>(t).unwrap();
+        let pf = |t: &Tensor| tensor_ptr::<f32>(t).unwrap();
+        for (rows_per_warp, h, out) in [(4, 1280usize, 3840usize), (4, 2048, 100), (2, 1280, 100), (1, 1280, 100)] {
+            k.norm_rows = rows_per_warp;
+            let x = rand_bf16(&[1, h], 2.0, 41).to_device(&dev).unwrap();
+            let d = rand_bf16(&[1, h], 1.0, 42).to_device(&dev).unwrap();
+            let nw = rand_bf16(&[h], 1.5, 43).to_device(&dev).unwrap();
+            let w = rand_bf16(&[out, h], 0.05, 44).to_device(&dev).unwrap();
+            let slots = rand(&[kk, h], 1.0, 45).to_device(&dev).unwrap();
+            let sw = rand(&[kk], 1.0, 46).to_device(&dev).unwrap();
+            let deltas = [
+                ("none", Delta::None),
+                ("rows", Delta::Rows(p(&d))),
+                ("slots", Delta::Slots { slot_out: pf(&slots), w: pf(&sw), k: kk }),
+            ];
+            for (name, delta) in deltas {
+                // two launches, the residual in place on a copy
+                let r2 = x.copy().unwrap();
+                let normed = Tensor::zeros((1, h), DType::BF16, &dev).unwrap();
+                let want = Tensor::zeros((1, out), DType::BF16, &dev).unwrap();
+                k.add_rmsnorm(p(&r2), delta, p(&nw), p(&normed), 1, h, 1e-6).unwrap();
+                k.linear_kernel(p(&normed), p(&w), p(&want), 1, h, out).unwrap();
+                // one launch
+                let r1 = x.copy().unwrap();
+                let r1_out = x.copy().unwrap();
+                let y = Tensor::zeros((1, out), DType::BF16, &dev).unwrap();
+                k.norm_linear(p(&r1), p(&r1_out), delta, p(&nw), 1e-6, p(&w), p(&y), h, out).unwrap();
+                let (dy, dr, dx) = (max_diff(&y, &want), max_diff(&r1_out, &r2), max_diff(&r1, &x));
+                eprintln!("norm_linear {rows_per_warp} a warp, h {h} out {out} {name}: |y diff| {dy:.3e}, |resid diff| {dr:.3e}");
+                assert_eq!((dy, dr, dx), (0.0, 0.0, 0.0), "{rows_per_warp} a warp, h {h} out {out} {name}");
+                assert!(max_diff(&want, &Tensor::zeros((1, out), DType::BF16, &dev).unwrap()) > 0.0);
+            }
+            // refused: the residual in place (the other blocks still read it)
+            let e = k.norm_linear(p(&x), p(&x), Delta::Rows(p(&d)), p(&nw), 1e-6, p(&w), p(&d), h, out);
+            assert!(e.unwrap_err().to_string().contains("resid_out"));
+        }
+        let x = rand_bf16(&[1, 4096], 1.0, 47).to_device(&dev).unwrap();
+        for h in [1284usize, 4096] {
+            let e = k.norm_linear(p(&x), p(&x), Delta::None, p(&x), 1e-6, p(&x), p(&x), h, 8);
+            assert!(e.unwrap_err().to_string().contains("hidden size"), "{h}");
+        }
+        assert!(k.norm_linear_fits(1, 1280) && !k.norm_linear_fits(2, 1280) && !k.norm_linear_fits(1, 4096));
+        k.norm_rows = 0;
+        assert!(!k.norm_linear_fits(1, 1280));
     }
 
     #[test]

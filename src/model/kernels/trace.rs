@@ -26,10 +26,11 @@ const FIELDS: usize = 15;
 
 impl Kernels {
     /// The decoder kernels' modules (each `ocr_trace` once).
-    fn traced_modules(&self) -> [(&'static str, &CudaFunction); 10] {
+    fn traced_modules(&self) -> [(&'static str, &CudaFunction); 11] {
         [
             ("embed", &self.embed),
             ("add_rmsnorm", &self.add_rmsnorm),
+            ("norm_linear", &self.norm_linear[0]),
             ("rope_kv", &self.rope_kv),
             ("decode_attn", &self.decode_attn),
             ("moe_route", &self.moe_route),
