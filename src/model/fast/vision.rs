@@ -1,10 +1,12 @@
 //! The vision encoder on the GPU fast path: the reference towers ([`DeepEncoder`]) with their
-//! [`VisionOps`] swapped for [`FastVisionOps`]: SAM's attention as cuBLAS + the fused
-//! `sam_softmax` kernel (the relative-position bias is never materialised, the scores are held
-//! a few heads at a time), every linear layer as one cuBLAS GEMM + the `bias_act` epilogue
+//! [`VisionOps`] swapped for [`FastVisionOps`]: SAM's attention as one `sam_flash` launch (flash
+//! attention on the tensor cores; the relative-position terms are the reference's two batched
+//! GEMMs, the bias and the scores are never materialised; other head dims: cuBLAS + the fused
+//! `sam_softmax` kernel, the scores held a few heads at a time), every linear layer as one cuBLAS GEMM + the `bias_act` epilogue
 //! (bias, activation and residual add in one pass), the head splits, merges and window
-//! partitions as the `permute` kernel, the layer norms as `layer_norm`. The rest (convolutions,
-//! the neck's channel norms, CLIP's softmax attention, the layout) is the reference path's code.
+//! partitions as the `permute` kernel, the layer norms as `layer_norm`, CLIP's attention as
+//! `sam_flash` without a bias. The rest (convolutions, the neck's channel norms, the layout) is
+//! the reference path's code.
 //!
 //! Owns: the fused ops and [`accelerate`]. Does not own the towers' structure nor their
 //! weights ([`crate::model::vision`]).
@@ -12,22 +14,33 @@
 use std::sync::Arc;
 
 use candle_core::op::BackpropOp;
-use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor, D};
 use candle_nn::Linear;
 use half::bf16;
 
-use crate::model::kernels::vision::{View, LAYER_NORM_MAX, SAM_HEAD_DIMS};
+use crate::model::kernels::vision::{FlashTerms, View, LAYER_NORM_MAX, SAM_FLASH_HEAD_DIM, SAM_HEAD_DIMS};
 use crate::model::kernels::{tensor_ptr, view_ptr, Kernels};
-use crate::model::vision::{Act, DeepEncoder, GridAttention, Norm, ReferenceOps, VisionOps};
+use crate::model::vision::{rel_pos_terms, Act, DeepEncoder, GridAttention, Norm, ReferenceOps, VisionOps};
 
 /// The fused vision ops, bf16 on CUDA; any other dtype or device goes to [`ReferenceOps`].
 pub struct FastVisionOps {
     k: Arc<Kernels>,
+    /// SAM's and CLIP's attention by `sam_flash` (head dim 64; SAM's grids of even sides), unless
+    /// `OCR_PATCH_SAM_FLASH=0`: cuBLAS's scores, `sam_softmax` and cuBLAS's `p v` then (CLIP:
+    /// the reference's).
+    flash: bool,
 }
 
 impl FastVisionOps {
     pub fn new(k: Arc<Kernels>) -> Self {
-        Self { k }
+        let flash = !std::env::var("OCR_PATCH_SAM_FLASH").is_ok_and(|v| v == "0");
+        Self { k, flash }
+    }
+
+    /// The same ops, SAM's attention by `sam_flash` or not (tests and benches compare them).
+    pub fn with_flash(mut self, flash: bool) -> Self {
+        self.flash = flash;
+        self
     }
 
     /// A bf16 tensor whose every element the caller's kernel writes (no zero fill).
@@ -67,6 +80,15 @@ impl VisionOps for FastVisionOps {
         let (q, k, v) = (a.q.contiguous()?, a.k.contiguous()?, a.v.contiguous()?);
         let (rh, rw) = (a.rh.contiguous()?, a.rw.contiguous()?);
         let scale = 1.0 / (d as f32).sqrt();
+        if self.flash && d == SAM_FLASH_HEAD_DIM && h % 2 == 0 && w % 2 == 0 && t < 1 << 16 {
+            // one pass on the tensor cores; the terms are the reference's two batched GEMMs
+            let (rel_h, rel_w) = rel_pos_terms(&q, &rh, &rw, (h, w), &|x| self.contiguous(x))?;
+            let Device::Cuda(dev) = q.device() else { unreachable!("fusable checked the device") };
+            let out = self.uninit(dev, (n, t, d))?;
+            let terms = FlashTerms { rel_h: ptr(&rel_h)?, rel_w: ptr(&rel_w)?, grid: (h, w) };
+            self.k.sam_flash((ptr(&q)?, ptr(&k)?, ptr(&v)?), ptr(&out)?, Some(terms), n, t, scale)?;
+            return Ok(out);
+        }
         // the scores of at most SCORE_BYTES at once (a few heads of a global view, every
         // window of a windowed block): the device's peak stays low
         let chunk = (SCORE_BYTES / (t * t * 2)).clamp(1, n);
@@ -94,6 +116,21 @@ impl VisionOps for FastVisionOps {
         } else {
             Tensor::cat(&outs, 0)
         }
+    }
+
+    fn attend_plain(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let dims = q.dims().to_vec();
+        let (t, d) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
+        let n = q.elem_count() / (t * d).max(1);
+        if !self.flash || !fusable(&[q, k, v]) || d != SAM_FLASH_HEAD_DIM || k.dims() != dims || v.dims() != dims {
+            return ReferenceOps.attend_plain(q, k, v);
+        }
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let Device::Cuda(dev) = q.device() else { unreachable!("fusable checked the device") };
+        let out = self.uninit(dev, dims)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        self.k.sam_flash((ptr(&q)?, ptr(&k)?, ptr(&v)?), ptr(&out)?, None, n, t, scale)?;
+        Ok(out)
     }
 
     fn linear(

@@ -53,6 +53,7 @@ mod ptx {
     ptx!(GREEDY_NEXT, "greedy_next");
     ptx!(LINEAR, "linear");
     ptx!(SAM_SOFTMAX, "sam_softmax");
+    ptx!(SAM_FLASH, "sam_flash");
     ptx!(BIAS_ACT, "bias_act");
     ptx!(PERMUTE, "permute");
     ptx!(LAYER_NORM, "layer_norm");
@@ -176,6 +177,8 @@ pub struct Kernels {
     sam_softmax_v8: CudaFunction,
     sam_softmax_v4: CudaFunction,
     sam_softmax_rows_v4: CudaFunction,
+    /// Any grid, a grid 64 wide, no bias.
+    sam_flash: [CudaFunction; 3],
     bias_act: CudaFunction,
     permute: CudaFunction,
     layer_norm: CudaFunction,
@@ -251,6 +254,19 @@ impl Kernels {
             sam_softmax_v8: f("sam_softmax_v8", ptx::SAM_SOFTMAX)?,
             sam_softmax_v4: g("sam_softmax_v4", "sam_softmax_v8", ptx::SAM_SOFTMAX)?,
             sam_softmax_rows_v4: g("sam_softmax_rows_v4", "sam_softmax_v8", ptx::SAM_SOFTMAX)?,
+            sam_flash: {
+                let load = |name: &str| -> Result<CudaFunction> {
+                    let f = g(name, "sam_flash", ptx::SAM_FLASH)?;
+                    // its tiles take more than the default 48 KiB of shared memory
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        vision::SAM_FLASH_MAX_SMEM as i32,
+                    )
+                    .map_err(cuda_err)?;
+                    Ok(f)
+                };
+                [load("sam_flash")?, load("sam_flash_w64")?, load("sam_flash_plain")?]
+            },
 
             bias_act: f("bias_act", ptx::BIAS_ACT)?,
             permute: f("permute", ptx::PERMUTE)?,

@@ -1,5 +1,6 @@
-//! The vision towers' kernels: `sam_softmax` (SAM's attention probabilities with the decomposed
-//! relative positions, the bias never materialised), `bias_act` (a linear layer's bias,
+//! The vision towers' kernels: `sam_flash` (SAM's attention in one pass on the tensor cores, the
+//! scores never written), `sam_softmax` (SAM's attention probabilities with the decomposed
+//! relative positions, the bias never materialised: the path for head dims other than 64), `bias_act` (a linear layer's bias,
 //! activation and residual add in one pass over cuBLAS's output), `permute` (a strided view
 //! made contiguous, 16 bytes per thread) and `layer_norm` (a warp per row). References: [`crate::model::vision::ReferenceOps`]
 //! (`attend`: the full bias + `sdpa`; `linear`: candle's linear, the activation and the add as
@@ -17,6 +18,28 @@ const SAM_MAXV: usize = 16;
 
 /// The widest row `layer_norm` takes (`LN_MAXU` 16-byte loads per lane).
 pub const LAYER_NORM_MAX: usize = 1024;
+
+/// SAM's relative-position terms for [`Kernels::sam_flash`]: the two GEMMs' outputs (device
+/// addresses) and the grid.
+#[derive(Debug, Clone, Copy)]
+pub struct FlashTerms {
+    pub rel_h: u64,
+    pub rel_w: u64,
+    pub grid: (usize, usize),
+}
+
+/// The head dim `sam_flash` is compiled for (SAM ViT-B's and CLIP-L's).
+pub const SAM_FLASH_HEAD_DIM: usize = 64;
+
+/// `sam_flash`'s shared memory: the query tile, two stages of key and value tiles (64 rows of
+/// 64 + 8 bf16 each) and 64 rows of the relative-position terms (`sam_flash_rs` in the kernel).
+const fn sam_flash_smem((gh, gw): (usize, usize)) -> usize {
+    let rs = 2 * (((gh + gw) / 2 + 27) / 32 * 32 + 4);
+    (5 * 64 * 72 + 64 * rs) * 2
+}
+
+/// The most shared memory `sam_flash` is let use: grid sides up to 1024 together (178 KiB).
+pub const SAM_FLASH_MAX_SMEM: usize = sam_flash_smem((512, 512));
 
 /// Head dims `sam_softmax` takes (`d / 8` lanes per relative-position term must divide a warp).
 pub const SAM_HEAD_DIMS: [usize; 6] = [8, 16, 32, 64, 128, 256];
@@ -122,6 +145,48 @@ impl Kernels {
         )
     }
 
+    /// `out = softmax(q k^T * scale + rel_h + rel_w) v` over `n` sequences of `t` positions,
+    /// `q`, `k`, `v`, `out` `(n, t, 64)` bf16; the terms of a `gh x gw` grid (`t = gh*gw`) as
+    /// [`crate::model::vision::rel_pos_terms`] leaves them (`rel_h` `(gh, n*gw, gh)`, `rel_w`
+    /// `(gw, n*gh, gw)` bf16), or `None` for no bias (CLIP).
+    pub fn sam_flash(
+        &self,
+        (q, k, v): (u64, u64, u64),
+        out: u64,
+        terms: Option<FlashTerms>,
+        n: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()> {
+        if t == 0 || t >= 1 << 16 {
+            candle_core::bail!("sam_flash: {t} positions (1 to 65535)");
+        }
+        if n == 0 || n > 65535 {
+            candle_core::bail!("sam_flash: {n} sequences (1 to 65535)");
+        }
+        let ((rh, rw), (gh, gw)) = match terms {
+            Some(FlashTerms { rel_h, rel_w, grid: (gh, gw) }) => {
+                if gh % 2 != 0 || gw % 2 != 0 || gh * gw != t || gh + gw > 1024 {
+                    candle_core::bail!("sam_flash: a {gh}x{gw} grid for {t} positions (even sides, up to 1024 together)");
+                }
+                ((rel_h, rel_w), (gh, gw))
+            }
+            None => ((0, 0), (0, 0)),
+        };
+        let shared = sam_flash_smem((gh, gw));
+        let func = match (terms.is_some(), gw) {
+            (true, 64) => &self.sam_flash[1],
+            (true, _) => &self.sam_flash[0],
+            (false, _) => &self.sam_flash[2],
+        };
+        launch!(
+            self,
+            *func,
+            cfg((t.div_ceil(64) as u32, n as u32, 1), 128, shared as u32),
+            q, k, v, out, rh, rw, n as i32, t as i32, gh as i32, gw as i32, scale
+        )
+    }
+
     /// In place over `y` `(rows, out)` bf16: `act(y + bias) (+ res)`, `bias` `(out)` and `res`
     /// `(rows, out)` optional (0). `out` a multiple of 8.
     pub fn bias_act(
@@ -209,6 +274,7 @@ impl Kernels {
 
 #[cfg(test)]
 mod tests {
+    use super::FlashTerms;
     use crate::model::fast::vision::FastVisionOps;
     use crate::model::kernels::testutil::*;
     use crate::model::kernels::Kernels;
@@ -217,18 +283,24 @@ mod tests {
     use candle_core::{DType, Tensor};
     use std::sync::Arc;
 
-    /// The fused attention (cuBLAS scores + `sam_softmax` + cuBLAS) against the reference
-    /// attention computed in f32, on SAM's shapes, one per kernel variant: windows of 14x14 (196
-    /// keys: a warp per row) and global grids whose tables are resized (40x40 and 30x30 on tables
-    /// trained for 64: a block per row, 16- and 8-byte loads), 12 heads of 64.
+    /// The fused attention, `sam_flash` and the unfused path (cuBLAS scores + `sam_softmax` +
+    /// cuBLAS), against the reference attention computed in f32, on SAM's shapes: windows of
+    /// 14x14 (196 keys: partial tiles; a warp per row), global grids whose tables are resized
+    /// (40x40 and 30x30 on tables trained for 64: partial tiles; a block per row, 16- and
+    /// 8-byte loads) and Base's 64x64 grid, heads of 64.
     #[test]
     fn sam_attention_matches_the_reference() {
         let (dev, cd) = device();
-        let fast = FastVisionOps::new(Arc::new(Kernels::load(&cd).unwrap()));
+        let k = Arc::new(Kernels::load(&cd).unwrap());
+        let paths = [
+            ("sam_flash", FastVisionOps::new(k.clone()).with_flash(true)),
+            ("sam_softmax", FastVisionOps::new(k).with_flash(false)),
+        ];
         let cases = [
             ("windows 14x14 (a warp per row)", 2 * 12, 14usize, 27usize),
             ("global 40x40 (resized tables, 16-byte loads)", 12, 40, 127),
             ("global 30x30 (8-byte loads)", 12, 30, 127),
+            ("global 64x64 (Base)", 2, 64, 127),
         ];
         for (name, n, grid, table) in cases {
             let t = grid * grid;
@@ -261,13 +333,43 @@ mod tests {
             };
             let want = attend(&ReferenceOps, [&q, &kk, &v, &rh, &rw]);
             let g = |x: &Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
-            let got = attend(&fast, [&g(&q), &g(&kk), &g(&v), &g(&rh), &g(&rw)]);
-            let diff = max_diff(&got, &want);
-            eprintln!("sam attention, {name}: max |diff| {diff:.3e} at |out| <= {:.2} (bf16 inputs vs f32 reference)", max_abs(&want));
-            // bf16 inputs (rounded q, k, v, tables) and bf16 probabilities: a few bf16 ulps at
-            // |out| < 1
-            assert!(diff <= 2.5e-2, "{name}: {diff}");
+            for (path, fast) in &paths {
+                let got = attend(fast, [&g(&q), &g(&kk), &g(&v), &g(&rh), &g(&rw)]);
+                let diff = max_diff(&got, &want);
+                eprintln!("sam attention by {path}, {name}: max |diff| {diff:.3e} at |out| <= {:.2} (bf16 inputs vs f32 reference)", max_abs(&want));
+                // bf16 inputs (rounded q, k, v, tables, terms) and bf16 probabilities: a few
+                // bf16 ulps at |out| < 1
+                assert!(diff <= 2.5e-2, "{path}, {name}: {diff}");
+            }
         }
+    }
+
+    /// CLIP's attention (no bias) by `sam_flash` against the reference in f32: CLIP-L's 16 heads
+    /// of 257 positions (a partial last tile) and a sequence shorter than one tile.
+    #[test]
+    fn plain_attention_matches_the_reference() {
+        let (dev, cd) = device();
+        let fast = FastVisionOps::new(Arc::new(Kernels::load(&cd).unwrap())).with_flash(true);
+        for (n, t) in [(16usize, 257usize), (3, 5)] {
+            let q = rand(&[1, n, t, 64], 1.5, 71);
+            let kk = rand(&[1, n, t, 64], 1.5, 72);
+            let v = rand(&[1, n, t, 64], 1.0, 73);
+            let want = ReferenceOps.attend_plain(&q, &kk, &v).unwrap();
+            let g = |x: &Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+            let got = fast.attend_plain(&g(&q), &g(&kk), &g(&v)).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = max_diff(&got, &want);
+            eprintln!("plain attention by sam_flash, {n} x {t}: max |diff| {diff:.3e} at |out| <= {:.2}", max_abs(&want));
+            assert!(diff <= 2.5e-2, "{n} x {t}: {diff}");
+        }
+        // refused: a grid whose sides do not give t, an odd side
+        let k = Kernels::load(&cd).unwrap();
+        let terms = |grid| Some(FlashTerms { rel_h: 0, rel_w: 0, grid });
+        for (t, grid) in [(100usize, (10usize, 12usize)), (99, (9, 11))] {
+            let e = k.sam_flash((0, 0, 0), 0, terms(grid), 1, t, 1.0).unwrap_err();
+            assert!(e.to_string().contains("grid"), "{e}");
+        }
+        assert!(k.sam_flash((0, 0, 0), 0, None, 1, 0, 1.0).is_err());
     }
 
     /// `contiguous` of the towers' permuted views (head split, window partition, a cropped

@@ -14,7 +14,7 @@ use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 
 use super::interp;
 use super::ops::{Act, Norm, ReferenceOps, VisionOps};
-use super::sam::{sdpa, GridCache};
+use super::sam::GridCache;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipConfig {
@@ -71,7 +71,7 @@ impl Attention {
             .permute((2, 0, 3, 1, 4))?;
         let qkv = ops.contiguous(&qkv)?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let o = sdpa(&q, &k, &v, None)?;
+        let o = ops.attend_plain(&q, &k, &v)?;
         let o = ops
             .contiguous(&o.permute((0, 2, 1, 3))?)?
             .reshape((b, s, c))?;

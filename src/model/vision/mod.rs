@@ -18,7 +18,7 @@ use candle_nn::{linear, Linear, VarBuilder};
 
 pub use clip::{ClipConfig, VitModel};
 pub use ops::{Act, GridAttention, Norm, ReferenceOps, VisionOps};
-pub use sam::{ImageEncoderViT, SamConfig};
+pub use sam::{rel_pos_terms, ImageEncoderViT, SamConfig};
 
 /// The vision sizes; deepencoder.py hard-codes them, `DeepseekOCRModel.__init__` hard-codes
 /// `n_embed = 1280` and the `linear` projector of 2048 inputs.

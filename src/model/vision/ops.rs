@@ -68,6 +68,9 @@ pub trait VisionOps: Send + Sync {
     /// `add_decomposed_rel_pos`): `(n, h*w, d)`.
     fn attend(&self, a: &GridAttention<'_>) -> Result<Tensor>;
 
+    /// CLIP's attention, `softmax(q k^T / sqrt(d)) v` over `(.., t, d)` (no bias, no mask).
+    fn attend_plain(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+
     /// `act(l(x)) + residual` over the last dim of `x`, each step rounded to the dtype as the
     /// reference's ops round.
     fn linear(&self, l: &Linear, x: &Tensor, act: Act, residual: Option<&Tensor>)
@@ -95,6 +98,10 @@ impl VisionOps for ReferenceOps {
     fn attend(&self, a: &GridAttention<'_>) -> Result<Tensor> {
         let bias = rel_pos_bias(a.q, a.rh, a.rw, a.hw, a.hw)?;
         sdpa(a.q, a.k, a.v, Some(&bias))
+    }
+
+    fn attend_plain(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        sdpa(q, k, v, None)
     }
 
     fn linear(

@@ -102,6 +102,31 @@ pub fn get_rel_pos(q_size: usize, k_size: usize, rel_pos: &Tensor) -> Result<Ten
     resized.index_select(&idx, 0)?.reshape((q_size, k_size, c))
 }
 
+/// `add_decomposed_rel_pos`'s two einsums as batched GEMMs, in the layout the GEMMs leave
+/// them: `rel_h` `(q_h, b*q_w, k_h)` (query `(y, x)` of grid `n` at row `n*q_w + x` of batch
+/// `y`) and `rel_w` `(q_w, b*q_h, k_w)` (at row `n*q_h + y` of batch `x`), from the tables
+/// [`get_rel_pos`] gathered: `rh` `(q_h, k_h, c)`, `rw` `(q_w, k_w, c)`. `copy` makes q's
+/// permuted views contiguous (candle's copy, or the fast path's kernel: the same values).
+pub fn rel_pos_terms(
+    q: &Tensor,
+    rh: &Tensor,
+    rw: &Tensor,
+    (q_h, q_w): (usize, usize),
+    copy: &dyn Fn(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let (b, _, c) = q.dims3()?;
+    let r_q = q.reshape((b, q_h, q_w, c))?;
+    // rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh): batch the matmul over h.
+    let rel_h = copy(&r_q.permute((1, 0, 2, 3))?)?
+        .reshape((q_h, b * q_w, c))?
+        .matmul(&rh.transpose(1, 2)?.contiguous()?)?;
+    // rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw): batch the matmul over w.
+    let rel_w = copy(&r_q.permute((2, 0, 1, 3))?)?
+        .reshape((q_w, b * q_h, c))?
+        .matmul(&rw.transpose(1, 2)?.contiguous()?)?;
+    Ok((rel_h, rel_w))
+}
+
 /// `add_decomposed_rel_pos` folded into the attention bias, `(b, q_h*q_w, k_h*k_w)`, from the
 /// tables [`get_rel_pos`] gathered: `rh` `(q_h, k_h, c)`, `rw` `(q_w, k_w, c)`.
 pub fn rel_pos_bias(
@@ -111,22 +136,10 @@ pub fn rel_pos_bias(
     (q_h, q_w): (usize, usize),
     (k_h, k_w): (usize, usize),
 ) -> Result<Tensor> {
-    let (b, _, c) = q.dims3()?;
-    let r_q = q.reshape((b, q_h, q_w, c))?;
-    // rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh): batch the matmul over h.
-    let rel_h = r_q
-        .permute((1, 0, 2, 3))?
-        .reshape((q_h, b * q_w, c))?
-        .matmul(&rh.transpose(1, 2)?.contiguous()?)?
-        .reshape((q_h, b, q_w, k_h))?
-        .permute((1, 0, 2, 3))?;
-    // rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw): batch the matmul over w.
-    let rel_w = r_q
-        .permute((2, 0, 1, 3))?
-        .reshape((q_w, b * q_h, c))?
-        .matmul(&rw.transpose(1, 2)?.contiguous()?)?
-        .reshape((q_w, b, q_h, k_w))?
-        .permute((1, 2, 0, 3))?;
+    let b = q.dim(0)?;
+    let (rel_h, rel_w) = rel_pos_terms(q, rh, rw, (q_h, q_w), &Tensor::contiguous)?;
+    let rel_h = rel_h.reshape((q_h, b, q_w, k_h))?.permute((1, 0, 2, 3))?;
+    let rel_w = rel_w.reshape((q_w, b, q_h, k_w))?.permute((1, 2, 0, 3))?;
     // attn_bias = (rel_h[..., None] + rel_w[..., None, :]).view(B, nH, q_h*q_w, k_h*k_w)
     rel_h
         .unsqueeze(4)?
@@ -508,6 +521,10 @@ mod tests {
         fn attend(&self, a: &GridAttention<'_>) -> Result<Tensor> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             ReferenceOps.attend(a)
+        }
+
+        fn attend_plain(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+            ReferenceOps.attend_plain(q, k, v)
         }
 
         fn linear(&self, l: &Linear, x: &Tensor, act: Act, r: Option<&Tensor>) -> Result<Tensor> {
