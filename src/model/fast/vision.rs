@@ -11,20 +11,25 @@
 //! Owns: the fused ops and [`accelerate`]. Does not own the towers' structure nor their
 //! weights ([`crate::model::vision`]).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor, D};
-use candle_nn::Linear;
+use candle_nn::{Conv2d, Linear};
 use half::bf16;
 
 use crate::model::kernels::vision::{FlashTerms, View, LAYER_NORM_MAX, SAM_FLASH_HEAD_DIM, SAM_HEAD_DIMS};
 use crate::model::kernels::{tensor_ptr, view_ptr, Kernels};
+use crate::model::vision::sam::{LayerNorm2d, Neck};
 use crate::model::vision::{rel_pos_terms, Act, DeepEncoder, GridAttention, Norm, ReferenceOps, VisionOps};
 
 /// The fused vision ops, bf16 on CUDA; any other dtype or device goes to [`ReferenceOps`].
 pub struct FastVisionOps {
     k: Arc<Kernels>,
+    /// A k x k convolution's weight `(o, i, k, k)` as the NHWC GEMM takes it, `(o, k*k*i)`,
+    /// made at its first use (by the weight's device address).
+    conv_weights: Mutex<HashMap<u64, Tensor>>,
     /// SAM's and CLIP's attention by `sam_flash` (head dim 64; SAM's grids of even sides), unless
     /// `OCR_PATCH_SAM_FLASH=0`: cuBLAS's scores, `sam_softmax` and cuBLAS's `p v` then (CLIP:
     /// the reference's).
@@ -34,13 +39,73 @@ pub struct FastVisionOps {
 impl FastVisionOps {
     pub fn new(k: Arc<Kernels>) -> Self {
         let flash = !std::env::var("OCR_PATCH_SAM_FLASH").is_ok_and(|v| v == "0");
-        Self { k, flash }
+        Self { k, flash, conv_weights: Mutex::default() }
     }
 
     /// The same ops, SAM's attention by `sam_flash` or not (tests and benches compare them).
     pub fn with_flash(mut self, flash: bool) -> Self {
         self.flash = flash;
         self
+    }
+
+    /// Whether [`Self::conv_nhwc`] takes `conv`: no groups, no dilation, a square kernel,
+    /// input channels a multiple of 8, bf16 on CUDA.
+    fn conv_fits(conv: &Conv2d) -> bool {
+        let cfg = conv.config();
+        let w = conv.weight();
+        matches!(w.dims(), &[_, i, kh, kw] if kh == kw && i % 8 == 0)
+            && cfg.groups == 1
+            && cfg.dilation == 1
+            && fusable(&[w])
+    }
+
+    /// `conv` ([`Self::conv_fits`]) over the NHWC image `x` `(b, h, w, c)`: the patches (none
+    /// for a 1x1 convolution) times the weight, `(b, oh, ow, o)`.
+    fn conv_nhwc(&self, conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
+        let cfg = conv.config();
+        let (o, _, kh, _) = conv.weight().dims4()?;
+        let (b, h, w, c) = x.dims4()?;
+        let Device::Cuda(dev) = x.device() else { candle_core::bail!("conv_nhwc: not on CUDA") };
+        let (k, s, p) = (kh, cfg.stride, cfg.padding);
+        let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        let x = x.contiguous()?;
+        let cols = if k == 1 && s == 1 && p == 0 {
+            x.reshape((b * h * w, c))?
+        } else {
+            let cols = self.uninit(dev, (b * oh * ow, k * k * c))?;
+            self.k.patches(ptr(&x)?, ptr(&cols)?, b, (h, w, c), (k, s, p), (oh, ow))?;
+            cols
+        };
+        let wm = {
+            let key = ptr(conv.weight())?;
+            let mut cache = self.conv_weights.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.get(&key) {
+                Some(t) => t.clone(),
+                None => {
+                    // (o, i, ky, kx) -> (o, ky, kx, i): the patches' column order
+                    let t = conv.weight().permute((0, 2, 3, 1))?.contiguous()?.reshape((o, k * k * c))?;
+                    cache.insert(key, t.clone());
+                    t
+                }
+            }
+        };
+        let y = cols.matmul(&wm.t()?)?;
+        if let Some(bias) = conv.bias() {
+            let bias = bias.contiguous()?;
+            self.k.bias_act(ptr(&y)?, ptr(&bias)?, 0, b * oh * ow, o, Act::None)?;
+        }
+        y.reshape((b, oh, ow, o))
+    }
+
+    /// `LayerNorm2d` over the channels of an NHWC image (at most `LAYER_NORM_MAX`, a multiple
+    /// of 8): the rows' layer norm.
+    fn channel_norm(&self, n: &LayerNorm2d, x: &Tensor) -> Result<Tensor> {
+        let c = x.dim(D::Minus1)?;
+        let Device::Cuda(dev) = x.device() else { candle_core::bail!("channel_norm: not on CUDA") };
+        let (w, b) = (n.weight.contiguous()?, n.bias.contiguous()?);
+        let y = self.uninit(dev, x.dims())?;
+        self.k.layer_norm(ptr(x)?, ptr(&w)?, ptr(&b)?, ptr(&y)?, x.elem_count() / c, c, n.eps)?;
+        Ok(y)
     }
 
     /// A bf16 tensor whose every element the caller's kernel writes (no zero fill).
@@ -131,6 +196,75 @@ impl VisionOps for FastVisionOps {
         let scale = 1.0 / (d as f32).sqrt();
         self.k.sam_flash((ptr(&q)?, ptr(&k)?, ptr(&v)?), ptr(&out)?, None, n, t, scale)?;
         Ok(out)
+    }
+
+    fn patch_embed(&self, conv: &Conv2d, pos: &Tensor, pixels: &Tensor) -> Result<Tensor> {
+        let (b, ch, hh, ww) = pixels.dims4()?;
+        let (o, _, k, _) = conv.weight().dims4()?;
+        let cfg = conv.config();
+        let fits = cfg.stride == k && cfg.padding == 0 && cfg.groups == 1 && cfg.dilation == 1
+            && hh % k == 0 && ww % k == 0 && k % 8 == 0 && o % 8 == 0;
+        let Some(bias) = conv.bias() else { return ReferenceOps.patch_embed(conv, pos, pixels) };
+        if !fits || !fusable(&[pixels, conv.weight(), bias, pos]) {
+            return ReferenceOps.patch_embed(conv, pos, pixels);
+        }
+        let (gh, gw) = (hh / k, ww / k);
+        // each patch's pixels in the weight's (channel, ky, kx) order: one copy, one GEMM
+        let view = pixels.reshape((b, ch, gh, k, gw, k))?.permute((0, 2, 4, 1, 3, 5))?;
+        let cols = self.contiguous(&view)?.reshape((b * gh * gw, ch * k * k))?;
+        let y = cols.matmul(&conv.weight().reshape((o, ch * k * k))?.t()?)?;
+        // + bias, rounded, + the positions, rounded (the reference's two adds), per image
+        let (bias, pos) = (bias.contiguous()?, pos.contiguous()?);
+        for i in 0..b {
+            let yi = y.narrow(0, i * gh * gw, gh * gw)?;
+            self.k.bias_act(view_ptr::<bf16>(&yi)?, ptr(&bias)?, ptr(&pos)?, gh * gw, o, Act::None)?;
+        }
+        y.reshape((b, gh, gw, o))
+    }
+
+    fn windows(&self, x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
+        let (b, h, w, c) = x.dims4()?;
+        let Device::Cuda(dev) = x.device() else { return ReferenceOps.windows(x, ws) };
+        if !fusable(&[x]) || c % 8 != 0 || ws == 0 {
+            return ReferenceOps.windows(x, ws);
+        }
+        let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
+        let x = x.contiguous()?;
+        let out = self.uninit(dev, (b * nh * nw, ws, ws, c))?;
+        self.k.patches(ptr(&x)?, ptr(&out)?, b, (h, w, c), (ws, ws, 0), (nh, nw))?;
+        Ok((out, (nh * ws, nw * ws)))
+    }
+
+    fn unwindow(&self, windows: &Tensor, ws: usize, (hp, wp): (usize, usize), (h, w): (usize, usize)) -> Result<Tensor> {
+        let (n, _, _, c) = windows.dims4()?;
+        let Device::Cuda(dev) = windows.device() else {
+            return ReferenceOps.unwindow(windows, ws, (hp, wp), (h, w));
+        };
+        if !fusable(&[windows]) || c % 8 != 0 || h.div_ceil(ws) * ws != hp || w.div_ceil(ws) * ws != wp {
+            return ReferenceOps.unwindow(windows, ws, (hp, wp), (h, w));
+        }
+        let b = n / (hp / ws * (wp / ws));
+        let windows = windows.contiguous()?;
+        let out = self.uninit(dev, (b, h, w, c))?;
+        self.k.unpatch(ptr(&windows)?, ptr(&out)?, b, (h, w, c), ws)?;
+        Ok(out)
+    }
+
+    fn neck(&self, n: &Neck, x: &Tensor) -> Result<Tensor> {
+        // NHWC throughout (the reference goes to NCHW first): the convolutions as patches and
+        // GEMMs, LayerNorm2d as the rows' layer norm
+        let convs = [&n.conv1, &n.conv2, &n.net_2, &n.net_3];
+        let norms_fit = [&n.ln1, &n.ln2].iter().all(|l| {
+            let c = l.weight.elem_count();
+            c % 8 == 0 && c <= LAYER_NORM_MAX && fusable(&[&l.weight, &l.bias])
+        });
+        if !fusable(&[x]) || !norms_fit || !convs.iter().all(|c| Self::conv_fits(c)) {
+            return ReferenceOps.neck(n, x);
+        }
+        let y = self.channel_norm(&n.ln1, &self.conv_nhwc(&n.conv1, x)?)?;
+        let y = self.channel_norm(&n.ln2, &self.conv_nhwc(&n.conv2, &y)?)?;
+        let y = self.conv_nhwc(&n.net_3, &self.conv_nhwc(&n.net_2, &y)?)?;
+        y.permute((0, 3, 1, 2))?.contiguous()
     }
 
     fn linear(

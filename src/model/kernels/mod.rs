@@ -54,6 +54,7 @@ mod ptx {
     ptx!(LINEAR, "linear");
     ptx!(SAM_SOFTMAX, "sam_softmax");
     ptx!(SAM_FLASH, "sam_flash");
+    ptx!(PATCHES, "patches");
     ptx!(BIAS_ACT, "bias_act");
     ptx!(PERMUTE, "permute");
     ptx!(LAYER_NORM, "layer_norm");
@@ -179,6 +180,8 @@ pub struct Kernels {
     sam_softmax_rows_v4: CudaFunction,
     /// Any grid, a grid 64 wide, no bias.
     sam_flash: [CudaFunction; 3],
+    patches: CudaFunction,
+    unpatch: CudaFunction,
     bias_act: CudaFunction,
     permute: CudaFunction,
     layer_norm: CudaFunction,
@@ -267,6 +270,8 @@ impl Kernels {
                 };
                 [load("sam_flash")?, load("sam_flash_w64")?, load("sam_flash_plain")?]
             },
+            patches: f("patches", ptx::PATCHES)?,
+            unpatch: g("unpatch", "patches", ptx::PATCHES)?,
 
             bias_act: f("bias_act", ptx::BIAS_ACT)?,
             permute: f("permute", ptx::PERMUTE)?,

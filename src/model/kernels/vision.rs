@@ -253,6 +253,39 @@ impl Kernels {
         )
     }
 
+    /// `out` `(b, oh, ow, k, k, c)` = the `k x k` patches of the NHWC image `x` `(b, h, w, c)`
+    /// at stride `s` and padding `p` (zeros outside): a convolution's im2col, or with
+    /// `k = s = ws`, `p = 0` SAM's windows (bottom and right zero-padded). `c` a multiple of 8.
+    #[allow(clippy::too_many_arguments)]
+    pub fn patches(
+        &self,
+        x: u64,
+        out: u64,
+        b: usize,
+        (h, w, c): (usize, usize, usize),
+        (k, s, p): (usize, usize, usize),
+        (oh, ow): (usize, usize),
+    ) -> Result<()> {
+        let n = b * oh * ow * k * k * c;
+        if c % 8 != 0 || n >= 1 << 31 || b * h * w * c >= 1 << 31 || k == 0 || s == 0 {
+            candle_core::bail!("patches: {b}x{h}x{w}x{c} by {k}x{k} (channels a multiple of 8, fewer than 2^31 elements)");
+        }
+        let cfg = cfg(((n / 8).div_ceil(256) as u32, 1, 1), 256, 0);
+        let dims = [b, h, w, c, k, s, p, oh, ow].map(|v| v as i32);
+        launch!(self, self.patches, cfg, x, out, dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8])
+    }
+
+    /// `out` `(b, h, w, c)` = SAM's `ws x ws` windows `win` `(b, ceil(h/ws), ceil(w/ws), ws, ws,
+    /// c)` put back, the padding cropped. `c` a multiple of 8.
+    pub fn unpatch(&self, win: u64, out: u64, b: usize, (h, w, c): (usize, usize, usize), ws: usize) -> Result<()> {
+        let n = b * h.div_ceil(ws.max(1)) * w.div_ceil(ws.max(1)) * ws * ws * c;
+        if c % 8 != 0 || n >= 1 << 31 || ws == 0 {
+            candle_core::bail!("unpatch: {b}x{h}x{w}x{c} in windows of {ws} (channels a multiple of 8, fewer than 2^31 elements)");
+        }
+        let cfg = cfg(((b * h * w * c / 8).div_ceil(256) as u32, 1, 1), 256, 0);
+        launch!(self, self.unpatch, cfg, win, out, b as i32, h as i32, w as i32, c as i32, ws as i32)
+    }
+
     /// The view `v` of bf16 elements at `src` (its start, 16-byte aligned) copied to `dst`,
     /// contiguous.
     pub fn permute(&self, src: u64, dst: u64, v: View) -> Result<()> {
@@ -370,6 +403,68 @@ mod tests {
             assert!(e.to_string().contains("grid"), "{e}");
         }
         assert!(k.sam_flash((0, 0, 0), 0, None, 1, 0, 1.0).is_err());
+    }
+
+    /// SAM's windows by `patches` / `unpatch` against `window_partition` / `window_unpartition`
+    /// (zero padding, the crop): the same values, bit for bit; and the round trip.
+    #[test]
+    fn windows_match_the_reference() {
+        let (dev, cd) = device();
+        let fast = FastVisionOps::new(Arc::new(Kernels::load(&cd).unwrap()));
+        for (b, h, w, ws) in [(1usize, 10usize, 10usize, 4usize), (2, 9, 14, 7), (1, 8, 8, 4)] {
+            let x = rand_bf16(&[b, h, w, 16], 1.0, 81).to_device(&dev).unwrap();
+            let (want, want_pad) = ReferenceOps.windows(&x, ws).unwrap();
+            let (got, pad) = fast.windows(&x, ws).unwrap();
+            assert_eq!((got.dims(), pad), (want.dims(), want_pad), "{b}x{h}x{w} in {ws}");
+            assert_eq!(max_diff(&got, &want), 0.0, "{b}x{h}x{w} in {ws}");
+            let back = fast.unwindow(&got, ws, pad, (h, w)).unwrap();
+            let want_back = ReferenceOps.unwindow(&want, ws, pad, (h, w)).unwrap();
+            assert_eq!(back.dims(), &[b, h, w, 16]);
+            assert_eq!((max_diff(&back, &x), max_diff(&want_back, &x)), (0.0, 0.0), "{b}x{h}x{w} in {ws}");
+        }
+        let k = Kernels::load(&cd).unwrap();
+        assert!(k.patches(0, 0, 1, (4, 4, 12), (3, 1, 1), (4, 4)).is_err(), "12 channels");
+        assert!(k.unpatch(0, 0, 1, (4, 4, 16), 0).is_err(), "no window");
+    }
+
+    /// SAM's patch embedding and neck on NHWC (one copy and a GEMM; patches, GEMMs and row
+    /// norms) against the reference's convolutions and `LayerNorm2d` on NCHW, both in bf16 on
+    /// the GPU: a smaller SAM's shapes (64 channels in, 32 / 64 / 128 out, a 16x16 grid, two
+    /// images).
+    #[test]
+    fn patch_embed_and_neck_match_the_reference() {
+        use crate::model::vision::sam::{LayerNorm2d, Neck};
+        use candle_nn::{Conv2d, Conv2dConfig};
+        let (dev, cd) = device();
+        let fast = FastVisionOps::new(Arc::new(Kernels::load(&cd).unwrap()));
+        let g = |shape: &[usize], scale: f32, seed: u64| rand_bf16(shape, scale, seed).to_device(&dev).unwrap();
+        let pad = |padding, stride| Conv2dConfig { padding, stride, ..Default::default() };
+        let embed = Conv2d::new(g(&[64, 3, 16, 16], 0.05, 90), Some(g(&[64], 0.5, 91)), pad(0, 16));
+        let pixels = g(&[2, 3, 256, 256], 1.0, 92);
+        let pos = g(&[1, 16, 16, 64], 0.5, 93);
+        let want = ReferenceOps.patch_embed(&embed, &pos, &pixels).unwrap();
+        let got = fast.patch_embed(&embed, &pos, &pixels).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let (diff, top) = (max_diff(&got, &want), max_abs(&want));
+        eprintln!("patch embedding: max |diff| {diff:.3e} at |y| <= {top:.2}");
+        // sums in another order: one bf16 ulp at |y| < 8
+        assert!(diff <= 3.2e-2, "patch embedding: {diff}");
+        let norm = |c, seed| LayerNorm2d { weight: g(&[c], 1.0, seed), bias: g(&[c], 0.5, seed + 1), eps: 1e-6 };
+        let neck = Neck {
+            conv1: Conv2d::new(g(&[32, 64, 1, 1], 0.1, 94), None, pad(0, 1)),
+            ln1: norm(32, 95),
+            conv2: Conv2d::new(g(&[32, 32, 3, 3], 0.05, 97), None, pad(1, 1)),
+            ln2: norm(32, 98),
+            net_2: Conv2d::new(g(&[64, 32, 3, 3], 0.05, 100), None, pad(1, 2)),
+            net_3: Conv2d::new(g(&[128, 64, 3, 3], 0.05, 101), None, pad(1, 2)),
+        };
+        let want = ReferenceOps.neck(&neck, &got).unwrap();
+        let out = fast.neck(&neck, &got).unwrap();
+        assert_eq!(out.dims(), &[2, 128, 4, 4]);
+        let (diff, top) = (max_diff(&out, &want), max_abs(&want));
+        eprintln!("neck: max |diff| {diff:.3e} at |y| <= {top:.2}");
+        // the reference's LayerNorm2d rounds every step to bf16, the row norm once: a few ulps
+        assert!(diff <= 0.03 * top.max(1.0), "neck: {diff} at {top}");
     }
 
     /// `contiguous` of the towers' permuted views (head split, window partition, a cropped

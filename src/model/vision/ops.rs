@@ -1,6 +1,7 @@
 //! The operations of the vision towers that the GPU fast path replaces: SAM's attention with
-//! decomposed relative positions, a linear layer with its activation and residual add, the
-//! copy of a permuted view (head splits and merges, window partitions) and the layer norms.
+//! decomposed relative positions and CLIP's, a linear layer with its activation and residual
+//! add, the copy of a permuted view (head splits and merges), SAM's windows, patch embedding
+//! and neck, and the layer norms.
 //! [`ReferenceOps`] computes them as deepencoder.py does (on every device; the default);
 //! `crate::model::fast::vision` fuses them on CUDA. A tower holds an `Arc<dyn VisionOps>` and
 //! [`crate::model::vision::DeepEncoder::set_ops`] swaps it.
@@ -9,9 +10,9 @@
 //! towers' structure (`sam`, `clip`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, LayerNorm, Linear, VarBuilder};
 
-use super::sam::{rel_pos_bias, sdpa};
+use super::sam::{rel_pos_bias, sdpa, window_partition, window_unpartition, Neck};
 
 /// The activation a linear layer's output goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +72,21 @@ pub trait VisionOps: Send + Sync {
     /// CLIP's attention, `softmax(q k^T / sqrt(d)) v` over `(.., t, d)` (no bias, no mask).
     fn attend_plain(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
 
+    /// SAM's patch embedding (a convolution of stride = kernel, with a bias) and its absolute
+    /// positions `pos` `(1, H/p, W/p, c)`: pixels `(b, 3, H, W)` -> `(b, H/p, W/p, c)`.
+    fn patch_embed(&self, conv: &Conv2d, pos: &Tensor, pixels: &Tensor) -> Result<Tensor>;
+
+    /// `window_partition`: `(b, h, w, c)` -> `(b * n_windows, ws, ws, c)`, zero-padded to a
+    /// multiple of the window, and the padded size.
+    fn windows(&self, x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))>;
+
+    /// `window_unpartition`: the windows put back into `(b, h, w, c)`, the padding cropped.
+    fn unwindow(&self, windows: &Tensor, ws: usize, padded: (usize, usize), hw: (usize, usize)) -> Result<Tensor>;
+
+    /// SAM's neck and downsampling convolutions on the blocks' `(b, h, w, c)`:
+    /// `(b, 1024, h/4, w/4)`.
+    fn neck(&self, n: &Neck, x: &Tensor) -> Result<Tensor>;
+
     /// `act(l(x)) + residual` over the last dim of `x`, each step rounded to the dtype as the
     /// reference's ops round.
     fn linear(&self, l: &Linear, x: &Tensor, act: Act, residual: Option<&Tensor>)
@@ -102,6 +118,22 @@ impl VisionOps for ReferenceOps {
 
     fn attend_plain(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         sdpa(q, k, v, None)
+    }
+
+    fn patch_embed(&self, conv: &Conv2d, pos: &Tensor, pixels: &Tensor) -> Result<Tensor> {
+        conv.forward(pixels)?.permute((0, 2, 3, 1))?.broadcast_add(pos)
+    }
+
+    fn windows(&self, x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
+        window_partition(x, ws, self)
+    }
+
+    fn unwindow(&self, windows: &Tensor, ws: usize, padded: (usize, usize), hw: (usize, usize)) -> Result<Tensor> {
+        window_unpartition(windows, ws, padded, hw, self)
+    }
+
+    fn neck(&self, n: &Neck, x: &Tensor) -> Result<Tensor> {
+        n.forward(x)
     }
 
     fn linear(

@@ -310,9 +310,9 @@ impl Block {
         let x = ops.layer_norm(&self.norm1, x)?;
         let y = if self.window_size > 0 {
             let (_, h, w, _) = x.dims4()?;
-            let (win, pad_hw) = window_partition(&x, self.window_size, ops)?;
+            let (win, pad_hw) = ops.windows(&x, self.window_size)?;
             let y = self.attn.heads(&win, ops)?;
-            window_unpartition(&y, self.window_size, pad_hw, (h, w), ops)?
+            ops.unwindow(&y, self.window_size, pad_hw, (h, w))?
         } else {
             self.attn.heads(&x, ops)?
         };
@@ -326,10 +326,10 @@ impl Block {
 }
 
 /// `LayerNorm2d`: normalises over the channel dim of `(b, c, h, w)`.
-struct LayerNorm2d {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
+pub struct LayerNorm2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
 }
 
 impl LayerNorm2d {
@@ -341,7 +341,7 @@ impl LayerNorm2d {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
         // u = x.mean(1, keepdim=True); s = (x - u).pow(2).mean(1, keepdim=True)
         let u = x.mean_keepdim(1)?;
@@ -353,17 +353,36 @@ impl LayerNorm2d {
     }
 }
 
+/// The neck and the downsampling convolutions after the blocks (`neck`, `net_2`, `net_3`):
+/// a 1x1 convolution, `LayerNorm2d`, a 3x3 one, `LayerNorm2d`, two 3x3 ones of stride 2, no
+/// biases.
+pub struct Neck {
+    pub conv1: Conv2d,
+    pub ln1: LayerNorm2d,
+    pub conv2: Conv2d,
+    pub ln2: LayerNorm2d,
+    pub net_2: Conv2d,
+    pub net_3: Conv2d,
+}
+
+impl Neck {
+    /// As the remote code computes it: the blocks' `(b, h, w, c)` to `(b, c, h, w)`, then each
+    /// layer on NCHW: `(b, 1024, h/4, w/4)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.permute((0, 3, 1, 2))?.contiguous()?;
+        let x = self.ln1.forward(&self.conv1.forward(&x)?)?;
+        let x = self.ln2.forward(&self.conv2.forward(&x)?)?;
+        let x2 = self.net_2.forward(&x)?;
+        self.net_3.forward(&x2)
+    }
+}
+
 /// `ImageEncoderViT` as DeepSeek-OCR builds it.
 pub struct ImageEncoderViT {
     patch_embed: Conv2d,
     pos_embed: Tensor,
     blocks: Vec<Block>,
-    neck_conv1: Conv2d,
-    neck_ln1: LayerNorm2d,
-    neck_conv2: Conv2d,
-    neck_ln2: LayerNorm2d,
-    net_2: Conv2d,
-    net_3: Conv2d,
+    neck: Neck,
     /// How the blocks compute their attention and linears ([`ReferenceOps`] unless set).
     ops: Arc<dyn VisionOps>,
     /// grid size -> `get_abs_pos_sam(pos_embed, size)`, contiguous.
@@ -406,18 +425,20 @@ impl ImageEncoderViT {
             patch_embed,
             pos_embed,
             blocks,
-            neck_conv1: conv2d_no_bias(
-                cfg.embed_dim,
-                cfg.out_chans,
-                1,
-                Default::default(),
-                vb.pp("neck.0"),
-            )?,
-            neck_ln1: LayerNorm2d::new(cfg.out_chans, vb.pp("neck.1"))?,
-            neck_conv2: conv2d_no_bias(cfg.out_chans, cfg.out_chans, 3, pad1, vb.pp("neck.2"))?,
-            neck_ln2: LayerNorm2d::new(cfg.out_chans, vb.pp("neck.3"))?,
-            net_2: conv2d_no_bias(cfg.out_chans, c2, 3, pad1_s2, vb.pp("net_2"))?,
-            net_3: conv2d_no_bias(c2, c3, 3, pad1_s2, vb.pp("net_3"))?,
+            neck: Neck {
+                conv1: conv2d_no_bias(
+                    cfg.embed_dim,
+                    cfg.out_chans,
+                    1,
+                    Default::default(),
+                    vb.pp("neck.0"),
+                )?,
+                ln1: LayerNorm2d::new(cfg.out_chans, vb.pp("neck.1"))?,
+                conv2: conv2d_no_bias(cfg.out_chans, cfg.out_chans, 3, pad1, vb.pp("neck.2"))?,
+                ln2: LayerNorm2d::new(cfg.out_chans, vb.pp("neck.3"))?,
+                net_2: conv2d_no_bias(cfg.out_chans, c2, 3, pad1_s2, vb.pp("net_2"))?,
+                net_3: conv2d_no_bias(c2, c3, 3, pad1_s2, vb.pp("net_3"))?,
+            },
             ops: Arc::new(ReferenceOps),
             abs_pos_cache: Mutex::default(),
             span: tracing::span!(tracing::Level::TRACE, "sam"),
@@ -465,19 +486,13 @@ impl ImageEncoderViT {
     /// Pixels `(b, 3, H, W)` -> `(b, 1024, H/64, W/64)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        // x = self.patch_embed(x)  (B C H W -> B H W C)
-        let x = self.patch_embed.forward(x)?.permute((0, 2, 3, 1))?;
-        let (_, h, _, _) = x.dims4()?;
-        // x = x + get_abs_pos_sam(self.pos_embed, x.size(1))
-        let mut x = x.broadcast_add(&self.abs_pos(h)?)?;
+        // x = self.patch_embed(x)  (B C H W -> B H W C); x = x + get_abs_pos_sam(self.pos_embed, x.size(1))
+        let h = x.dim(2)? / self.patch_embed.config().stride;
+        let mut x = self.ops.patch_embed(&self.patch_embed, &self.abs_pos(h)?, x)?;
         for blk in &self.blocks {
             x = blk.forward(&x, self.ops.as_ref())?;
         }
-        let x = x.permute((0, 3, 1, 2))?.contiguous()?;
-        let x = self.neck_ln1.forward(&self.neck_conv1.forward(&x)?)?;
-        let x = self.neck_ln2.forward(&self.neck_conv2.forward(&x)?)?;
-        let x2 = self.net_2.forward(&x)?;
-        self.net_3.forward(&x2)
+        self.ops.neck(&self.neck, &x)
     }
 }
 
@@ -525,6 +540,22 @@ mod tests {
 
         fn attend_plain(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             ReferenceOps.attend_plain(q, k, v)
+        }
+
+        fn patch_embed(&self, conv: &Conv2d, pos: &Tensor, pixels: &Tensor) -> Result<Tensor> {
+            ReferenceOps.patch_embed(conv, pos, pixels)
+        }
+
+        fn windows(&self, x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
+            window_partition(x, ws, self)
+        }
+
+        fn unwindow(&self, w: &Tensor, ws: usize, pad: (usize, usize), hw: (usize, usize)) -> Result<Tensor> {
+            window_unpartition(w, ws, pad, hw, self)
+        }
+
+        fn neck(&self, n: &Neck, x: &Tensor) -> Result<Tensor> {
+            ReferenceOps.neck(n, x)
         }
 
         fn linear(&self, l: &Linear, x: &Tensor, act: Act, r: Option<&Tensor>) -> Result<Tensor> {
