@@ -14,7 +14,7 @@
 # Usage: bash $G/fast.sh [STEPS (default "tests bench profile vprofile"; "pdl": the Rust side
 # alone with and without programmatic dependent launch; "knobs": the Rust side as it is and with
 # each NAME=VALUE of $KNOBS; "trace": the batch-1 step's timeline in the graph, `bench
-# --profile trace`)]
+# --profile trace`); CUBLAS=0 skips the bench's second run with every projection through cuBLAS]
 # Results go to $OUT: gpu.txt, kernel-tests.log, bench.json, bench.log, profile.csv (decode),
 # vprofile.csv (vision).
 set -uo pipefail
@@ -46,9 +46,11 @@ case " $STEPS " in *" bench "*)
   timeout 480 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --remote-code .gpu/remote \
     --peer-script "$G/tf_peer.py" --gpu "$GPU" --out-file "$OUT/bench.json" 2> "$OUT/bench.log"
   echo "rc=$?"; tail -c 3000 "$OUT/bench.log"
-  echo "== the Rust side again, every projection through cuBLAS (OCR_PATCH_LINEAR=cublas)"
-  OCR_PATCH_LINEAR=cublas timeout 200 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --gpu "$GPU" \
-    --out-file "$OUT/bench-cublas.json" 2> "$OUT/bench-cublas.log" | grep -E "decode|memory" ;;
+  if [ "${CUBLAS:-1}" != 0 ]; then
+    echo "== the Rust side again, every projection through cuBLAS (OCR_PATCH_LINEAR=cublas)"
+    OCR_PATCH_LINEAR=cublas timeout 200 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --gpu "$GPU" \
+    --out-file "$OUT/bench-cublas.json" 2> "$OUT/bench-cublas.log" | grep -E "decode|memory"
+  fi ;;
 esac
 case " $STEPS " in *" pdl "*)
   echo "== the Rust side with and without programmatic dependent launch (OCR_PATCH_PDL=0)"
@@ -70,7 +72,8 @@ case " $STEPS " in *" knobs "*)
     f=${kv//=/-}
     if [ "$kv" = default ]; then set --; else set -- "$kv"; fi
     env "$@" timeout 200 "$WORK/ocr-patch" bench --model-dir "$WORK/w" --gpu "$GPU" \
-      --out-file "$OUT/bench-$f.json" 2> "$WORK/bench-$f.log" | grep -E "decode|memory" | sed "s/^/$kv /"
+      --out-file "$OUT/bench-$f.json" 2> "$WORK/bench-$f.log" | grep -E "decode|memory|vision" | sed "s/^/$kv /"
+    grep -iE "error|panicked" "$WORK/bench-$f.log" | tail -4
   done ;;
 esac
 case " $STEPS " in *" trace "*)

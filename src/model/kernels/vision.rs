@@ -1,11 +1,14 @@
-//! The vision towers' kernels: `sam_flash` (SAM's attention in one pass on the tensor cores, the
-//! scores never written), `sam_softmax` (SAM's attention probabilities with the decomposed
-//! relative positions, the bias never materialised: the path for head dims other than 64), `bias_act` (a linear layer's bias,
-//! activation and residual add in one pass over cuBLAS's output), `permute` (a strided view
-//! made contiguous, 16 bytes per thread) and `layer_norm` (a warp per row). References: [`crate::model::vision::ReferenceOps`]
-//! (`attend`: the full bias + `sdpa`; `linear`: candle's linear, the activation and the add as
-//! separate ops; `contiguous`: candle's copy; `layer_norm`: candle's), the vision encoder's own
-//! code.
+//! The vision towers' kernels: `sam_flash` (SAM's and CLIP's attention in one pass on the
+//! tensor cores, the scores never written), `sam_softmax` (SAM's attention probabilities with
+//! the decomposed relative positions, the bias never materialised: the path for head dims other
+//! than 64), `bias_act` (a linear layer's bias, activation and residual add in one pass over
+//! cuBLAS's output), `permute` (a strided view made contiguous, 16 bytes per thread),
+//! `patches` / `unpatch` (an NHWC image's patches: im2col, SAM's windows and their inverse) and
+//! `layer_norm` (a warp per row). References: [`crate::model::vision::ReferenceOps`] (`attend`:
+//! the full bias + `sdpa`; `attend_plain`: `sdpa`; `linear`: candle's linear, the activation and
+//! the add as separate ops; `contiguous`: candle's copy; `windows`, `unwindow`, `patch_embed`,
+//! `neck`: the remote code's padding, permutes and NCHW convolutions; `layer_norm`: candle's),
+//! the vision encoder's own code.
 
 use candle_core::cuda_backend::cudarc;
 use candle_core::Result;
