@@ -7,7 +7,10 @@
 // `vision::sam::rel_pos_bias`): relh (gh, n*gw, gh) at [y(i)][n*gw + x(i)][y(j)],
 // relw (gw, n*gh, gw) at [x(i)][n*gh + y(i)][x(j)]; relh = 0 for no bias (CLIP's attention:
 // any t, gh and gw unused).
-// q, k, v, out: (n, t, 64) bf16 contiguous: head dim 64 (SAM ViT-B, CLIP-L).
+// q, k, v, out: n = b * heads sequences of t rows of 64 bf16 (head dim 64: SAM ViT-B, CLIP-L),
+// sequence ni = (bi, hi) at bi * seq_stride + hi * 64, row i at + i * row_stride (elements):
+// q, k and v read straight from the qkv projection's (b, t, 3, heads, 64) output, the result
+// written as (b, t, heads, 64), the heads merged (layouts in FlashLayout, Kernels::sam_flash).
 // A block of 4 warps takes 64 queries of one n, a warp 16 of them, and walks the keys 64 at a
 // time: the next tile of k and v loads (cp.async) while this one is used; the scores stay in
 // registers (online softmax in the exp2 domain, the probabilities rounded to bf16 for the
@@ -61,14 +64,15 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// A 64-row tile of (rows, 64) bf16 from row r0 into shared memory (rows past t zero-filled):
-// 512 16-byte pieces, 4 a thread.
-__device__ __forceinline__ void load_tile(bf16* dst, const bf16* __restrict__ src, int r0, int t) {
+// A 64-row tile of a sequence (rows `stride` apart) from row r0 into shared memory (rows past
+// t zero-filled): 512 16-byte pieces, 4 a thread.
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* __restrict__ src, long long stride,
+                                          int r0, int t) {
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
     int p = threadIdx.x + u * 128, r = p >> 3, c = (p & 7) * 8;
     bool in = r0 + r < t;
-    cp_async16(dst + r * LDS + c, src + (size_t)(in ? r0 + r : 0) * HD + c, in);
+    cp_async16(dst + r * LDS + c, src + (in ? r0 + r : 0) * stride + c, in);
   }
 }
 
@@ -88,7 +92,8 @@ template <int BIAS>
 __device__ __forceinline__ void flash(
     const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
     bf16* __restrict__ out, const bf16* __restrict__ relh, const bf16* __restrict__ relw, int n,
-    int t, int gh, int gw, float scale) {
+    int t, int gh, int gw, float scale, int heads, long long seq_stride, long long row_stride,
+    long long out_seq_stride, long long out_row_stride) {
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
   bf16* ks = qs + BQ * LDS;       // 2 stages
@@ -98,13 +103,14 @@ __device__ __forceinline__ void flash(
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   constexpr bool bias = BIAS != NONE;
   const int rs = sam_flash_rs(gh, gw);
-  const bf16* qn = q + (size_t)ni * t * HD;
-  const bf16* kn = k + (size_t)ni * t * HD;
-  const bf16* vn = v + (size_t)ni * t * HD;
+  const long long at = (long long)(ni / heads) * seq_stride + (ni % heads) * HD;
+  const bf16* qn = q + at;
+  const bf16* kn = k + at;
+  const bf16* vn = v + at;
   inputs_ready();
-  load_tile(qs, qn, q0, t);
-  load_tile(ks, kn, 0, t);
-  load_tile(vs, vn, 0, t);
+  load_tile(qs, qn, row_stride, q0, t);
+  load_tile(ks, kn, row_stride, 0, t);
+  load_tile(vs, vn, row_stride, 0, t);
   cp_async_commit();
   if (bias) {
     // the block's rows of the terms, a bf16 pair at a time (gh, gw even)
@@ -137,8 +143,8 @@ __device__ __forceinline__ void flash(
   for (int tile = 0; tile < nt; ++tile) {
     const int st = tile & 1;
     if (tile + 1 < nt) {
-      load_tile(ks + (st ^ 1) * BK * LDS, kn, (tile + 1) * BK, t);
-      load_tile(vs + (st ^ 1) * BK * LDS, vn, (tile + 1) * BK, t);
+      load_tile(ks + (st ^ 1) * BK * LDS, kn, row_stride, (tile + 1) * BK, t);
+      load_tile(vs + (st ^ 1) * BK * LDS, vn, row_stride, (tile + 1) * BK, t);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -261,22 +267,25 @@ __device__ __forceinline__ void flash(
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
   }
   const float inv[2] = {1.f / l[0], 1.f / l[1]};
-  bf16* on = out + (size_t)ni * t * HD;
+  bf16* on = out + (long long)(ni / heads) * out_seq_stride + (ni % heads) * HD;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     int c = 8 * i + 2 * tq;
     if (q0 + ra < t)
-      *reinterpret_cast<uint32_t*>(on + (size_t)(q0 + ra) * HD + c) = pack_bf16x2(o[i][0] * inv[0], o[i][1] * inv[0]);
+      *reinterpret_cast<uint32_t*>(on + (q0 + ra) * out_row_stride + c) = pack_bf16x2(o[i][0] * inv[0], o[i][1] * inv[0]);
     if (q0 + rb < t)
-      *reinterpret_cast<uint32_t*>(on + (size_t)(q0 + rb) * HD + c) = pack_bf16x2(o[i][2] * inv[1], o[i][3] * inv[1]);
+      *reinterpret_cast<uint32_t*>(on + (q0 + rb) * out_row_stride + c) = pack_bf16x2(o[i][2] * inv[1], o[i][3] * inv[1]);
   }
 }
 
 #define FLASH_ARGS                                                                            \
   const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,         \
       bf16 *__restrict__ out, const bf16 *__restrict__ relh, const bf16 *__restrict__ relw,   \
-      int n, int t, int gh, int gw, float scale
-#define FLASH_PASS q, k, v, out, relh, relw, n, t, gh, gw, scale
-extern "C" __global__ void __launch_bounds__(128) sam_flash(FLASH_ARGS) { flash<ANY>(FLASH_PASS); }
+      int n, int t, int gh, int gw, float scale, int heads, long long seq_stride,                  \
+      long long row_stride, long long out_seq_stride, long long out_row_stride
+#define FLASH_PASS                                                                            \
+  q, k, v, out, relh, relw, n, t, gh, gw, scale, heads, seq_stride, row_stride, out_seq_stride, \
+      out_row_stride
+extern "C" __global__ void __launch_bounds__(128, 3) sam_flash(FLASH_ARGS) { flash<ANY>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128) sam_flash_w64(FLASH_ARGS) { flash<W64>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128) sam_flash_plain(FLASH_ARGS) { flash<NONE>(FLASH_PASS); }

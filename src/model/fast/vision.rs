@@ -1,12 +1,13 @@
 //! The vision encoder on the GPU fast path: the reference towers ([`DeepEncoder`]) with their
-//! [`VisionOps`] swapped for [`FastVisionOps`]: SAM's attention as one `sam_flash` launch (flash
-//! attention on the tensor cores; the relative-position terms are the reference's two batched
-//! GEMMs, the bias and the scores are never materialised; other head dims: cuBLAS + the fused
-//! `sam_softmax` kernel, the scores held a few heads at a time), every linear layer as one cuBLAS GEMM + the `bias_act` epilogue
-//! (bias, activation and residual add in one pass), the head splits, merges and window
-//! partitions as the `permute` kernel, the layer norms as `layer_norm`, CLIP's attention as
-//! `sam_flash` without a bias. The rest (convolutions, the neck's channel norms, the layout) is
-//! the reference path's code.
+//! [`VisionOps`] swapped for [`FastVisionOps`]: SAM's and CLIP's attention as one `sam_flash`
+//! launch each (flash attention on the tensor cores; SAM's relative-position terms are the
+//! reference's two batched GEMMs, the bias and the scores are never materialised; other head
+//! dims: cuBLAS + the fused `sam_softmax` kernel, the scores held a few heads at a time), every
+//! linear layer as one cuBLAS GEMM + the `bias_act` epilogue (bias, activation and residual add
+//! in one pass), the head splits and merges as the `permute` kernel, SAM's windows as
+//! `patches` / `unpatch`, its patch embedding as one copy, a GEMM and `bias_act`, its neck on
+//! NHWC (`patches` and GEMMs, `LayerNorm2d` as `layer_norm`), the layer norms as `layer_norm`.
+//! The rest (CLIP's embeddings, the projector, the layout) is the reference path's code.
 //!
 //! Owns: the fused ops and [`accelerate`]. Does not own the towers' structure nor their
 //! weights ([`crate::model::vision`]).
@@ -19,9 +20,10 @@ use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor, D};
 use candle_nn::{Conv2d, Linear};
 use half::bf16;
 
-use crate::model::kernels::vision::{FlashTerms, View, LAYER_NORM_MAX, SAM_FLASH_HEAD_DIM, SAM_HEAD_DIMS};
+use crate::model::kernels::vision::{FlashLayout, FlashTerms, View, LAYER_NORM_MAX, SAM_FLASH_HEAD_DIM, SAM_HEAD_DIMS};
 use crate::model::kernels::{tensor_ptr, view_ptr, Kernels};
 use crate::model::vision::sam::{LayerNorm2d, Neck};
+use crate::model::vision::ops::{merge_heads, split_heads};
 use crate::model::vision::{rel_pos_terms, Act, DeepEncoder, GridAttention, Norm, ReferenceOps, VisionOps};
 
 /// The fused vision ops, bf16 on CUDA; any other dtype or device goes to [`ReferenceOps`].
@@ -67,6 +69,9 @@ impl FastVisionOps {
         let (b, h, w, c) = x.dims4()?;
         let Device::Cuda(dev) = x.device() else { candle_core::bail!("conv_nhwc: not on CUDA") };
         let (k, s, p) = (kh, cfg.stride, cfg.padding);
+        if h + 2 * p < k || w + 2 * p < k {
+            candle_core::bail!("conv_nhwc: a {h}x{w} image is smaller than the {k}x{k} kernel");
+        }
         let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
         let x = x.contiguous()?;
         let cols = if k == 1 && s == 1 && p == 0 {
@@ -95,6 +100,21 @@ impl FastVisionOps {
             self.k.bias_act(ptr(&y)?, ptr(&bias)?, 0, b * oh * ow, o, Act::None)?;
         }
         y.reshape((b, oh, ow, o))
+    }
+
+    /// `sam_flash` over the contiguous qkv projection's output `(b, t, 3, heads, 64)`: q, k and v
+    /// read where they lie, the heads written merged, `(b, t, heads*64)`.
+    fn flash_heads(&self, qkv: &Tensor, terms: Option<FlashTerms>, scale: f32) -> Result<Tensor> {
+        let (b, t, _, nh, d) = qkv.dims5()?;
+        let Device::Cuda(dev) = qkv.device() else { candle_core::bail!("sam_flash: not on CUDA") };
+        let out = self.uninit(dev, (b, t, nh * d))?;
+        let base = ptr(qkv)?;
+        let head_bytes = (nh * d * 2) as u64;
+        let input = FlashLayout { heads: nh, seq_stride: t * 3 * nh * d, row_stride: 3 * nh * d };
+        let output = FlashLayout { heads: nh, seq_stride: t * nh * d, row_stride: nh * d };
+        let qkv_ptrs = (base, base + head_bytes, base + 2 * head_bytes);
+        self.k.sam_flash(qkv_ptrs, input, ptr(&out)?, output, terms, b * nh, t, scale)?;
+        Ok(out)
     }
 
     /// `LayerNorm2d` over the channels of an NHWC image (at most `LAYER_NORM_MAX`, a multiple
@@ -136,24 +156,27 @@ fn ptr(t: &Tensor) -> Result<u64> {
 
 impl VisionOps for FastVisionOps {
     fn attend(&self, a: &GridAttention<'_>) -> Result<Tensor> {
-        let (n, t, d) = a.q.dims3()?;
+        let (b, t, three, nh, d) = a.qkv.dims5()?;
         let (h, w) = a.hw;
-        let shapes_fit = t == h * w && t % 4 == 0 && SAM_HEAD_DIMS.contains(&d);
-        if !fusable(&[a.q, a.k, a.v, a.rh, a.rw]) || !shapes_fit {
+        let shapes_fit = three == 3 && t == h * w && t % 4 == 0 && SAM_HEAD_DIMS.contains(&d);
+        if !fusable(&[a.qkv, a.rh, a.rw]) || !shapes_fit {
             return ReferenceOps.attend(a);
         }
-        let (q, k, v) = (a.q.contiguous()?, a.k.contiguous()?, a.v.contiguous()?);
         let (rh, rw) = (a.rh.contiguous()?, a.rw.contiguous()?);
         let scale = 1.0 / (d as f32).sqrt();
         if self.flash && d == SAM_FLASH_HEAD_DIM && h % 2 == 0 && w % 2 == 0 && t < 1 << 16 {
-            // one pass on the tensor cores; the terms are the reference's two batched GEMMs
-            let (rel_h, rel_w) = rel_pos_terms(&q, &rh, &rw, (h, w), &|x| self.contiguous(x))?;
-            let Device::Cuda(dev) = q.device() else { unreachable!("fusable checked the device") };
-            let out = self.uninit(dev, (n, t, d))?;
+            // one pass on the tensor cores, q, k and v read in place and the heads merged by
+            // the kernel; the terms are the reference's two batched GEMMs
+            let qkv = a.qkv.contiguous()?;
+            let q5 = qkv.reshape((b, h, w, 3, nh, d))?.narrow(3, 0, 1)?.squeeze(3)?;
+            let (rel_h, rel_w) = rel_pos_terms(&q5, &rh, &rw, &|x| self.contiguous(x))?;
             let terms = FlashTerms { rel_h: ptr(&rel_h)?, rel_w: ptr(&rel_w)?, grid: (h, w) };
-            self.k.sam_flash((ptr(&q)?, ptr(&k)?, ptr(&v)?), ptr(&out)?, Some(terms), n, t, scale)?;
-            return Ok(out);
+            return self.flash_heads(&qkv, Some(terms), scale);
         }
+        // cuBLAS's scores, sam_softmax, cuBLAS's p v, on the heads split
+        let copy = |x: &Tensor| self.contiguous(x);
+        let [q, k, v] = split_heads(a.qkv, &copy)?;
+        let n = b * nh;
         // the scores of at most SCORE_BYTES at once (a few heads of a global view, every
         // window of a windowed block): the device's peak stays low
         let chunk = (SCORE_BYTES / (t * t * 2)).clamp(1, n);
@@ -176,26 +199,16 @@ impl VisionOps for FastVisionOps {
             )?;
             outs.push(s.matmul(&v.narrow(0, c0, c)?)?);
         }
-        if outs.len() == 1 {
-            Ok(outs.remove(0))
-        } else {
-            Tensor::cat(&outs, 0)
-        }
+        let out = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? };
+        merge_heads(&out, b, &copy)
     }
 
-    fn attend_plain(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let dims = q.dims().to_vec();
-        let (t, d) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
-        let n = q.elem_count() / (t * d).max(1);
-        if !self.flash || !fusable(&[q, k, v]) || d != SAM_FLASH_HEAD_DIM || k.dims() != dims || v.dims() != dims {
-            return ReferenceOps.attend_plain(q, k, v);
+    fn attend_plain(&self, qkv: &Tensor) -> Result<Tensor> {
+        let (_, _, three, _, d) = qkv.dims5()?;
+        if !self.flash || !fusable(&[qkv]) || d != SAM_FLASH_HEAD_DIM || three != 3 {
+            return ReferenceOps.attend_plain(qkv);
         }
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let Device::Cuda(dev) = q.device() else { unreachable!("fusable checked the device") };
-        let out = self.uninit(dev, dims)?;
-        let scale = 1.0 / (d as f32).sqrt();
-        self.k.sam_flash((ptr(&q)?, ptr(&k)?, ptr(&v)?), ptr(&out)?, None, n, t, scale)?;
-        Ok(out)
+        self.flash_heads(&qkv.contiguous()?, None, 1.0 / (d as f32).sqrt())
     }
 
     fn patch_embed(&self, conv: &Conv2d, pos: &Tensor, pixels: &Tensor) -> Result<Tensor> {
@@ -203,7 +216,8 @@ impl VisionOps for FastVisionOps {
         let (o, _, k, _) = conv.weight().dims4()?;
         let cfg = conv.config();
         let fits = cfg.stride == k && cfg.padding == 0 && cfg.groups == 1 && cfg.dilation == 1
-            && hh % k == 0 && ww % k == 0 && k % 8 == 0 && o % 8 == 0;
+            && hh % k == 0 && ww % k == 0 && k % 8 == 0 && o % 8 == 0
+            && pos.dims() == [1, hh / k, ww / k, o];
         let Some(bias) = conv.bias() else { return ReferenceOps.patch_embed(conv, pos, pixels) };
         if !fits || !fusable(&[pixels, conv.weight(), bias, pos]) {
             return ReferenceOps.patch_embed(conv, pos, pixels);

@@ -31,6 +31,22 @@ pub struct FlashTerms {
     pub grid: (usize, usize),
 }
 
+/// Where `sam_flash` finds a sequence's rows (elements): sequence `(b, head)` at
+/// `b * seq_stride + head * 64`, its rows `row_stride` apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlashLayout {
+    pub heads: usize,
+    pub seq_stride: usize,
+    pub row_stride: usize,
+}
+
+impl FlashLayout {
+    /// `(n, t, 64)` contiguous.
+    pub fn contiguous(t: usize) -> Self {
+        Self { heads: 1, seq_stride: t * 64, row_stride: 64 }
+    }
+}
+
 /// The head dim `sam_flash` is compiled for (SAM ViT-B's and CLIP-L's).
 pub const SAM_FLASH_HEAD_DIM: usize = 64;
 
@@ -148,14 +164,20 @@ impl Kernels {
         )
     }
 
-    /// `out = softmax(q k^T * scale + rel_h + rel_w) v` over `n` sequences of `t` positions,
-    /// `q`, `k`, `v`, `out` `(n, t, 64)` bf16; the terms of a `gh x gw` grid (`t = gh*gw`) as
-    /// [`crate::model::vision::rel_pos_terms`] leaves them (`rel_h` `(gh, n*gw, gh)`, `rel_w`
-    /// `(gw, n*gh, gw)` bf16), or `None` for no bias (CLIP).
+    /// `out = softmax(q k^T * scale + rel_h + rel_w) v` over `n` sequences of `t` positions of
+    /// 64 bf16, q, k, v laid out as `input` says and `out` as `output` (sequence `(b, head)` at
+    /// `b * seq_stride + head * 64`, its rows `row_stride` apart: the qkv projection's
+    /// `(b, t, 3, heads, 64)` and the merged `(b, t, heads * 64)`, or contiguous `(n, t, 64)`);
+    /// the terms of a `gh x gw` grid (`t = gh*gw`) as [`crate::model::vision::rel_pos_terms`]
+    /// leaves them (`rel_h` `(gh, n*gw, gh)`, `rel_w` `(gw, n*gh, gw)` bf16), or `None` for no
+    /// bias (CLIP).
+    #[allow(clippy::too_many_arguments)]
     pub fn sam_flash(
         &self,
         (q, k, v): (u64, u64, u64),
+        input: FlashLayout,
         out: u64,
+        output: FlashLayout,
         terms: Option<FlashTerms>,
         n: usize,
         t: usize,
@@ -166,6 +188,11 @@ impl Kernels {
         }
         if n == 0 || n > 65535 {
             candle_core::bail!("sam_flash: {n} sequences (1 to 65535)");
+        }
+        for l in [input, output] {
+            if l.heads == 0 || n % l.heads != 0 || l.row_stride < 64 || l.row_stride % 8 != 0 || l.seq_stride % 8 != 0 || l.heads != input.heads {
+                candle_core::bail!("sam_flash: {l:?} for {n} sequences (rows of at least 64, 16-byte aligned, the same heads in and out)");
+            }
         }
         let ((rh, rw), (gh, gw)) = match terms {
             Some(FlashTerms { rel_h, rel_w, grid: (gh, gw) }) => {
@@ -186,7 +213,9 @@ impl Kernels {
             self,
             *func,
             cfg((t.div_ceil(64) as u32, n as u32, 1), 128, shared as u32),
-            q, k, v, out, rh, rw, n as i32, t as i32, gh as i32, gw as i32, scale
+            q, k, v, out, rh, rw, n as i32, t as i32, gh as i32, gw as i32, scale,
+            input.heads as i32, input.seq_stride as i64, input.row_stride as i64,
+            output.seq_stride as i64, output.row_stride as i64
         )
     }
 
@@ -310,7 +339,7 @@ impl Kernels {
 
 #[cfg(test)]
 mod tests {
-    use super::FlashTerms;
+    use super::{FlashLayout, FlashTerms};
     use crate::model::fast::vision::FastVisionOps;
     use crate::model::kernels::testutil::*;
     use crate::model::kernels::Kernels;
@@ -332,18 +361,19 @@ mod tests {
             ("sam_flash", FastVisionOps::new(k.clone()).with_flash(true)),
             ("sam_softmax", FastVisionOps::new(k).with_flash(false)),
         ];
+        // (b views or windows, heads)
         let cases = [
-            ("windows 14x14 (a warp per row)", 2 * 12, 14usize, 27usize),
-            ("global 40x40 (resized tables, 16-byte loads)", 12, 40, 127),
-            ("global 30x30 (8-byte loads)", 12, 30, 127),
-            ("global 64x64 (Base)", 2, 64, 127),
+            ("windows 14x14 (a warp per row)", (2, 12), 14usize, 27usize),
+            ("global 40x40 (resized tables, 16-byte loads)", (1, 12), 40, 127),
+            ("global 30x30 (8-byte loads)", (1, 12), 30, 127),
+            ("global 64x64 (Base)", (1, 2), 64, 127),
         ];
-        for (name, n, grid, table) in cases {
+        for (name, (b, heads), grid, table) in cases {
             let t = grid * grid;
             let d = 64;
-            let q = rand(&[n, t, d], 1.5, 41);
-            let kk = rand(&[n, t, d], 1.5, 42);
-            let v = rand(&[n, t, d], 1.0, 43);
+            // the qkv projection's output (b, t, 3, heads, d): q, k, v of different scales
+            let part = |scale, seed| rand(&[b, t, 1, heads, d], scale, seed);
+            let qkv = Tensor::cat(&[part(1.5, 41), part(1.5, 42), part(1.0, 43)], 2).unwrap();
             let rel_h = rand(&[table, d], 0.5, 44);
             let rel_w = rand(&[table, d], 0.5, 45);
             let rh = get_rel_pos(grid, grid, &rel_h)
@@ -354,23 +384,17 @@ mod tests {
                 .unwrap()
                 .contiguous()
                 .unwrap();
-            // [q, k, v, rh, rw] through `ops`
-            let attend = |ops: &dyn VisionOps, t: [&Tensor; 5]| {
-                let (q, k, v, rh, rw) = (t[0], t[1], t[2], t[3], t[4]);
-                ops.attend(&GridAttention {
-                    q,
-                    k,
-                    v,
-                    rh,
-                    rw,
-                    hw: (grid, grid),
-                })
-                .unwrap()
+            // [qkv, rh, rw] through `ops`
+            let attend = |ops: &dyn VisionOps, t: [&Tensor; 3]| {
+                let (qkv, rh, rw) = (t[0], t[1], t[2]);
+                ops.attend(&GridAttention { qkv, rh, rw, hw: (grid, grid) }).unwrap()
             };
-            let want = attend(&ReferenceOps, [&q, &kk, &v, &rh, &rw]);
+            let want = attend(&ReferenceOps, [&qkv, &rh, &rw]);
+            assert_eq!(want.dims(), &[b, t, heads * d]);
             let g = |x: &Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
             for (path, fast) in &paths {
-                let got = attend(fast, [&g(&q), &g(&kk), &g(&v), &g(&rh), &g(&rw)]);
+                let got = attend(fast, [&g(&qkv), &g(&rh), &g(&rw)]);
+                assert_eq!(got.dims(), want.dims());
                 let diff = max_diff(&got, &want);
                 eprintln!("sam attention by {path}, {name}: max |diff| {diff:.3e} at |out| <= {:.2} (bf16 inputs vs f32 reference)", max_abs(&want));
                 // bf16 inputs (rounded q, k, v, tables, terms) and bf16 probabilities: a few
@@ -386,26 +410,34 @@ mod tests {
     fn plain_attention_matches_the_reference() {
         let (dev, cd) = device();
         let fast = FastVisionOps::new(Arc::new(Kernels::load(&cd).unwrap())).with_flash(true);
-        for (n, t) in [(16usize, 257usize), (3, 5)] {
-            let q = rand(&[1, n, t, 64], 1.5, 71);
-            let kk = rand(&[1, n, t, 64], 1.5, 72);
-            let v = rand(&[1, n, t, 64], 1.0, 73);
-            let want = ReferenceOps.attend_plain(&q, &kk, &v).unwrap();
+        // (images, heads, positions)
+        for (b, n, t) in [(1usize, 16usize, 257usize), (2, 3, 5)] {
+            let part = |scale, seed| rand(&[b, t, 1, n, 64], scale, seed);
+            let qkv = Tensor::cat(&[part(1.5, 71), part(1.5, 72), part(1.0, 73)], 2).unwrap();
+            let want = ReferenceOps.attend_plain(&qkv).unwrap();
+            assert_eq!(want.dims(), &[b, t, n * 64]);
             let g = |x: &Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
-            let got = fast.attend_plain(&g(&q), &g(&kk), &g(&v)).unwrap();
+            let got = fast.attend_plain(&g(&qkv)).unwrap();
             assert_eq!(got.dims(), want.dims());
             let diff = max_diff(&got, &want);
             eprintln!("plain attention by sam_flash, {n} x {t}: max |diff| {diff:.3e} at |out| <= {:.2}", max_abs(&want));
             assert!(diff <= 2.5e-2, "{n} x {t}: {diff}");
         }
-        // refused: a grid whose sides do not give t, an odd side
+        // refused: a grid whose sides do not give t, an odd side, no positions, layouts that
+        // do not fit the sequences
         let k = Kernels::load(&cd).unwrap();
         let terms = |grid| Some(FlashTerms { rel_h: 0, rel_w: 0, grid });
+        let flat = |t| FlashLayout::contiguous(t);
         for (t, grid) in [(100usize, (10usize, 12usize)), (99, (9, 11))] {
-            let e = k.sam_flash((0, 0, 0), 0, terms(grid), 1, t, 1.0).unwrap_err();
+            let e = k.sam_flash((0, 0, 0), flat(t), 0, flat(t), terms(grid), 1, t, 1.0).unwrap_err();
             assert!(e.to_string().contains("grid"), "{e}");
         }
-        assert!(k.sam_flash((0, 0, 0), 0, None, 1, 0, 1.0).is_err());
+        assert!(k.sam_flash((0, 0, 0), flat(0), 0, flat(0), None, 1, 0, 1.0).is_err());
+        let three = FlashLayout { heads: 3, seq_stride: 64 * 3 * 8, row_stride: 64 * 3 };
+        for (input, n) in [(three, 4usize), (FlashLayout { row_stride: 32, ..flat(8) }, 1)] {
+            let e = k.sam_flash((0, 0, 0), input, 0, input, None, n, 8, 1.0).unwrap_err();
+            assert!(e.to_string().contains("sequences"), "{e}");
+        }
     }
 
     /// SAM's windows by `patches` / `unpatch` against `window_partition` / `window_unpartition`

@@ -64,17 +64,13 @@ impl Attention {
         let (b, s, c) = x.dims3()?;
         let nh = self.num_heads;
         let hd = c / nh;
-        // xqkv.view(bsz, seqlen, 3, num_heads, head_dim); split on dim 2; permute(0, 2, 1, 3)
+        // xqkv.view(bsz, seqlen, 3, num_heads, head_dim); split on dim 2; permute(0, 2, 1, 3);
+        // the output permuted back and reshaped (bsz, seqlen, -1): the heads split and merged by
+        // `attend_plain`
         let qkv = ops
             .linear(&self.qkv_proj, x, Act::None, None)?
-            .reshape((b, s, 3, nh, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let qkv = ops.contiguous(&qkv)?;
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let o = ops.attend_plain(&q, &k, &v)?;
-        let o = ops
-            .contiguous(&o.permute((0, 2, 1, 3))?)?
-            .reshape((b, s, c))?;
+            .reshape((b, s, 3, nh, hd))?;
+        let o = ops.attend_plain(&qkv)?;
         ops.linear(&self.out_proj, &o, Act::None, Some(residual))
     }
 }

@@ -35,16 +35,30 @@ impl Act {
     }
 }
 
-/// The inputs of SAM's attention over one `h x w` grid: `q`, `k`, `v` `(n, h*w, d)`
-/// contiguous (n = views x heads, or windows x heads); `rh` `(h, h, d)`, `rw` `(w, w, d)`: the
+/// The inputs of SAM's attention over one `h x w` grid: `qkv` the qkv projection's output
+/// `(b, h*w, 3, heads, d)` (b = views, or windows); `rh` `(h, h, d)`, `rw` `(w, w, d)`: the
 /// relative-position tables `get_rel_pos` gathered for this grid.
 pub struct GridAttention<'a> {
-    pub q: &'a Tensor,
-    pub k: &'a Tensor,
-    pub v: &'a Tensor,
+    pub qkv: &'a Tensor,
     pub rh: &'a Tensor,
     pub rw: &'a Tensor,
     pub hw: (usize, usize),
+}
+
+/// `qkv` `(b, t, 3, heads, d)` -> `q`, `k`, `v` `(b*heads, t, d)` contiguous
+/// (`qkv.permute(2, 0, 3, 1, 4)`); `copy` makes the permuted view contiguous.
+pub fn split_heads(qkv: &Tensor, copy: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<[Tensor; 3]> {
+    let (b, t, _, nh, d) = qkv.dims5()?;
+    let qkv = copy(&qkv.permute((2, 0, 3, 1, 4))?)?.reshape((3, b * nh, t, d))?;
+    Ok([qkv.get(0)?, qkv.get(1)?, qkv.get(2)?])
+}
+
+/// The heads' outputs `(b*heads, t, d)` -> `(b, t, heads*d)`
+/// (`x.view(B, nHead, t, -1).permute(0, 2, 1, 3)`); `copy` as in [`split_heads`].
+pub fn merge_heads(x: &Tensor, b: usize, copy: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let (n, t, d) = x.dims3()?;
+    let x = x.reshape((b, n / b, t, d))?.permute((0, 2, 1, 3))?;
+    copy(&x)?.reshape((b, t, n / b * d))
 }
 
 /// `nn.LayerNorm` with its eps readable (candle's keeps it private): the fast path's kernel
@@ -65,12 +79,13 @@ impl Norm {
 }
 
 pub trait VisionOps: Send + Sync {
-    /// SAM's attention, `softmax(q k^T / sqrt(d) + rel_h + rel_w) v` (`Attention.forward` with
-    /// `add_decomposed_rel_pos`): `(n, h*w, d)`.
+    /// SAM's attention, `softmax(q k^T / sqrt(d) + rel_h + rel_w) v` per head (`Attention.forward`
+    /// with `add_decomposed_rel_pos`, up to `proj`), the heads merged: `(b, h*w, heads*d)`.
     fn attend(&self, a: &GridAttention<'_>) -> Result<Tensor>;
 
-    /// CLIP's attention, `softmax(q k^T / sqrt(d)) v` over `(.., t, d)` (no bias, no mask).
-    fn attend_plain(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+    /// CLIP's attention, `softmax(q k^T / sqrt(d)) v` per head (no bias, no mask), over its
+    /// qkv projection's output `(b, t, 3, heads, d)`, the heads merged: `(b, t, heads*d)`.
+    fn attend_plain(&self, qkv: &Tensor) -> Result<Tensor>;
 
     /// SAM's patch embedding (a convolution of stride = kernel, with a bias) and its absolute
     /// positions `pos` `(1, H/p, W/p, c)`: pixels `(b, 3, H, W)` -> `(b, H/p, W/p, c)`.
@@ -112,12 +127,14 @@ pub struct ReferenceOps;
 
 impl VisionOps for ReferenceOps {
     fn attend(&self, a: &GridAttention<'_>) -> Result<Tensor> {
-        let bias = rel_pos_bias(a.q, a.rh, a.rw, a.hw, a.hw)?;
-        sdpa(a.q, a.k, a.v, Some(&bias))
+        let [q, k, v] = split_heads(a.qkv, &Tensor::contiguous)?;
+        let bias = rel_pos_bias(&q, a.rh, a.rw, a.hw, a.hw)?;
+        merge_heads(&sdpa(&q, &k, &v, Some(&bias))?, a.qkv.dim(0)?, &Tensor::contiguous)
     }
 
-    fn attend_plain(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        sdpa(q, k, v, None)
+    fn attend_plain(&self, qkv: &Tensor) -> Result<Tensor> {
+        let [q, k, v] = split_heads(qkv, &Tensor::contiguous)?;
+        merge_heads(&sdpa(&q, &k, &v, None)?, qkv.dim(0)?, &Tensor::contiguous)
     }
 
     fn patch_embed(&self, conv: &Conv2d, pos: &Tensor, pixels: &Tensor) -> Result<Tensor> {

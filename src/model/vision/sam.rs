@@ -103,26 +103,25 @@ pub fn get_rel_pos(q_size: usize, k_size: usize, rel_pos: &Tensor) -> Result<Ten
 }
 
 /// `add_decomposed_rel_pos`'s two einsums as batched GEMMs, in the layout the GEMMs leave
-/// them: `rel_h` `(q_h, b*q_w, k_h)` (query `(y, x)` of grid `n` at row `n*q_w + x` of batch
-/// `y`) and `rel_w` `(q_w, b*q_h, k_w)` (at row `n*q_h + y` of batch `x`), from the tables
+/// them, for the queries `q5` `(b, q_h, q_w, heads, c)` (any strides; grid `n = (b, head)`):
+/// `rel_h` `(q_h, b*heads*q_w, k_h)` (query `(y, x)` of grid `n` at row `n*q_w + x` of batch
+/// `y`) and `rel_w` `(q_w, b*heads*q_h, k_w)` (at row `n*q_h + y` of batch `x`), from the tables
 /// [`get_rel_pos`] gathered: `rh` `(q_h, k_h, c)`, `rw` `(q_w, k_w, c)`. `copy` makes q's
 /// permuted views contiguous (candle's copy, or the fast path's kernel: the same values).
 pub fn rel_pos_terms(
-    q: &Tensor,
+    q5: &Tensor,
     rh: &Tensor,
     rw: &Tensor,
-    (q_h, q_w): (usize, usize),
     copy: &dyn Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<(Tensor, Tensor)> {
-    let (b, _, c) = q.dims3()?;
-    let r_q = q.reshape((b, q_h, q_w, c))?;
+    let (b, q_h, q_w, nh, c) = q5.dims5()?;
     // rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh): batch the matmul over h.
-    let rel_h = copy(&r_q.permute((1, 0, 2, 3))?)?
-        .reshape((q_h, b * q_w, c))?
+    let rel_h = copy(&q5.permute((1, 0, 3, 2, 4))?)?
+        .reshape((q_h, b * nh * q_w, c))?
         .matmul(&rh.transpose(1, 2)?.contiguous()?)?;
     // rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw): batch the matmul over w.
-    let rel_w = copy(&r_q.permute((2, 0, 1, 3))?)?
-        .reshape((q_w, b * q_h, c))?
+    let rel_w = copy(&q5.permute((2, 0, 3, 1, 4))?)?
+        .reshape((q_w, b * nh * q_h, c))?
         .matmul(&rw.transpose(1, 2)?.contiguous()?)?;
     Ok((rel_h, rel_w))
 }
@@ -136,8 +135,9 @@ pub fn rel_pos_bias(
     (q_h, q_w): (usize, usize),
     (k_h, k_w): (usize, usize),
 ) -> Result<Tensor> {
-    let b = q.dim(0)?;
-    let (rel_h, rel_w) = rel_pos_terms(q, rh, rw, (q_h, q_w), &Tensor::contiguous)?;
+    let (b, _, c) = q.dims3()?;
+    let q5 = q.reshape((b, q_h, q_w, 1, c))?;
+    let (rel_h, rel_w) = rel_pos_terms(&q5, rh, rw, &Tensor::contiguous)?;
     let rel_h = rel_h.reshape((q_h, b, q_w, k_h))?.permute((1, 0, 2, 3))?;
     let rel_w = rel_w.reshape((q_w, b, q_h, k_w))?.permute((1, 2, 0, 3))?;
     // attn_bias = (rel_h[..., None] + rel_w[..., None, :]).view(B, nH, q_h*q_w, k_h*k_w)
@@ -203,28 +203,15 @@ impl Attention {
         let (b, h, w, c) = x.dims4()?;
         let nh = self.num_heads;
         let hd = c / nh;
-        // qkv = self.qkv(x).reshape(B, H * W, 3, nHead, -1).permute(2, 0, 3, 1, 4)
+        // qkv = self.qkv(x).reshape(B, H * W, 3, nHead, -1) (the heads split by `attend`)
         let qkv = ops
             .linear(&self.qkv, x, Act::None, None)?
-            .reshape((b, h * w, 3, nh, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let qkv = ops.contiguous(&qkv)?.reshape((3, b * nh, h * w, hd))?;
-        let q = qkv.get(0)?;
-        let k = qkv.get(1)?;
-        let v = qkv.get(2)?;
+            .reshape((b, h * w, 3, nh, hd))?;
         let tables = self.tables(h, w)?;
         let (rh, rw) = (&tables.0, &tables.1);
-        let x = ops.attend(&GridAttention {
-            q: &q,
-            k: &k,
-            v: &v,
-            rh,
-            rw,
-            hw: (h, w),
-        })?;
-        // x.view(B, nHead, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
-        let x = x.reshape((b, nh, h, w, hd))?.permute((0, 2, 3, 1, 4))?;
-        ops.contiguous(&x)?.reshape((b, h, w, c))
+        let x = ops.attend(&GridAttention { qkv: &qkv, rh, rw, hw: (h, w) })?;
+        // x.view(B, nHead, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1): merged by `attend`
+        x.reshape((b, h, w, c))
     }
 }
 
@@ -538,8 +525,8 @@ mod tests {
             ReferenceOps.attend(a)
         }
 
-        fn attend_plain(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-            ReferenceOps.attend_plain(q, k, v)
+        fn attend_plain(&self, qkv: &Tensor) -> Result<Tensor> {
+            ReferenceOps.attend_plain(qkv)
         }
 
         fn patch_embed(&self, conv: &Conv2d, pos: &Tensor, pixels: &Tensor) -> Result<Tensor> {
