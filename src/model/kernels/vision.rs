@@ -189,6 +189,9 @@ impl Kernels {
         if n == 0 || n > 65535 {
             candle_core::bail!("sam_flash: {n} sequences (1 to 65535)");
         }
+        if [q, k, v, out].iter().any(|p| p % 16 != 0) {
+            candle_core::bail!("sam_flash: q, k, v and out must be 16-byte aligned (16-byte copies)");
+        }
         for l in [input, output] {
             if l.heads == 0 || n % l.heads != 0 || l.row_stride < 64 || l.row_stride % 8 != 0 || l.seq_stride % 8 != 0 || l.heads != input.heads {
                 candle_core::bail!("sam_flash: {l:?} for {n} sequences (rows of at least 64, 16-byte aligned, the same heads in and out)");
@@ -433,6 +436,8 @@ mod tests {
             assert!(e.to_string().contains("grid"), "{e}");
         }
         assert!(k.sam_flash((0, 0, 0), flat(0), 0, flat(0), None, 1, 0, 1.0).is_err());
+        let e = k.sam_flash((0, 8, 0), flat(8), 0, flat(8), None, 1, 8, 1.0).unwrap_err();
+        assert!(e.to_string().contains("aligned"), "{e}");
         let three = FlashLayout { heads: 3, seq_stride: 64 * 3 * 8, row_stride: 64 * 3 };
         for (input, n) in [(three, 4usize), (FlashLayout { row_stride: 32, ..flat(8) }, 1)] {
             let e = k.sam_flash((0, 0, 0), input, 0, input, None, n, 8, 1.0).unwrap_err();
