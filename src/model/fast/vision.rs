@@ -128,6 +128,24 @@ impl FastVisionOps {
         Ok(y)
     }
 
+    /// `x` with contiguous storage: a strided bf16 view on CUDA by the `permute` kernel (16
+    /// bytes a thread), anything else by candle's copy; the same values.
+    pub fn contiguous(&self, x: &Tensor) -> Result<Tensor> {
+        let l = x.layout();
+        let view = View::of(x.dims(), l.stride());
+        let (Some(view), true, Device::Cuda(dev)) =
+            (view, fusable(&[x]) && l.start_offset() % 8 == 0, x.device())
+        else {
+            return x.contiguous();
+        };
+        if x.is_contiguous() {
+            return Ok(x.clone());
+        }
+        let out = self.uninit(dev, x.dims())?;
+        self.k.permute(view_ptr::<bf16>(x)?, ptr(&out)?, view)?;
+        Ok(out)
+    }
+
     /// A bf16 tensor whose every element the caller's kernel writes (no zero fill).
     fn uninit(
         &self,
@@ -310,22 +328,6 @@ impl VisionOps for FastVisionOps {
             .bias_act(ptr(&y)?, opt_ptr(&bias)?, opt_ptr(&res)?, rows, out, act)?;
         *dims.last_mut().expect("a linear input has dims") = out;
         y.reshape(dims)
-    }
-
-    fn contiguous(&self, x: &Tensor) -> Result<Tensor> {
-        let l = x.layout();
-        let view = View::of(x.dims(), l.stride());
-        let (Some(view), true, Device::Cuda(dev)) =
-            (view, fusable(&[x]) && l.start_offset() % 8 == 0, x.device())
-        else {
-            return x.contiguous();
-        };
-        if x.is_contiguous() {
-            return Ok(x.clone());
-        }
-        let out = self.uninit(dev, x.dims())?;
-        self.k.permute(view_ptr::<bf16>(x)?, ptr(&out)?, view)?;
-        Ok(out)
     }
 
     fn layer_norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor> {

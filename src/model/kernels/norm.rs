@@ -18,6 +18,11 @@ pub enum Delta {
     Slots { slot_out: u64, w: u64, k: usize },
 }
 
+/// A row `norm_linear` holds: a thread per 8 columns of one block of 256 (`xs` in the kernel).
+fn norm_linear_holds(h: usize) -> bool {
+    h % 8 == 0 && h <= 8 * 256
+}
+
 impl Delta {
     /// The kernels' arguments: mode, delta, slot outputs, slot weights, slots per row.
     fn args(self) -> (i32, u64, u64, u64, i32) {
@@ -67,7 +72,7 @@ impl Kernels {
     /// multiple of 8 up to 2048; not under `OCR_PATCH_LINEAR=cublas` nor
     /// `OCR_PATCH_NORM_LINEAR=0`).
     pub fn norm_linear_fits(&self, rows: usize, h: usize) -> bool {
-        rows == 1 && h % 8 == 0 && h <= 2048 && !self.cublas_only && self.norm_rows != 0
+        rows == 1 && norm_linear_holds(h) && !self.cublas_only && self.norm_rows != 0
     }
 
     /// One row's [`Self::add_rmsnorm`] and the [`Self::linear`] that reads its output in one
@@ -87,7 +92,7 @@ impl Kernels {
         h: usize,
         out: usize,
     ) -> Result<()> {
-        if h % 8 != 0 || h > 2048 || out == 0 {
+        if !norm_linear_holds(h) || out == 0 {
             candle_core::bail!("norm_linear: hidden size {h} must be a multiple of 8, at most 2048 (out {out})");
         }
         if resid == resid_out && !matches!(delta, Delta::None) {

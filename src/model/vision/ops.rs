@@ -1,7 +1,7 @@
 //! The operations of the vision towers that the GPU fast path replaces: SAM's attention with
 //! decomposed relative positions and CLIP's (over the qkv projection's output, the heads split
-//! and merged inside), a linear layer with its activation and residual add, the copy of a
-//! permuted view, SAM's windows, patch embedding and neck, and the layer norms.
+//! and merged inside), a linear layer with its activation and residual add, SAM's windows,
+//! patch embedding and neck, and the layer norms.
 //! [`ReferenceOps`] computes them as deepencoder.py does (on every device; the default);
 //! `crate::model::fast::vision` fuses them on CUDA. A tower holds an `Arc<dyn VisionOps>` and
 //! [`crate::model::vision::DeepEncoder::set_ops`] swaps it.
@@ -107,9 +107,6 @@ pub trait VisionOps: Send + Sync {
     fn linear(&self, l: &Linear, x: &Tensor, act: Act, residual: Option<&Tensor>)
         -> Result<Tensor>;
 
-    /// `x` with contiguous storage (a copy when it is a strided view), same values.
-    fn contiguous(&self, x: &Tensor) -> Result<Tensor>;
-
     /// The layer norm over the last dim of `x`.
     fn layer_norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor>;
 
@@ -142,11 +139,11 @@ impl VisionOps for ReferenceOps {
     }
 
     fn windows(&self, x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
-        window_partition(x, ws, self)
+        window_partition(x, ws)
     }
 
     fn unwindow(&self, windows: &Tensor, ws: usize, padded: (usize, usize), hw: (usize, usize)) -> Result<Tensor> {
-        window_unpartition(windows, ws, padded, hw, self)
+        window_unpartition(windows, ws, padded, hw)
     }
 
     fn neck(&self, n: &Neck, x: &Tensor) -> Result<Tensor> {
@@ -165,10 +162,6 @@ impl VisionOps for ReferenceOps {
             Some(r) => r + y,
             None => Ok(y),
         }
-    }
-
-    fn contiguous(&self, x: &Tensor) -> Result<Tensor> {
-        x.contiguous()
     }
 
     fn layer_norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor> {

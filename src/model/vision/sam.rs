@@ -216,12 +216,8 @@ impl Attention {
 }
 
 /// `window_partition`: `(b, h, w, c)` -> `(b * n_windows, ws, ws, c)`, zero-padded to a multiple
-/// of the window; returns the padded size. `ops` copies the permuted view.
-pub fn window_partition(
-    x: &Tensor,
-    ws: usize,
-    ops: &dyn VisionOps,
-) -> Result<(Tensor, (usize, usize))> {
+/// of the window; returns the padded size.
+pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
     let (b, h, w, c) = x.dims4()?;
     let pad_h = (ws - h % ws) % ws;
     let pad_w = (ws - w % ws) % ws;
@@ -234,7 +230,7 @@ pub fn window_partition(
     let windows = x
         .reshape((b, hp / ws, ws, wp / ws, ws, c))?
         .permute((0, 1, 3, 2, 4, 5))?;
-    let windows = ops.contiguous(&windows)?.reshape(((), ws, ws, c))?;
+    let windows = windows.contiguous()?.reshape(((), ws, ws, c))?;
     Ok((windows, (hp, wp)))
 }
 
@@ -244,16 +240,15 @@ pub fn window_unpartition(
     ws: usize,
     (hp, wp): (usize, usize),
     (h, w): (usize, usize),
-    ops: &dyn VisionOps,
 ) -> Result<Tensor> {
     let (nw, _, _, c) = windows.dims4()?;
     let b = nw / (hp * wp / ws / ws);
     let x = windows
         .reshape((b, hp / ws, wp / ws, ws, ws, c))?
         .permute((0, 1, 3, 2, 4, 5))?;
-    let x = ops.contiguous(&x)?.reshape((b, hp, wp, c))?;
+    let x = x.contiguous()?.reshape((b, hp, wp, c))?;
     if hp > h || wp > w {
-        ops.contiguous(&x.narrow(1, 0, h)?.narrow(2, 0, w)?)
+        x.narrow(1, 0, h)?.narrow(2, 0, w)?.contiguous()
     } else {
         Ok(x)
     }
@@ -534,11 +529,11 @@ mod tests {
         }
 
         fn windows(&self, x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
-            window_partition(x, ws, self)
+            ReferenceOps.windows(x, ws)
         }
 
         fn unwindow(&self, w: &Tensor, ws: usize, pad: (usize, usize), hw: (usize, usize)) -> Result<Tensor> {
-            window_unpartition(w, ws, pad, hw, self)
+            ReferenceOps.unwindow(w, ws, pad, hw)
         }
 
         fn neck(&self, n: &Neck, x: &Tensor) -> Result<Tensor> {
@@ -548,10 +543,6 @@ mod tests {
         fn linear(&self, l: &Linear, x: &Tensor, act: Act, r: Option<&Tensor>) -> Result<Tensor> {
             self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             ReferenceOps.linear(l, x, act, r)
-        }
-
-        fn contiguous(&self, x: &Tensor) -> Result<Tensor> {
-            x.contiguous()
         }
 
         fn layer_norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor> {
@@ -597,7 +588,7 @@ mod tests {
             .unwrap()
             .reshape((1, 5, 7, 2))
             .unwrap();
-        let (win, pad) = window_partition(&x, 3, &ReferenceOps).unwrap();
+        let (win, pad) = window_partition(&x, 3).unwrap();
         assert_eq!(pad, (6, 9));
         assert_eq!(win.dims(), &[6, 3, 3, 2]);
         // Window (0, 1) starts at column 3 of row 0.
@@ -624,7 +615,7 @@ mod tests {
                 .unwrap(),
             0.0
         );
-        let back = window_unpartition(&win, 3, pad, (5, 7), &ReferenceOps).unwrap();
+        let back = window_unpartition(&win, 3, pad, (5, 7)).unwrap();
         assert_eq!(
             back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
