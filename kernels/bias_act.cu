@@ -4,7 +4,9 @@
 // Each step rounded to bf16 where the reference's bf16 ops round (the bias add, the add of the
 // residual); the activation is computed in f32 and rounded once.
 // y, res: (rows, out) bf16 (res may be null); bias: (out) bf16 (may be null). out % 8 == 0.
-// Grid: ceil(rows * out / 8 / 256) blocks of 256 threads, 8 values per thread (16-byte loads).
+// Grid: (rows, ceil(out / 8 / 128)) blocks of 128 threads, 8 values per thread (16-byte loads):
+// a thread's column comes from its block and lane, no division (a 64-bit modulo per thread
+// cost as much as SAM's erf).
 #include "common.cuh"
 
 __device__ __forceinline__ float act_f(float x, int act) {
@@ -14,11 +16,11 @@ __device__ __forceinline__ float act_f(float x, int act) {
 }
 
 extern "C" __global__ void bias_act(bf16* __restrict__ y, const bf16* __restrict__ bias,
-                                    const bf16* __restrict__ res, long long n8, int out, int act) {
+                                    const bf16* __restrict__ res, int out, int act) {
   inputs_ready();
-  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n8) return;
-  const int c0 = (int)((i * 8) % out);
+  const int c0 = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
+  if (c0 >= out) return;
+  const long long i = ((long long)blockIdx.x * out + c0) / 8;
   uint4 yv = reinterpret_cast<uint4*>(y)[i];
   uint4 bv = make_uint4(0, 0, 0, 0);
   if (bias) bv = *reinterpret_cast<const uint4*>(bias + c0);

@@ -3,11 +3,14 @@
 //! launch each (flash attention on the tensor cores; SAM's relative-position terms are the
 //! reference's two batched GEMMs, the bias and the scores are never materialised; other head
 //! dims: cuBLAS + the fused `sam_softmax` kernel, the scores held a few heads at a time), every
-//! linear layer as one cuBLAS GEMM + the `bias_act` epilogue (bias, activation and residual add
-//! in one pass), the head splits and merges as the `permute` kernel, SAM's windows as
-//! `patches` / `unpatch`, its patch embedding as one copy, a GEMM and `bias_act`, its neck on
-//! NHWC (`patches` and GEMMs, `LayerNorm2d` as `layer_norm`), the layer norms as `layer_norm`.
-//! The rest (CLIP's embeddings, the projector, the layout) is the reference path's code.
+//! linear layer as one cuBLASLt GEMM with the bias and the residual add in its epilogue (with
+//! an activation: the GEMM, then `bias_act`: bias, activation and residual in one pass), the
+//! head splits and merges as the `permute` kernel, SAM's windows as `patches` / `unpatch`, its
+//! patch embedding as one copy, a GEMM and `bias_act`, its neck on NHWC (`patches` and GEMMs,
+//! `LayerNorm2d` as `layer_norm`), the layer norms as `layer_norm`. CLIP's 24 blocks run on
+//! fixed buffers and are replayed as one CUDA graph per input shape ([`ClipRun`]): at a batch
+//! of one they are ~190 short launches, which the host could not issue as fast as the GPU runs
+//! them. The rest (CLIP's embeddings, the projector, the layout) is the reference path's code.
 //!
 //! Owns: the fused ops and [`accelerate`]. Does not own the towers' structure nor their
 //! weights ([`crate::model::vision`]).
@@ -16,12 +19,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::op::BackpropOp;
+use candle_core::cuda_backend::cudarc;
 use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor, D};
 use candle_nn::{Conv2d, Linear};
 use half::bf16;
 
 use crate::model::kernels::vision::{FlashLayout, FlashTerms, View, LAYER_NORM_MAX, SAM_FLASH_HEAD_DIM, SAM_HEAD_DIMS};
-use crate::model::kernels::{tensor_ptr, view_ptr, Kernels};
+use crate::model::kernels::{copy_d2d, cuda_err, tensor_ptr, view_ptr, Buf, Kernels};
+use crate::model::vision::clip::Block;
 use crate::model::vision::sam::{LayerNorm2d, Neck};
 use crate::model::vision::ops::{merge_heads, split_heads};
 use crate::model::vision::{rel_pos_terms, Act, DeepEncoder, GridAttention, Norm, ReferenceOps, VisionOps};
@@ -36,18 +41,230 @@ pub struct FastVisionOps {
     /// `OCR_PATCH_SAM_FLASH=0`: cuBLAS's scores, `sam_softmax` and cuBLAS's `p v` then (CLIP:
     /// the reference's).
     flash: bool,
+    /// The linears by cuBLASLt with the bias and the residual in its epilogue
+    /// ([`Kernels::linear_epilogue`]), unless `OCR_PATCH_VISION_LT=0`: candle's GEMM then
+    /// `bias_act` (which rounds the GEMM's output before the bias, as the reference does).
+    epilogue: bool,
+    /// CLIP's blocks as one CUDA graph per input shape ([`ClipRun`]), unless
+    /// `OCR_PATCH_VISION_GRAPH=0`: the same launches on the same buffers, eagerly. Needs the
+    /// epilogue and flash attention; off, CLIP runs op by op.
+    graphs: bool,
+    /// CLIP's buffers and graph per `(views, tokens)`.
+    clip_runs: Mutex<HashMap<(usize, usize), ClipRun>>,
+}
+
+/// CLIP's blocks for one input shape on fixed buffers: the residual stream, the normed rows,
+/// the qkv projection, the heads' output and the MLP's hidden rows, the weights' addresses they
+/// were captured with, and the graph (captured at the shape's second call, once the first,
+/// eager, has loaded every kernel and made every GEMM plan).
+struct ClipRun {
+    x: Buf<bf16>,
+    normed: Buf<bf16>,
+    qkv: Buf<bf16>,
+    heads: Buf<bf16>,
+    hidden: Buf<bf16>,
+    weights: Vec<ClipBlockPtrs>,
+    eager_runs: usize,
+    graph: Option<Graph>,
+}
+
+/// A captured graph; it is launched under [`FastVisionOps::clip_runs`]' lock only.
+struct Graph(cudarc::driver::CudaGraph);
+
+// SAFETY: the graph is launched and dropped under a lock, on the stream it was captured on,
+// whose context is bound to the calling thread first
+unsafe impl Send for Graph {}
+
+/// One CLIP block's weights as addresses (bf16, contiguous, on the device) and its norms' eps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ClipBlockPtrs {
+    ln1: (u64, u64, f64),
+    qkv: (u64, u64),
+    out: (u64, u64),
+    ln2: (u64, u64, f64),
+    fc1: (u64, u64),
+    fc2: (u64, u64),
+    /// The MLP's width (`fc1`'s outputs).
+    ffn_width: usize,
+}
+
+impl ClipBlockPtrs {
+    /// The block's addresses, if every weight and bias is there, contiguous, bf16 on CUDA and
+    /// of CLIP's widths for `c` (`heads * 64 = c`, the MLP's width a multiple of 8).
+    fn of(b: &Block, c: usize) -> Option<Self> {
+        let a = &b.self_attn;
+        let lin = |l: &Linear, out: usize, inp: usize| -> Option<(u64, u64)> {
+            let bias = l.bias()?;
+            let w = l.weight();
+            (w.dims() == [out, inp] && bias.dims() == [out] && fusable(&[w, bias]))
+                .then(|| Some((ptr(w).ok()?, ptr(bias).ok()?)))
+                .flatten()
+        };
+        let norm = |n: &Norm| -> Option<(u64, u64, f64)> {
+            let (w, bias) = (n.ln.weight(), n.ln.bias()?);
+            (w.dims() == [c] && fusable(&[w, bias])).then(|| Some((ptr(w).ok()?, ptr(bias).ok()?, n.eps))).flatten()
+        };
+        let ffn = b.fc1.weight().dim(0).ok()?;
+        if a.num_heads * SAM_FLASH_HEAD_DIM != c || ffn % 8 != 0 {
+            return None;
+        }
+        Some(Self {
+            ln1: norm(&b.layer_norm1)?,
+            qkv: lin(&a.qkv_proj, 3 * c, c)?,
+            out: lin(&a.out_proj, c, c)?,
+            ln2: norm(&b.layer_norm2)?,
+            fc1: lin(&b.fc1, ffn, c)?,
+            fc2: lin(&b.fc2, c, ffn)?,
+            ffn_width: ffn,
+        })
+    }
 }
 
 impl FastVisionOps {
     pub fn new(k: Arc<Kernels>) -> Self {
-        let flash = !std::env::var("OCR_PATCH_SAM_FLASH").is_ok_and(|v| v == "0");
-        Self { k, flash, conv_weights: Mutex::default() }
+        let on = |var: &str| !std::env::var(var).is_ok_and(|v| v == "0");
+        Self {
+            k,
+            flash: on("OCR_PATCH_SAM_FLASH"),
+            epilogue: on("OCR_PATCH_VISION_LT"),
+            graphs: on("OCR_PATCH_VISION_GRAPH"),
+            conv_weights: Mutex::default(),
+            clip_runs: Mutex::default(),
+        }
     }
 
     /// The same ops, SAM's attention by `sam_flash` or not (tests and benches compare them).
     pub fn with_flash(mut self, flash: bool) -> Self {
         self.flash = flash;
         self
+    }
+
+    /// The same ops, the linears by cuBLASLt's epilogue or by cuBLAS + `bias_act` (tests
+    /// compare them).
+    pub fn with_epilogue(mut self, epilogue: bool) -> Self {
+        self.epilogue = epilogue;
+        self
+    }
+
+    /// The same ops, CLIP's blocks replayed as CUDA graphs or launched eagerly (tests compare
+    /// them).
+    pub fn with_graphs(mut self, graphs: bool) -> Self {
+        self.graphs = graphs;
+        self
+    }
+
+    /// [`VisionOps::linear`] by cuBLASLt ([`Kernels::linear_epilogue`]): without an
+    /// activation one launch (bias and residual in the epilogue); with one, the GEMM then
+    /// `bias_act` (the activation of the rounded sum, as the reference's). `None` where an
+    /// address is not 16-byte aligned (a view into a tensor) or the inputs are not a multiple
+    /// of 8 wide: the caller's path takes it.
+    fn linear_lt(&self, l: &Linear, x: &Tensor, act: Act, residual: Option<&Tensor>, rows: usize) -> Result<Option<Tensor>> {
+        let Device::Cuda(dev) = x.device() else { return Ok(None) };
+        let (out, kdim) = l.weight().dims2()?;
+        let (x, w) = (x.contiguous()?, l.weight().contiguous()?);
+        let bias = l.bias().map(Tensor::contiguous).transpose()?;
+        let res = residual.map(Tensor::contiguous).transpose()?;
+        let opt_ptr = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0), ptr);
+        let (px, pw, pb, pr) = (ptr(&x)?, ptr(&w)?, opt_ptr(&bias)?, opt_ptr(&res)?);
+        if [px, pw, pb, pr].iter().any(|a| a % 16 != 0) || kdim % 8 != 0 {
+            return Ok(None);
+        }
+        let y = self.uninit(dev, (rows, out))?;
+        let py = ptr(&y)?;
+        if act == Act::None {
+            self.k.linear_epilogue(px, pw, pb, pr, py, rows, kdim, out)?;
+        } else {
+            self.k.linear_epilogue(px, pw, 0, 0, py, rows, kdim, out)?;
+            self.k.bias_act(py, pb, pr, rows, out, act)?;
+        }
+        Ok(Some(y))
+    }
+
+    /// CLIP's blocks over `x` `(b, t, c)` on the [`ClipRun`] of its shape: `x` copied into the
+    /// residual stream, the blocks launched (or their graph replayed), the stream copied out.
+    fn run_clip(&self, blocks: &[ClipBlockPtrs], x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let Device::Cuda(dev) = x.device() else { candle_core::bail!("clip_blocks: not on CUDA") };
+        let x = x.contiguous()?;
+        let rows = b * t;
+        let mut runs = self.clip_runs.lock().unwrap_or_else(|p| p.into_inner());
+        let run = match runs.entry((b, t)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let width = blocks.iter().map(|p| p.ffn_width).max().unwrap_or(0);
+                e.insert(ClipRun {
+                    x: Buf::zeros(dev, rows * c)?,
+                    normed: Buf::zeros(dev, rows * c)?,
+                    qkv: Buf::zeros(dev, rows * 3 * c)?,
+                    heads: Buf::zeros(dev, rows * c)?,
+                    hidden: Buf::zeros(dev, rows * width)?,
+                    weights: Vec::new(),
+                    eager_runs: 0,
+                    graph: None,
+                })
+            }
+        };
+        if run.weights != blocks {
+            // other weights than those captured (another tower on these ops)
+            run.weights = blocks.to_vec();
+            run.graph = None;
+            run.eager_runs = 0;
+        }
+        let st = &self.k.stream;
+        copy_d2d(st, run.x.ptr, ptr(&x)?, rows * c * 2)?;
+        let capturable = self.graphs && !st.cu_stream().is_null();
+        if run.graph.is_none() && capturable && run.eager_runs > 0 {
+            use cudarc::driver::sys;
+            st.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cuda_err)?;
+            let launched = self.clip_launches(run, (b, t, c), heads);
+            let graph = st.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(cuda_err);
+            launched?;
+            match graph? {
+                Some(g) => {
+                    g.upload().map_err(cuda_err)?;
+                    run.graph = Some(Graph(g));
+                }
+                None => candle_core::bail!("clip_blocks: the stream captured nothing"),
+            }
+        }
+        match &run.graph {
+            Some(g) => {
+                st.context().bind_to_thread().map_err(cuda_err)?;
+                g.0.launch().map_err(cuda_err)?;
+            }
+            None => {
+                self.clip_launches(run, (b, t, c), heads)?;
+                run.eager_runs += 1;
+            }
+        }
+        let out = self.uninit(dev, (b, t, c))?;
+        copy_d2d(st, ptr(&out)?, run.x.ptr, rows * c * 2)?;
+        Ok(out)
+    }
+
+    /// The launches of CLIP's blocks on `run`'s buffers (`NoTPTransformerBlock.forward`):
+    /// `x += out_proj(attention(qkv_proj(layer_norm1(x))))`, then
+    /// `x += fc2(quick_gelu(fc1(layer_norm2(x))))`.
+    fn clip_launches(&self, run: &ClipRun, (b, t, c): (usize, usize, usize), heads: usize) -> Result<()> {
+        let rows = b * t;
+        let k = &self.k;
+        let scale = 1.0 / (SAM_FLASH_HEAD_DIM as f32).sqrt();
+        let head_bytes = (heads * SAM_FLASH_HEAD_DIM * 2) as u64;
+        let input = FlashLayout { heads, seq_stride: t * 3 * c, row_stride: 3 * c };
+        let output = FlashLayout { heads, seq_stride: t * c, row_stride: c };
+        let q = run.qkv.ptr;
+        for p in &run.weights {
+            let ffn = p.ffn_width;
+            k.layer_norm(run.x.ptr, p.ln1.0, p.ln1.1, run.normed.ptr, rows, c, p.ln1.2)?;
+            k.linear_epilogue(run.normed.ptr, p.qkv.0, p.qkv.1, 0, q, rows, c, 3 * c)?;
+            k.sam_flash((q, q + head_bytes, q + 2 * head_bytes), input, run.heads.ptr, output, None, b * heads, t, scale)?;
+            k.linear_epilogue(run.heads.ptr, p.out.0, p.out.1, run.x.ptr, run.x.ptr, rows, c, c)?;
+            k.layer_norm(run.x.ptr, p.ln2.0, p.ln2.1, run.normed.ptr, rows, c, p.ln2.2)?;
+            k.linear_epilogue(run.normed.ptr, p.fc1.0, 0, 0, run.hidden.ptr, rows, c, ffn)?;
+            k.bias_act(run.hidden.ptr, p.fc1.1, 0, rows, ffn, Act::QuickGelu)?;
+            k.linear_epilogue(run.hidden.ptr, p.fc2.0, p.fc2.1, run.x.ptr, run.x.ptr, rows, ffn, c)?;
+        }
+        Ok(())
     }
 
     /// Whether [`Self::conv_nhwc`] takes `conv`: no groups, no dilation, a square kernel,
@@ -221,6 +438,16 @@ impl VisionOps for FastVisionOps {
         merge_heads(&out, b, &copy)
     }
 
+    fn clip_blocks(&self, blocks: &[Block], x: &Tensor) -> Option<Result<Tensor>> {
+        let (_, _, c) = x.dims3().ok()?;
+        if !self.epilogue || !self.flash || !fusable(&[x]) || c % 8 != 0 || c > LAYER_NORM_MAX {
+            return None;
+        }
+        let ptrs = blocks.iter().map(|b| ClipBlockPtrs::of(b, c)).collect::<Option<Vec<_>>>()?;
+        let heads = blocks.first()?.self_attn.num_heads;
+        Some(self.run_clip(&ptrs, x, heads))
+    }
+
     fn attend_plain(&self, qkv: &Tensor) -> Result<Tensor> {
         let (_, _, three, _, d) = qkv.dims5()?;
         if !self.flash || !fusable(&[qkv]) || d != SAM_FLASH_HEAD_DIM || three != 3 {
@@ -315,6 +542,12 @@ impl VisionOps for FastVisionOps {
         }
         let mut dims = x.dims().to_vec();
         let rows = x.elem_count() / kdim;
+        *dims.last_mut().expect("a linear input has dims") = out;
+        if self.epilogue {
+            if let Some(y) = self.linear_lt(l, x, act, residual, rows)? {
+                return y.reshape(dims);
+            }
+        }
         // one GEMM over all rows (cuBLAS), then the epilogue in place on its fresh output
         let y = x
             .contiguous()?
@@ -326,7 +559,6 @@ impl VisionOps for FastVisionOps {
         let opt_ptr = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0), ptr);
         self.k
             .bias_act(ptr(&y)?, opt_ptr(&bias)?, opt_ptr(&res)?, rows, out, act)?;
-        *dims.last_mut().expect("a linear input has dims") = out;
         y.reshape(dims)
     }
 

@@ -17,6 +17,7 @@
 //! graph (see [`crate::model::fast`]).
 
 pub mod attn;
+pub mod lt;
 pub mod moe;
 pub mod norm;
 pub mod sample;
@@ -158,6 +159,9 @@ pub fn copy_d2d(stream: &CudaStream, dst: u64, src: u64, bytes: usize) -> Result
 pub struct Kernels {
     pub stream: Arc<CudaStream>,
     blas: cudarc::cublas::CudaBlas,
+    /// cuBLASLt for the GEMMs with a bias / residual epilogue; shares `_workspace` with `blas`
+    /// (one stream: their calls never overlap). Declared before the workspace: dropped first.
+    lt: lt::Lt,
     _workspace: Buf<u8>,
     embed: CudaFunction,
     add_rmsnorm: CudaFunction,
@@ -235,6 +239,7 @@ impl Kernels {
         }
         Ok(Self {
             blas,
+            lt: lt::Lt::new(workspace.ptr, workspace.len)?,
             _workspace: workspace,
             embed: f("embed", ptx::EMBED)?,
             add_rmsnorm: f("add_rmsnorm", ptx::ADD_RMSNORM)?,
@@ -366,6 +371,15 @@ impl Kernels {
             k as i32,
             out as i32
         )
+    }
+
+    /// Row-major `y (n, out) = x (n, k) . w (out, k)^T + bias (out) + res (n, out)` by cuBLASLt,
+    /// the bias and the residual (each optional: 0) in the GEMM's epilogue, f32 until one
+    /// rounding to bf16; `res` may be `y`. See [`lt`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_epilogue(&self, x: u64, w: u64, bias: u64, res: u64, y: u64, n: usize, k: usize, out: usize) -> Result<()> {
+        self.stream.context().bind_to_thread().map_err(cuda_err)?;
+        self.lt.linear(&self.stream, (x, w, bias, res, y), n, k, out)
     }
 
     /// [`Self::linear`] by cuBLAS (`cublasGemmEx`, bf16 in and out, f32 compute).
@@ -520,5 +534,58 @@ mod tests {
                 "{n} rows: kernel {d1}, cuBLAS {d2}"
             );
         }
+    }
+
+    /// `linear_epilogue` (cuBLASLt, bias and residual in the epilogue) against candle's matmul
+    /// in f32 plus the bias and the residual, rounded once: every combination of the two, in
+    /// place, at an address only 16-byte aligned (the other plan), and its refusals.
+    #[test]
+    fn linear_epilogue_matches_f32_sums() {
+        let (dev, cd) = device();
+        let k = Kernels::load(&cd).unwrap();
+        let (rows, kk, out) = (101usize, 1024usize, 3072usize);
+        let w = rand_bf16(&[out, kk], 0.05, 41).to_device(&dev).unwrap();
+        let b = rand_bf16(&[out], 1.0, 42).to_device(&dev).unwrap();
+        // one spare row in front: `x` and `res` at row 1 are 2,048 / 6,144 bytes in, 16-aligned
+        // but not 256-aligned when `skew`
+        let xs = rand_bf16(&[rows + 1, kk], 1.0, 43).to_device(&dev).unwrap();
+        let rs = rand_bf16(&[rows + 1, out], 2.0, 44).to_device(&dev).unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let p = |t: &Tensor| tensor_ptr::<bf16>(t).unwrap();
+        for skew in [0usize, 1] {
+            let x = xs.narrow(0, skew, rows).unwrap();
+            let res = rs.narrow(0, skew, rows).unwrap();
+            let acc = f(&x).matmul(&f(&w).t().unwrap()).unwrap();
+            for (with_bias, with_res) in [(false, false), (true, false), (false, true), (true, true)] {
+                let mut want = acc.clone();
+                if with_bias {
+                    want = want.broadcast_add(&f(&b)).unwrap();
+                }
+                if with_res {
+                    want = (want + f(&res)).unwrap();
+                }
+                let want = want.to_dtype(DType::BF16).unwrap();
+                let y = Tensor::zeros((rows, out), DType::BF16, &dev).unwrap();
+                let (pb, pr) = (if with_bias { p(&b) } else { 0 }, if with_res { p(&res) } else { 0 });
+                k.linear_epilogue(p(&x), p(&w), pb, pr, p(&y), rows, kk, out).unwrap();
+                let d = max_diff(&y, &want);
+                eprintln!("linear_epilogue, skew {skew}, bias {with_bias}, residual {with_res}: max |diff| {d:.3e} at |y| <= {:.2}", max_abs(&want));
+                // f32 sums in another order: one bf16 ulp at |y| < 8
+                assert!(d <= 3.2e-2, "skew {skew} bias {with_bias} residual {with_res}: {d}");
+            }
+            // in place: the residual stream is the output
+            let y = res.copy().unwrap();
+            k.linear_epilogue(p(&x), p(&w), p(&b), p(&y), p(&y), rows, kk, out).unwrap();
+            let want = (acc.broadcast_add(&f(&b)).unwrap() + f(&res)).unwrap().to_dtype(DType::BF16).unwrap();
+            let d = max_diff(&y, &want);
+            assert!(d <= 3.2e-2, "in place, skew {skew}: {d}");
+        }
+        // refusals: widths not multiples of 8, an address not 16-byte aligned, no output
+        let (px, pw, pb) = (p(&xs), p(&w), p(&b));
+        let y = Tensor::zeros((rows, out), DType::BF16, &dev).unwrap();
+        assert!(k.linear_epilogue(px, pw, pb, 0, p(&y), rows, kk - 4, out).is_err());
+        assert!(k.linear_epilogue(px, pw, pb, 0, p(&y), rows, kk, out - 4).is_err());
+        assert!(k.linear_epilogue(px + 2, pw, pb, 0, p(&y), rows, kk, out).is_err());
+        assert!(k.linear_epilogue(px, pw, pb, 0, 0, rows, kk, out).is_err());
     }
 }

@@ -236,21 +236,26 @@ impl Kernels {
         if out % 8 != 0 {
             candle_core::bail!("bias_act: {out} columns is not a multiple of 8");
         }
-        let n8 = (rows * out / 8) as i64;
-        let blocks = (n8 as usize).div_ceil(256);
+        if rows == 0 {
+            return Ok(());
+        }
+        if rows >= 1 << 31 {
+            candle_core::bail!("bias_act: {rows} rows (fewer than 2^31)");
+        }
         let act = match act {
             Act::None => 0i32,
             Act::GeluErf => 1,
             Act::QuickGelu => 2,
         };
+        // a row per grid x, 128 threads of 8 columns per grid y
+        let col_blocks = (out / 8).div_ceil(128);
         launch!(
             self,
             self.bias_act,
-            cfg((blocks as u32, 1, 1), 256, 0),
+            cfg((rows as u32, col_blocks as u32, 1), 128, 0),
             y,
             bias,
             res,
-            n8,
             out as i32,
             act
         )
@@ -574,33 +579,97 @@ mod tests {
         }
     }
 
+    /// CLIP's blocks on the fast path (fixed buffers; eager, then captured and replayed as a
+    /// CUDA graph) against the reference tower (the same bf16 weights, `ReferenceOps`), two
+    /// blocks of CLIP-L's widths, on Base's view (1 x 257 tokens) and Gundam's tiles
+    /// (6 x 101): the graph's output equals the eager launches' exactly, also for an input
+    /// the graph was not captured with; both within bf16 rounding of the reference.
+    #[test]
+    fn clip_blocks_match_the_reference() {
+        use crate::model::vision::{ClipConfig, VitModel};
+        let (dev, cd) = device();
+        let k = Arc::new(Kernels::load(&cd).unwrap());
+        let cfg = ClipConfig { num_layers: 2, ..ClipConfig::clip_l() };
+        let (h, f) = (cfg.hidden_size, cfg.ffn_hidden_size);
+        let mut m = std::collections::HashMap::new();
+        let mut seed = 90;
+        let mut put = |name: String, shape: &[usize], scale: f32, offset: f32| {
+            seed += 1;
+            let t = (rand(shape, scale, seed) + offset as f64).unwrap();
+            m.insert(name, t.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap());
+        };
+        put("embeddings.class_embedding".into(), &[h], 0.5, 0.0);
+        put("embeddings.position_embedding.weight".into(), &[cfg.num_positions(), h], 0.5, 0.0);
+        put("pre_layrnorm.weight".into(), &[h], 0.2, 1.0);
+        put("pre_layrnorm.bias".into(), &[h], 0.1, 0.0);
+        for i in 0..cfg.num_layers {
+            let l = format!("transformer.layers.{i}");
+            for (name, out, inp) in [("self_attn.qkv_proj", 3 * h, h), ("self_attn.out_proj", h, h), ("mlp.fc1", f, h), ("mlp.fc2", h, f)] {
+                put(format!("{l}.{name}.weight"), &[out, inp], 1.5 / (inp as f32).sqrt(), 0.0);
+                put(format!("{l}.{name}.bias"), &[out], 0.1, 0.0);
+            }
+            for n in ["layer_norm1", "layer_norm2"] {
+                put(format!("{l}.{n}.weight"), &[h], 0.2, 1.0);
+                put(format!("{l}.{n}.bias"), &[h], 0.1, 0.0);
+            }
+        }
+        let vb = candle_nn::VarBuilder::from_tensors(m, DType::BF16, &dev);
+        let mut clip = VitModel::new(&cfg, vb).unwrap();
+        for (name, (b, side)) in [("Base, 1 x 257", (1usize, 16usize)), ("Gundam tiles, 6 x 101", (6, 10))] {
+            let feats = |seed| rand_bf16(&[b, h, side, side], 1.0, seed).to_device(&dev).unwrap();
+            let (x1, x2) = (feats(81), feats(82));
+            clip.set_ops(Arc::new(ReferenceOps));
+            let want = clip.forward(&x1).unwrap();
+            clip.set_ops(Arc::new(FastVisionOps::new(k.clone()).with_graphs(false)));
+            let eager = [clip.forward(&x1).unwrap(), clip.forward(&x2).unwrap()];
+            clip.set_ops(Arc::new(FastVisionOps::new(k.clone()).with_graphs(true)));
+            // the first call launches, the second captures and replays, the third replays
+            let runs: Vec<Tensor> = (0..3).map(|_| clip.forward(&x1).unwrap()).collect();
+            let other = clip.forward(&x2).unwrap();
+            let diff = max_diff(&eager[0], &want);
+            let scale = max_abs(&want);
+            eprintln!("clip blocks, {name}: fast vs reference max |diff| {diff:.3e} at |y| <= {scale:.2}");
+            assert_eq!(want.dims(), &[b, side * side + 1, h]);
+            // two blocks of bf16 roundings in another order (epilogue sums, flash attention)
+            assert!(diff <= 3e-2 * scale.max(1.0), "{name}: {diff} at {scale}");
+            for (i, r) in runs.iter().enumerate() {
+                assert_eq!(max_diff(r, &eager[0]), 0.0, "{name}: call {i} differs from the eager launches");
+            }
+            assert_eq!(max_diff(&other, &eager[1]), 0.0, "{name}: the replay with another input");
+            assert!(max_diff(&other, &runs[0]) > 0.0, "{name}: another input gave the same output");
+        }
+    }
+
     /// `linear` with each activation, with and without the residual, on CLIP's and SAM's
     /// widths: the fused epilogue against the reference's ops, both in bf16 on the GPU.
     #[test]
     fn bias_act_linear_matches_the_reference() {
         let (dev, cd) = device();
-        let fast = FastVisionOps::new(Arc::new(Kernels::load(&cd).unwrap()));
-        let (rows, k, out) = (37usize, 256usize, 1024usize);
+        let k = Arc::new(Kernels::load(&cd).unwrap());
+        let (rows, kk, out) = (37usize, 256usize, 1024usize);
         let g = |x: Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
-        let w = g(rand(&[out, k], 0.1, 51));
+        let w = g(rand(&[out, kk], 0.1, 51));
         let b = g(rand(&[out], 1.0, 52));
         let lin = candle_nn::Linear::new(w, Some(b));
         // (2, rows, k): a batch dim, as the towers pass (b, t, c) or (b, h, w, c)
-        let x = g(rand(&[2, rows, k], 1.5, 53));
+        let x = g(rand(&[2, rows, kk], 1.5, 53));
         let res = g(rand(&[2, rows, out], 2.0, 54));
-        for act in [Act::None, Act::GeluErf, Act::QuickGelu] {
-            for r in [None, Some(&res)] {
-                let want = ReferenceOps.linear(&lin, &x, act, r).unwrap();
-                let got = fast.linear(&lin, &x, act, r).unwrap();
-                assert_eq!(got.dims(), want.dims());
-                let diff = max_diff(&got, &want);
-                eprintln!(
-                    "linear {act:?}, residual {}: max |diff| {diff:.3e} at |y| <= {:.2}",
-                    r.is_some(),
-                    max_abs(&want)
-                );
-                // the activation rounded once rather than per op: <= 2 bf16 ulps at |y| < 8
-                assert!(diff <= 6.25e-2, "{act:?} residual {}: {diff}", r.is_some());
+        for (path, epilogue) in [("cuBLASLt epilogue", true), ("cuBLAS + bias_act", false)] {
+            let fast = FastVisionOps::new(k.clone()).with_epilogue(epilogue);
+            for act in [Act::None, Act::GeluErf, Act::QuickGelu] {
+                for r in [None, Some(&res)] {
+                    let want = ReferenceOps.linear(&lin, &x, act, r).unwrap();
+                    let got = fast.linear(&lin, &x, act, r).unwrap();
+                    assert_eq!(got.dims(), want.dims());
+                    let diff = max_diff(&got, &want);
+                    eprintln!(
+                        "linear by {path}, {act:?}, residual {}: max |diff| {diff:.3e} at |y| <= {:.2}",
+                        r.is_some(),
+                        max_abs(&want)
+                    );
+                    // rounded once rather than per op: <= 2 bf16 ulps at |y| < 8
+                    assert!(diff <= 6.25e-2, "{path}, {act:?} residual {}: {diff}", r.is_some());
+                }
             }
         }
     }

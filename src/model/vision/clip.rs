@@ -50,10 +50,12 @@ impl ClipConfig {
     }
 }
 
-struct Attention {
-    qkv_proj: Linear,
-    out_proj: Linear,
-    num_heads: usize,
+/// One block's attention (`NoTPAttention`); the fields are read by whole-tower paths
+/// ([`VisionOps::clip_blocks`]).
+pub struct Attention {
+    pub qkv_proj: Linear,
+    pub out_proj: Linear,
+    pub num_heads: usize,
     span: tracing::Span,
 }
 
@@ -75,12 +77,13 @@ impl Attention {
     }
 }
 
-struct Block {
-    layer_norm1: Norm,
-    self_attn: Attention,
-    layer_norm2: Norm,
-    fc1: Linear,
-    fc2: Linear,
+/// One pre-norm block (`NoTPTransformerBlock`, `mlp.fc1` / `mlp.fc2` with quick-GELU).
+pub struct Block {
+    pub layer_norm1: Norm,
+    pub self_attn: Attention,
+    pub layer_norm2: Norm,
+    pub fc1: Linear,
+    pub fc2: Linear,
     span: tracing::Span,
 }
 
@@ -202,6 +205,9 @@ impl VitModel {
         let n = x.dim(1)?;
         let x = x.broadcast_add(&self.abs_pos(n)?)?;
         let mut h = self.ops.layer_norm(&self.pre_layrnorm, &x)?;
+        if let Some(out) = self.ops.clip_blocks(&self.layers, &h) {
+            return out;
+        }
         for layer in &self.layers {
             h = layer.forward(&h, self.ops.as_ref())?;
         }

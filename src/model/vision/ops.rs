@@ -110,6 +110,13 @@ pub trait VisionOps: Send + Sync {
     /// The layer norm over the last dim of `x`.
     fn layer_norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor>;
 
+    /// CLIP's blocks in turn over `x` `(b, t, c)` (after the pre-LN), or `None` where these
+    /// ops have no whole-tower path for them: the caller then runs each block on the ops above
+    /// (the reference's way; the fast path replays them as one CUDA graph).
+    fn clip_blocks(&self, _blocks: &[super::clip::Block], _x: &Tensor) -> Option<Result<Tensor>> {
+        None
+    }
+
     /// A block's second half, `x + down(act(up(norm(x))))`: SAM's `x + mlp(norm2(x))`, CLIP's
     /// `h + mlp(layer_norm2(h))`, made of the ops above.
     fn residual_mlp(&self, norm: &Norm, up: &Linear, down: &Linear, act: Act, x: &Tensor) -> Result<Tensor> {
