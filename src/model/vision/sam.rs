@@ -106,8 +106,9 @@ pub fn get_rel_pos(q_size: usize, k_size: usize, rel_pos: &Tensor) -> Result<Ten
 /// them, for the queries `q5` `(b, q_h, q_w, heads, c)` (any strides; grid `n = (b, head)`):
 /// `rel_h` `(q_h, b*heads*q_w, k_h)` (query `(y, x)` of grid `n` at row `n*q_w + x` of batch
 /// `y`) and `rel_w` `(q_w, b*heads*q_h, k_w)` (at row `n*q_h + y` of batch `x`), from the tables
-/// [`get_rel_pos`] gathered: `rh` `(q_h, k_h, c)`, `rw` `(q_w, k_w, c)`. `copy` makes q's
-/// permuted views contiguous (candle's copy, or the fast path's kernel: the same values).
+/// [`get_rel_pos`] gathered: `rh` `(q_h, k_h, c)`, `rw` `(q_w, k_w, c)` (contiguous: the GEMMs
+/// read them transposed in place). `copy` makes q's permuted views contiguous (candle's copy,
+/// or the fast path's kernel: the same values).
 pub fn rel_pos_terms(
     q5: &Tensor,
     rh: &Tensor,
@@ -118,11 +119,11 @@ pub fn rel_pos_terms(
     // rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh): batch the matmul over h.
     let rel_h = copy(&q5.permute((1, 0, 3, 2, 4))?)?
         .reshape((q_h, b * nh * q_w, c))?
-        .matmul(&rh.transpose(1, 2)?.contiguous()?)?;
+        .matmul(&rh.transpose(1, 2)?)?;
     // rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw): batch the matmul over w.
     let rel_w = copy(&q5.permute((2, 0, 3, 1, 4))?)?
         .reshape((q_w, b * nh * q_h, c))?
-        .matmul(&rw.transpose(1, 2)?.contiguous()?)?;
+        .matmul(&rw.transpose(1, 2)?)?;
     Ok((rel_h, rel_w))
 }
 
