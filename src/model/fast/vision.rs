@@ -56,7 +56,10 @@ pub struct FastVisionOps {
 /// CLIP's blocks for one input shape on fixed buffers: the residual stream, the normed rows,
 /// the qkv projection, the heads' output and the MLP's hidden rows, the weights' addresses they
 /// were captured with, and the graph (captured at the shape's second call, once the first,
-/// eager, has loaded every kernel and made every GEMM plan).
+/// eager, has loaded every kernel and made every GEMM plan). They live as long as the ops: a
+/// model meets a handful of shapes (one per view size and batch of tiles). The capture assumes
+/// no other thread enqueues work on the device's stream meanwhile (as the decoder's does); a
+/// device on the legacy default stream is never captured (eager launches).
 struct ClipRun {
     x: Buf<bf16>,
     normed: Buf<bf16>,
@@ -188,6 +191,12 @@ impl FastVisionOps {
         let x = x.contiguous()?;
         let rows = b * t;
         let mut runs = self.clip_runs.lock().unwrap_or_else(|p| p.into_inner());
+        // a shape's buffers, made at its first call; other weights than those of its capture
+        // (another tower on these ops) get fresh buffers, sized for them, and a new capture
+        let stale = runs.get(&(b, t)).is_some_and(|r| r.weights != blocks);
+        if stale {
+            runs.remove(&(b, t));
+        }
         let run = match runs.entry((b, t)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -198,18 +207,12 @@ impl FastVisionOps {
                     qkv: Buf::zeros(dev, rows * 3 * c)?,
                     heads: Buf::zeros(dev, rows * c)?,
                     hidden: Buf::zeros(dev, rows * width)?,
-                    weights: Vec::new(),
+                    weights: blocks.to_vec(),
                     eager_runs: 0,
                     graph: None,
                 })
             }
         };
-        if run.weights != blocks {
-            // other weights than those captured (another tower on these ops)
-            run.weights = blocks.to_vec();
-            run.graph = None;
-            run.eager_runs = 0;
-        }
         let st = &self.k.stream;
         copy_d2d(st, run.x.ptr, ptr(&x)?, rows * c * 2)?;
         let capturable = self.graphs && !st.cu_stream().is_null();

@@ -583,7 +583,8 @@ mod tests {
     /// CUDA graph) against the reference tower (the same bf16 weights, `ReferenceOps`), two
     /// blocks of CLIP-L's widths, on Base's view (1 x 257 tokens) and Gundam's tiles
     /// (6 x 101): the graph's output equals the eager launches' exactly, also for an input
-    /// the graph was not captured with; both within bf16 rounding of the reference.
+    /// the graph was not captured with; both within bf16 rounding of the reference; a second
+    /// tower on the same ops gets its own capture.
     #[test]
     fn clip_blocks_match_the_reference() {
         use crate::model::vision::{ClipConfig, VitModel};
@@ -591,30 +592,33 @@ mod tests {
         let k = Arc::new(Kernels::load(&cd).unwrap());
         let cfg = ClipConfig { num_layers: 2, ..ClipConfig::clip_l() };
         let (h, f) = (cfg.hidden_size, cfg.ffn_hidden_size);
-        let mut m = std::collections::HashMap::new();
-        let mut seed = 90;
-        let mut put = |name: String, shape: &[usize], scale: f32, offset: f32| {
-            seed += 1;
-            let t = (rand(shape, scale, seed) + offset as f64).unwrap();
-            m.insert(name, t.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap());
+        // a tower of random weights from `seed0`
+        let model = |seed0: u64| {
+            let mut m = std::collections::HashMap::new();
+            let mut seed = seed0;
+            let mut put = |name: String, shape: &[usize], scale: f32, offset: f32| {
+                seed += 1;
+                let t = (rand(shape, scale, seed) + offset as f64).unwrap();
+                m.insert(name, t.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap());
+            };
+            put("embeddings.class_embedding".into(), &[h], 0.5, 0.0);
+            put("embeddings.position_embedding.weight".into(), &[cfg.num_positions(), h], 0.5, 0.0);
+            put("pre_layrnorm.weight".into(), &[h], 0.2, 1.0);
+            put("pre_layrnorm.bias".into(), &[h], 0.1, 0.0);
+            for i in 0..cfg.num_layers {
+                let l = format!("transformer.layers.{i}");
+                for (name, out, inp) in [("self_attn.qkv_proj", 3 * h, h), ("self_attn.out_proj", h, h), ("mlp.fc1", f, h), ("mlp.fc2", h, f)] {
+                    put(format!("{l}.{name}.weight"), &[out, inp], 1.5 / (inp as f32).sqrt(), 0.0);
+                    put(format!("{l}.{name}.bias"), &[out], 0.1, 0.0);
+                }
+                for n in ["layer_norm1", "layer_norm2"] {
+                    put(format!("{l}.{n}.weight"), &[h], 0.2, 1.0);
+                    put(format!("{l}.{n}.bias"), &[h], 0.1, 0.0);
+                }
+            }
+            VitModel::new(&cfg, candle_nn::VarBuilder::from_tensors(m, DType::BF16, &dev)).unwrap()
         };
-        put("embeddings.class_embedding".into(), &[h], 0.5, 0.0);
-        put("embeddings.position_embedding.weight".into(), &[cfg.num_positions(), h], 0.5, 0.0);
-        put("pre_layrnorm.weight".into(), &[h], 0.2, 1.0);
-        put("pre_layrnorm.bias".into(), &[h], 0.1, 0.0);
-        for i in 0..cfg.num_layers {
-            let l = format!("transformer.layers.{i}");
-            for (name, out, inp) in [("self_attn.qkv_proj", 3 * h, h), ("self_attn.out_proj", h, h), ("mlp.fc1", f, h), ("mlp.fc2", h, f)] {
-                put(format!("{l}.{name}.weight"), &[out, inp], 1.5 / (inp as f32).sqrt(), 0.0);
-                put(format!("{l}.{name}.bias"), &[out], 0.1, 0.0);
-            }
-            for n in ["layer_norm1", "layer_norm2"] {
-                put(format!("{l}.{n}.weight"), &[h], 0.2, 1.0);
-                put(format!("{l}.{n}.bias"), &[h], 0.1, 0.0);
-            }
-        }
-        let vb = candle_nn::VarBuilder::from_tensors(m, DType::BF16, &dev);
-        let mut clip = VitModel::new(&cfg, vb).unwrap();
+        let mut clip = model(90);
         for (name, (b, side)) in [("Base, 1 x 257", (1usize, 16usize)), ("Gundam tiles, 6 x 101", (6, 10))] {
             let feats = |seed| rand_bf16(&[b, h, side, side], 1.0, seed).to_device(&dev).unwrap();
             let (x1, x2) = (feats(81), feats(82));
@@ -637,6 +641,22 @@ mod tests {
             }
             assert_eq!(max_diff(&other, &eager[1]), 0.0, "{name}: the replay with another input");
             assert!(max_diff(&other, &runs[0]) > 0.0, "{name}: another input gave the same output");
+        }
+        // one ops for two towers: the second's weights are not the captured ones, so its shape
+        // gets new buffers and a new capture (the first tower's graph is not replayed for it)
+        let shared: Arc<FastVisionOps> = Arc::new(FastVisionOps::new(k.clone()).with_graphs(true));
+        let mut other = model(300);
+        let x = rand_bf16(&[1, h, 16, 16], 1.0, 83).to_device(&dev).unwrap();
+        other.set_ops(Arc::new(FastVisionOps::new(k.clone()).with_graphs(false)));
+        let want_other = other.forward(&x).unwrap();
+        clip.set_ops(shared.clone());
+        other.set_ops(shared);
+        for _ in 0..3 {
+            clip.forward(&x).unwrap();
+        }
+        for i in 0..3 {
+            let got = other.forward(&x).unwrap();
+            assert_eq!(max_diff(&got, &want_other), 0.0, "the second tower, call {i}, on the first's ops");
         }
     }
 

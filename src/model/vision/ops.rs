@@ -1,7 +1,8 @@
 //! The operations of the vision towers that the GPU fast path replaces: SAM's attention with
 //! decomposed relative positions and CLIP's (over the qkv projection's output, the heads split
 //! and merged inside), a linear layer with its activation and residual add, SAM's windows,
-//! patch embedding and neck, and the layer norms.
+//! patch embedding and neck, the layer norms, and CLIP's blocks as a whole
+//! ([`VisionOps::clip_blocks`]: the fast path replays them as one CUDA graph).
 //! [`ReferenceOps`] computes them as deepencoder.py does (on every device; the default);
 //! `crate::model::fast::vision` fuses them on CUDA. A tower holds an `Arc<dyn VisionOps>` and
 //! [`crate::model::vision::DeepEncoder::set_ops`] swaps it.
