@@ -69,6 +69,8 @@ struct ClipRun {
     weights: Vec<ClipBlockPtrs>,
     eager_runs: usize,
     graph: Option<Graph>,
+    /// The capture failed once: this shape stays on eager launches.
+    capture_failed: bool,
 }
 
 /// A captured graph; it is launched under [`FastVisionOps::clip_runs`]' lock only.
@@ -210,24 +212,22 @@ impl FastVisionOps {
                     weights: blocks.to_vec(),
                     eager_runs: 0,
                     graph: None,
+                    capture_failed: false,
                 })
             }
         };
         let st = &self.k.stream;
         copy_d2d(st, run.x.ptr, ptr(&x)?, rows * c * 2)?;
         let capturable = self.graphs && !st.cu_stream().is_null();
-        if run.graph.is_none() && capturable && run.eager_runs > 0 {
-            use cudarc::driver::sys;
-            st.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cuda_err)?;
-            let launched = self.clip_launches(run, (b, t, c), heads);
-            let graph = st.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(cuda_err);
-            launched?;
-            match graph? {
-                Some(g) => {
-                    g.upload().map_err(cuda_err)?;
-                    run.graph = Some(Graph(g));
+        if run.graph.is_none() && capturable && run.eager_runs > 0 && !run.capture_failed {
+            // a capture that fails (another thread's work on the stream, a driver refusal)
+            // leaves the shape on eager launches: slower, never wrong
+            match self.capture_clip(run, (b, t, c), heads) {
+                Ok(g) => run.graph = Some(g),
+                Err(e) => {
+                    tracing::warn!("clip_blocks: no CUDA graph for {b} x {t} tokens, launching eagerly: {e}");
+                    run.capture_failed = true;
                 }
-                None => candle_core::bail!("clip_blocks: the stream captured nothing"),
             }
         }
         match &run.graph {
@@ -243,6 +243,20 @@ impl FastVisionOps {
         let out = self.uninit(dev, (b, t, c))?;
         copy_d2d(st, ptr(&out)?, run.x.ptr, rows * c * 2)?;
         Ok(out)
+    }
+
+    /// CLIP's blocks on `run`'s buffers captured as a graph (not run), uploaded.
+    fn capture_clip(&self, run: &ClipRun, shape: (usize, usize, usize), heads: usize) -> Result<Graph> {
+        use cudarc::driver::sys;
+        let st = &self.k.stream;
+        st.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cuda_err)?;
+        let launched = self.clip_launches(run, shape, heads);
+        // ended whatever the launches did: the stream leaves capture mode
+        let graph = st.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(cuda_err);
+        launched?;
+        let Some(g) = graph? else { candle_core::bail!("clip_blocks: the stream captured nothing") };
+        g.upload().map_err(cuda_err)?;
+        Ok(Graph(g))
     }
 
     /// The launches of CLIP's blocks on `run`'s buffers (`NoTPTransformerBlock.forward`):
