@@ -228,7 +228,8 @@ impl Lt {
         }
     }
 
-    /// The descriptors of `key` and the heuristic's best algorithm. Column-major, as cuBLASLt
+    /// The descriptors of `key` and its algorithm: the fastest of the heuristic's first
+    /// [`TUNE_CANDIDATES`] on the caller's inputs ([`Self::fastest`]). Column-major, as cuBLASLt
     /// sees it: `y^T (n, rows) = w (n, k) . x^T (k, rows)`: A = `w` stored `(k, n)` and
     /// transposed, B = `x` stored `(k, rows)`, C = D = `y` stored `(n, rows)`; the bias runs
     /// along D's rows, one per output feature.
