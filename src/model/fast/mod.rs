@@ -501,23 +501,9 @@ impl FastDecoder {
         if n == 0 || n > self.opts.max_slots {
             candle_core::bail!("capture: {n} sequences, the decoder holds {}", self.opts.max_slots);
         }
-        let st = self.k.stream.clone();
-        if st.cu_stream().is_null() {
-            candle_core::bail!("capture: the device uses the legacy default stream; create it with Device::new_cuda_with_stream");
-        }
-        use cudarc::driver::sys;
-        st.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cuda_err)?;
-        let launched = self.step_launches(n);
-        let graph = st.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(cuda_err);
-        launched?;
-        match graph? {
-            Some(g) => {
-                g.upload().map_err(cuda_err)?;
-                self.graphs.insert(n, g);
-                Ok(())
-            }
-            None => candle_core::bail!("capture: the stream captured nothing"),
-        }
+        let graph = self.k.capture(|| self.step_launches(n))?;
+        self.graphs.insert(n, graph);
+        Ok(())
     }
 
     /// The current tokens of sequences `0..n` (waits for the device).

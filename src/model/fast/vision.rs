@@ -24,7 +24,7 @@ use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor, D};
 use candle_nn::{Conv2d, Linear};
 use half::bf16;
 
-use crate::model::kernels::vision::{FlashLayout, FlashTerms, View, LAYER_NORM_MAX, SAM_FLASH_HEAD_DIM, SAM_HEAD_DIMS};
+use crate::model::kernels::vision::{FlashTerms, View, LAYER_NORM_MAX, SAM_FLASH_HEAD_DIM, SAM_HEAD_DIMS};
 use crate::model::kernels::{copy_d2d, cuda_err, tensor_ptr, view_ptr, Buf, Kernels};
 use crate::model::vision::clip::Block;
 use crate::model::vision::sam::{LayerNorm2d, Neck};
@@ -67,7 +67,8 @@ struct ClipRun {
     heads: Buf<bf16>,
     hidden: Buf<bf16>,
     weights: Vec<ClipBlockPtrs>,
-    eager_runs: usize,
+    /// The shape was launched eagerly once (its plans made, its kernels loaded): capturable.
+    launched: bool,
     graph: Option<Graph>,
     /// The capture failed once: this shape stays on eager launches.
     capture_failed: bool,
@@ -158,33 +159,6 @@ impl FastVisionOps {
         self
     }
 
-    /// [`VisionOps::linear`] by cuBLASLt ([`Kernels::linear_epilogue`]): without an
-    /// activation one launch (bias and residual in the epilogue); with one, the GEMM then
-    /// `bias_act` (the activation of the rounded sum, as the reference's). `None` where an
-    /// address is not 16-byte aligned (a view into a tensor) or the inputs are not a multiple
-    /// of 8 wide: the caller's path takes it.
-    fn linear_lt(&self, l: &Linear, x: &Tensor, act: Act, residual: Option<&Tensor>, rows: usize) -> Result<Option<Tensor>> {
-        let Device::Cuda(dev) = x.device() else { return Ok(None) };
-        let (out, kdim) = l.weight().dims2()?;
-        let (x, w) = (x.contiguous()?, l.weight().contiguous()?);
-        let bias = l.bias().map(Tensor::contiguous).transpose()?;
-        let res = residual.map(Tensor::contiguous).transpose()?;
-        let opt_ptr = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0), ptr);
-        let (px, pw, pb, pr) = (ptr(&x)?, ptr(&w)?, opt_ptr(&bias)?, opt_ptr(&res)?);
-        if [px, pw, pb, pr].iter().any(|a| a % 16 != 0) || kdim % 8 != 0 {
-            return Ok(None);
-        }
-        let y = self.uninit(dev, (rows, out))?;
-        let py = ptr(&y)?;
-        if act == Act::None {
-            self.k.linear_epilogue(px, pw, pb, pr, py, rows, kdim, out)?;
-        } else {
-            self.k.linear_epilogue(px, pw, 0, 0, py, rows, kdim, out)?;
-            self.k.bias_act(py, pb, pr, rows, out, act)?;
-        }
-        Ok(Some(y))
-    }
-
     /// CLIP's blocks over `x` `(b, t, c)` on the [`ClipRun`] of its shape: `x` copied into the
     /// residual stream, the blocks launched (or their graph replayed), the stream copied out.
     fn run_clip(&self, blocks: &[ClipBlockPtrs], x: &Tensor, heads: usize) -> Result<Tensor> {
@@ -210,7 +184,7 @@ impl FastVisionOps {
                     heads: Buf::zeros(dev, rows * c)?,
                     hidden: Buf::zeros(dev, rows * width)?,
                     weights: blocks.to_vec(),
-                    eager_runs: 0,
+                    launched: false,
                     graph: None,
                     capture_failed: false,
                 })
@@ -219,11 +193,11 @@ impl FastVisionOps {
         let st = &self.k.stream;
         copy_d2d(st, run.x.ptr, ptr(&x)?, rows * c * 2)?;
         let capturable = self.graphs && !st.cu_stream().is_null();
-        if run.graph.is_none() && capturable && run.eager_runs > 0 && !run.capture_failed {
+        if run.graph.is_none() && capturable && run.launched && !run.capture_failed {
             // a capture that fails (another thread's work on the stream, a driver refusal)
             // leaves the shape on eager launches: slower, never wrong
-            match self.capture_clip(run, (b, t, c), heads) {
-                Ok(g) => run.graph = Some(g),
+            match self.k.capture(|| self.clip_launches(run, (b, t, c), heads)) {
+                Ok(g) => run.graph = Some(Graph(g)),
                 Err(e) => {
                     tracing::warn!("clip_blocks: no CUDA graph for {b} x {t} tokens, launching eagerly: {e}");
                     run.capture_failed = true;
@@ -237,26 +211,12 @@ impl FastVisionOps {
             }
             None => {
                 self.clip_launches(run, (b, t, c), heads)?;
-                run.eager_runs += 1;
+                run.launched = true;
             }
         }
         let out = self.uninit(dev, (b, t, c))?;
         copy_d2d(st, ptr(&out)?, run.x.ptr, rows * c * 2)?;
         Ok(out)
-    }
-
-    /// CLIP's blocks on `run`'s buffers captured as a graph (not run), uploaded.
-    fn capture_clip(&self, run: &ClipRun, shape: (usize, usize, usize), heads: usize) -> Result<Graph> {
-        use cudarc::driver::sys;
-        let st = &self.k.stream;
-        st.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cuda_err)?;
-        let launched = self.clip_launches(run, shape, heads);
-        // ended whatever the launches did: the stream leaves capture mode
-        let graph = st.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(cuda_err);
-        launched?;
-        let Some(g) = graph? else { candle_core::bail!("clip_blocks: the stream captured nothing") };
-        g.upload().map_err(cuda_err)?;
-        Ok(Graph(g))
     }
 
     /// The launches of CLIP's blocks on `run`'s buffers (`NoTPTransformerBlock.forward`):
@@ -266,15 +226,11 @@ impl FastVisionOps {
         let rows = b * t;
         let k = &self.k;
         let scale = 1.0 / (SAM_FLASH_HEAD_DIM as f32).sqrt();
-        let head_bytes = (heads * SAM_FLASH_HEAD_DIM * 2) as u64;
-        let input = FlashLayout { heads, seq_stride: t * 3 * c, row_stride: 3 * c };
-        let output = FlashLayout { heads, seq_stride: t * c, row_stride: c };
-        let q = run.qkv.ptr;
         for p in &run.weights {
             let ffn = p.ffn_width;
             k.layer_norm(run.x.ptr, p.ln1.0, p.ln1.1, run.normed.ptr, rows, c, p.ln1.2)?;
-            k.linear_epilogue(run.normed.ptr, p.qkv.0, p.qkv.1, 0, q, rows, c, 3 * c)?;
-            k.sam_flash((q, q + head_bytes, q + 2 * head_bytes), input, run.heads.ptr, output, None, b * heads, t, scale)?;
+            k.linear_epilogue(run.normed.ptr, p.qkv.0, p.qkv.1, 0, run.qkv.ptr, rows, c, 3 * c)?;
+            k.sam_flash_qkv(run.qkv.ptr, run.heads.ptr, None, (b, t, heads), scale)?;
             k.linear_epilogue(run.heads.ptr, p.out.0, p.out.1, run.x.ptr, run.x.ptr, rows, c, c)?;
             k.layer_norm(run.x.ptr, p.ln2.0, p.ln2.1, run.normed.ptr, rows, c, p.ln2.2)?;
             k.linear_epilogue(run.normed.ptr, p.fc1.0, 0, 0, run.hidden.ptr, rows, c, ffn)?;
@@ -336,18 +292,13 @@ impl FastVisionOps {
         y.reshape((b, oh, ow, o))
     }
 
-    /// `sam_flash` over the contiguous qkv projection's output `(b, t, 3, heads, 64)`: q, k and v
-    /// read where they lie, the heads written merged, `(b, t, heads*64)`.
+    /// `sam_flash` over the contiguous qkv projection's output `(b, t, 3, heads, 64)`
+    /// ([`Kernels::sam_flash_qkv`]): the heads merged, `(b, t, heads*64)`.
     fn flash_heads(&self, qkv: &Tensor, terms: Option<FlashTerms>, scale: f32) -> Result<Tensor> {
         let (b, t, _, nh, d) = qkv.dims5()?;
         let Device::Cuda(dev) = qkv.device() else { candle_core::bail!("sam_flash: not on CUDA") };
         let out = self.uninit(dev, (b, t, nh * d))?;
-        let base = ptr(qkv)?;
-        let head_bytes = (nh * d * 2) as u64;
-        let input = FlashLayout { heads: nh, seq_stride: t * 3 * nh * d, row_stride: 3 * nh * d };
-        let output = FlashLayout { heads: nh, seq_stride: t * nh * d, row_stride: nh * d };
-        let qkv_ptrs = (base, base + head_bytes, base + 2 * head_bytes);
-        self.k.sam_flash(qkv_ptrs, input, ptr(&out)?, output, terms, b * nh, t, scale)?;
+        self.k.sam_flash_qkv(ptr(qkv)?, ptr(&out)?, terms, (b, t, nh), scale)?;
         Ok(out)
     }
 
@@ -557,25 +508,36 @@ impl VisionOps for FastVisionOps {
         if !fusable(&ts) || out % 8 != 0 {
             return ReferenceOps.linear(l, x, act, residual);
         }
+        let Device::Cuda(dev) = x.device() else { return ReferenceOps.linear(l, x, act, residual) };
         let mut dims = x.dims().to_vec();
-        let rows = x.elem_count() / kdim;
         *dims.last_mut().expect("a linear input has dims") = out;
-        if self.epilogue {
-            if let Some(y) = self.linear_lt(l, x, act, residual, rows)? {
-                return y.reshape(dims);
-            }
-        }
-        // one GEMM over all rows (cuBLAS), then the epilogue in place on its fresh output
-        let y = x
-            .contiguous()?
-            .reshape((rows, kdim))?
-            .matmul(&l.weight().t()?)?;
-        // contiguous copies (if any) live until the launch is queued
+        let rows = x.elem_count() / kdim;
+        // contiguous copies (if any) live until the launches are queued
+        let (x, w) = (x.contiguous()?.reshape((rows, kdim))?, l.weight().contiguous()?);
         let bias = l.bias().map(Tensor::contiguous).transpose()?;
         let res = residual.map(Tensor::contiguous).transpose()?;
         let opt_ptr = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0), ptr);
-        self.k
-            .bias_act(ptr(&y)?, opt_ptr(&bias)?, opt_ptr(&res)?, rows, out, act)?;
+        let (px, pw, pb, pr) = (ptr(&x)?, ptr(&w)?, opt_ptr(&bias)?, opt_ptr(&res)?);
+        // cuBLASLt takes 16-byte aligned addresses (not so a view into a tensor) and widths of 8
+        let lt_fits = self.epilogue && kdim % 8 == 0 && [px, pw, pb, pr].iter().all(|a| a % 16 == 0);
+        let y = if lt_fits {
+            // without an activation one launch, the bias and residual in the epilogue; with one,
+            // the GEMM then `bias_act` (the activation of the rounded sum, as the reference's)
+            let y = self.uninit(dev, (rows, out))?;
+            let (eb, er) = if act == Act::None { (pb, pr) } else { (0, 0) };
+            self.k.linear_epilogue(px, pw, eb, er, ptr(&y)?, rows, kdim, out)?;
+            if act != Act::None {
+                self.k.bias_act(ptr(&y)?, pb, pr, rows, out, act)?;
+            }
+            y
+        } else {
+            // one GEMM over all rows (cuBLAS), then the epilogue in place on its fresh output
+            let y = x.matmul(&w.t()?)?;
+            if pb != 0 || pr != 0 || act != Act::None {
+                self.k.bias_act(ptr(&y)?, pb, pr, rows, out, act)?;
+            }
+            y
+        };
         y.reshape(dims)
     }
 

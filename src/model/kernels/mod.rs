@@ -374,6 +374,24 @@ impl Kernels {
         )
     }
 
+    /// Records what `launch` enqueues on the stream as a CUDA graph (nothing runs), uploaded
+    /// to the device. Needs a non-default stream (`Device::new_cuda_with_stream`); the capture
+    /// ends whatever `launch` returns, so the stream never stays in capture mode.
+    pub fn capture(&self, launch: impl FnOnce() -> Result<()>) -> Result<cudarc::driver::CudaGraph> {
+        use cudarc::driver::sys;
+        let st = &self.stream;
+        if st.cu_stream().is_null() {
+            candle_core::bail!("capture: the device uses the legacy default stream; create it with Device::new_cuda_with_stream");
+        }
+        st.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cuda_err)?;
+        let launched = launch();
+        let graph = st.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(cuda_err);
+        launched?;
+        let Some(g) = graph? else { candle_core::bail!("capture: the stream captured nothing") };
+        g.upload().map_err(cuda_err)?;
+        Ok(g)
+    }
+
     /// Row-major `y (n, out) = x (n, k) . w (out, k)^T + bias (out) + res (n, out)` by cuBLASLt,
     /// the bias and the residual (each optional: 0) in the GEMM's epilogue, f32 until one
     /// rounding to bf16; `res` may be `y`. See [`lt`].

@@ -222,6 +222,23 @@ impl Kernels {
         )
     }
 
+    /// [`Self::sam_flash`] over a qkv projection's output `qkv` `(b, t, 3, heads, 64)`
+    /// contiguous, read where it lies, into `out` `(b, t, heads * 64)` (the heads merged).
+    pub fn sam_flash_qkv(
+        &self,
+        qkv: u64,
+        out: u64,
+        terms: Option<FlashTerms>,
+        (b, t, heads): (usize, usize, usize),
+        scale: f32,
+    ) -> Result<()> {
+        let d = SAM_FLASH_HEAD_DIM;
+        let head_bytes = (heads * d * 2) as u64;
+        let input = FlashLayout { heads, seq_stride: t * 3 * heads * d, row_stride: 3 * heads * d };
+        let output = FlashLayout { heads, seq_stride: t * heads * d, row_stride: heads * d };
+        self.sam_flash((qkv, qkv + head_bytes, qkv + 2 * head_bytes), input, out, output, terms, b * heads, t, scale)
+    }
+
     /// In place over `y` `(rows, out)` bf16: `act(y + bias) (+ res)`, `bias` `(out)` and `res`
     /// `(rows, out)` optional (0). `out` a multiple of 8.
     pub fn bias_act(
