@@ -2,11 +2,12 @@
 // tensor cores, mma.sync m16n8k16 bf16 with f32 accumulation):
 //   out[n, i] = sum_j softmax_j(q[n, i] . k[n, j] * scale + rel_h[n, i, y(j)] + rel_w[n, i, x(j)]) v[n, j]
 // for the t queries and keys of one grid of gh x gw positions (t = gh * gw; y(j) = j / gw,
-// x(j) = j % gw). The relative-position terms come as the two batched GEMMs of
-// `add_decomposed_rel_pos` leave them (bf16, the reference's own values, see
-// `vision::sam::rel_pos_bias`): relh (gh, n*gw, gh) at [y(i)][n*gw + x(i)][y(j)],
-// relw (gw, n*gh, gw) at [x(i)][n*gh + y(i)][x(j)]; relh = 0 for no bias (CLIP's attention:
-// any t, gh and gw unused).
+// x(j) = j % gw), rel_h[n, i, ky] = q[n, i] . relh[y(i), ky] and rel_w[n, i, kx] = q[n, i] .
+// relw[x(i), kx] (add_decomposed_rel_pos's two einsums, each rounded to bf16 as the reference's
+// GEMM output is) computed by the kernel from the tables get_rel_pos gathers for a
+// self-attention: relh (gh, gh, 64) and relw (gw, gw, 64) bf16 contiguous, Toeplitz (relh[y][ky]
+// depends on y - ky alone, as for equal query and key grids); relh = 0 for no bias (CLIP's
+// attention: any t, gh and gw unused).
 // q, k, v, out: n = b * heads sequences of t rows of 64 bf16 (head dim 64: SAM ViT-B, CLIP-L),
 // sequence ni = (bi, hi) at bi * seq_stride + hi * 64, row i at + i * row_stride (elements):
 // q, k and v read straight from the qkv projection's (b, t, 3, heads, 64) output, the result
@@ -15,12 +16,14 @@
 // time: the next tile of k and v loads (cp.async) while this one is used; the scores stay in
 // registers (online softmax in the exp2 domain, the probabilities rounded to bf16 for the
 // second mma as the reference rounds its probabilities); the block's rows of the terms are
-// copied to shared memory once. Queries or keys past t are masked, so t need not be a multiple
-// of 64 (windows of 14 x 14).
+// made in shared memory first (two small products on the tensor cores, below). Queries or
+// keys past t are masked, so t need not be a multiple of 64 (windows of 14 x 14).
 // Kernels: sam_flash (any even grid), sam_flash_w64 (gw = 64: Base's global blocks, Gundam's
 // global view), sam_flash_plain (no bias). Grid: (ceil(t / 64), n) blocks of 128 threads;
 // dynamic shared memory as Kernels::sam_flash sizes it (the tiles, the block's rows of terms).
 #include "common.cuh"
+
+#include <type_traits>
 
 #define BQ 64
 #define BK 64
@@ -95,10 +98,11 @@ __device__ __forceinline__ void flash(
     int t, int gh, int gw, float scale, int heads, long long seq_stride, long long row_stride,
     long long out_seq_stride, long long out_row_stride) {
   extern __shared__ __align__(16) unsigned char smem[];
+  // the query tile, then two stages of a key tile and a value tile, then the terms
   bf16* qs = reinterpret_cast<bf16*>(smem);
-  bf16* ks = qs + BQ * LDS;       // 2 stages
-  bf16* vs = ks + 2 * BK * LDS;   // 2 stages
-  bf16* rel = vs + 2 * BK * LDS;  // BQ rows of gh + gw terms (stride rs, see sam_flash_rs)
+  bf16* rel = qs + (BQ + 4 * BK) * LDS;  // BQ rows of gh + gw terms (stride rs, see sam_flash_rs)
+  auto kst = [&](int st) { return qs + (BQ + 2 * st * BK) * LDS; };
+  auto vst = [&](int st) { return qs + (BQ + (2 * st + 1) * BK) * LDS; };
   const int ni = blockIdx.y, q0 = blockIdx.x * BQ;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   constexpr bool bias = BIAS != NONE;
@@ -109,23 +113,93 @@ __device__ __forceinline__ void flash(
   const bf16* vn = v + at;
   inputs_ready();
   load_tile(qs, qn, row_stride, q0, t);
-  load_tile(ks, kn, row_stride, 0, t);
-  load_tile(vs, vn, row_stride, 0, t);
+  load_tile(kst(0), kn, row_stride, 0, t);
+  load_tile(vst(0), vn, row_stride, 0, t);
   cp_async_commit();
+  uint32_t qf[4][4];
   if (bias) {
-    // the block's rows of the terms, a bf16 pair at a time (gh, gw even)
-    const int hp = gh / 2, wp = gw / 2;
-    for (int p = threadIdx.x; p < BQ * (hp + wp); p += 128) {
-      int r = p / (hp + wp), c = p - r * (hp + wp), i = q0 + r;
-      uint32_t val = 0u;
-      if (i < t) {
-        int yi = i / gw, xi = i - yi * gw;
-        const bf16* src = c < hp ? relh + ((size_t)yi * n * gw + (size_t)ni * gw + xi) * gh + 2 * c
-                                 : relw + ((size_t)xi * n * gh + (size_t)ni * gh + yi) * gw + 2 * (c - hp);
-        val = *reinterpret_cast<const uint32_t*>(src);
+    // The block's rows of the terms, rel_h[i][ky] = q_i . rh[y(i)][ky] and rel_w[i][kx] =
+    // q_i . rw[x(i)][kx], on the tensor cores. The tables are Toeplitz (rh[y][ky] is row
+    // y - ky + gh - 1 of the resized table T_h, whose 2gh - 1 rows are rh[0][gh-1..0] then
+    // rh[gh-1][gh-2..0]), so each is one product P = Q T^T (64 rows by 2g - 1 columns) read
+    // along diagonals: rel_h[i][ky] = P_h[i][y(i) - ky + gh - 1]. Only the columns the
+    // block's rows read are made: rel_h's [y0, y1 + gh - 1] (its first and last query's grid
+    // rows), rel_w's [x0, x1 + gw - 1] within one grid row, all 2gw - 1 else. The tables go by
+    // chunks of 64 rows (T_h's, then T_w's), two at a time into the second stage's key and
+    // value tiles (windows: both tables at once); each warp writes its 16 rows of P, rounded to
+    // bf16 as the reference's GEMM output is, over its own rows of the query tile (q is in
+    // registers by then), and gathers them into rel.
+    const int last = min(q0 + BQ, t) - 1, y0 = q0 / gw, y1 = last / gw;
+    const int lo_h = y0, n_h = y1 - y0 + gh;
+    const int lo_w = y0 == y1 ? q0 - y0 * gw : 0, n_w = y0 == y1 ? last - q0 + gw : 2 * gw - 1;
+    const int nch_h = (n_h + BK - 1) / BK, nch = nch_h + (n_w + BK - 1) / BK;
+    bf16* pw = qs + warp * 16 * LDS;
+    for (int c2 = 0; c2 < nch; c2 += 2) {
+      if (c2 > 0) __syncthreads();  // every warp is done with the previous chunks
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int ci = c2 + h, pass = ci < nch_h ? 0 : 1, gs = pass == 0 ? gh : gw;
+        const int end = pass == 0 ? lo_h + n_h : lo_w + n_w;
+        const int c0 = pass == 0 ? lo_h + ci * BK : lo_w + (ci - nch_h) * BK;
+        const bf16* src = pass == 0 ? relh : relw;
+        bf16* tab = h == 0 ? kst(1) : vst(1);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          int p = threadIdx.x + u * 128, r = p >> 3, c = (p & 7) * 8, row = c0 + r;
+          bool in = ci < nch && row < end;
+          int e = row >= gs - 1 ? (gs - 1) * gs + (2 * gs - 2 - row) : gs - 1 - row;
+          cp_async16(tab + r * LDS + c, src + (size_t)(in ? e : 0) * HD + c, in);
+        }
       }
-      *reinterpret_cast<uint32_t*>(rel + r * rs + 2 * c) = val;
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      if (c2 == 0) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+          ldmatrix_x4(qf[kk], qs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+        __syncwarp();  // the warp's query rows are read: P goes over them
+      }
+      for (int h = 0; h < 2 && c2 + h < nch; ++h) {
+        const int ci = c2 + h, pass = ci < nch_h ? 0 : 1, gs = pass == 0 ? gh : gw;
+        const int c0 = pass == 0 ? lo_h + ci * BK : lo_w + (ci - nch_h) * BK, off = pass == 0 ? 0 : gh;
+        const bf16* tab = h == 0 ? kst(1) : vst(1);
+        float acc[8][4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+          for (int p = 0; p < 4; ++p) {
+            uint32_t b[4];
+            ldmatrix_x4(b, tab + (16 * p + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
+            mma16816(acc[2 * p], qf[kk], b[0], b[1]);
+            mma16816(acc[2 * p + 1], qf[kk], b[2], b[3]);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          *reinterpret_cast<uint32_t*>(pw + g * LDS + 8 * i + 2 * tq) = pack_bf16x2(acc[i][0], acc[i][1]);
+          *reinterpret_cast<uint32_t*>(pw + (g + 8) * LDS + 8 * i + 2 * tq) = pack_bf16x2(acc[i][2], acc[i][3]);
+        }
+        __syncwarp();
+        // the warp's rows: column c of the terms is P's column coord - c + gs - 1
+        for (int rr = 0; rr < 16; ++rr) {
+          const int r = warp * 16 + rr, i = q0 + r;
+          const int yi = i / gw, coord = pass == 0 ? yi : i - yi * gw;
+          for (int c = lane; c < gs; c += 32) {
+            int col = coord - c + gs - 1 - c0;
+            if (i >= t) {
+              if (ci == 0 || ci == nch_h) rel[r * rs + off + c] = f2bf(0.f);
+            } else if (col >= 0 && col < BK) {
+              rel[r * rs + off + c] = pw[rr * LDS + col];
+            }
+          }
+        }
+        __syncwarp();  // P's rows are written again by the next chunk
+      }
     }
+    __syncthreads();  // the terms are in; the second stage is free for the keys
   }
   // this thread's two rows: the warp's g-th and g+8-th
   const int ra = warp * 16 + g, rb = ra + 8;
@@ -134,7 +208,6 @@ __device__ __forceinline__ void flash(
   float o[8][4];
 #pragma unroll
   for (int i = 0; i < 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  uint32_t qf[4][4];
   const int nt = (t + BK - 1) / BK;
   // W64: this thread's columns' rel_w terms, rows ra and rb (log2 domain), loaded below
   float bw[8][2][2];
@@ -143,8 +216,8 @@ __device__ __forceinline__ void flash(
   for (int tile = 0; tile < nt; ++tile) {
     const int st = tile & 1;
     if (tile + 1 < nt) {
-      load_tile(ks + (st ^ 1) * BK * LDS, kn, row_stride, (tile + 1) * BK, t);
-      load_tile(vs + (st ^ 1) * BK * LDS, vn, row_stride, (tile + 1) * BK, t);
+      load_tile(kst(st ^ 1), kn, row_stride, (tile + 1) * BK, t);
+      load_tile(vst(st ^ 1), vn, row_stride, (tile + 1) * BK, t);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -152,9 +225,11 @@ __device__ __forceinline__ void flash(
     }
     __syncthreads();
     if (tile == 0) {
+      if (!bias) {
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        ldmatrix_x4(qf[kk], qs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+        for (int kk = 0; kk < 4; ++kk)
+          ldmatrix_x4(qf[kk], qs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+      }
       if (BIAS == W64) {
 #pragma unroll
         for (int i = 0; i < 8; ++i)
@@ -165,98 +240,121 @@ __device__ __forceinline__ void flash(
           }
       }
     }
-    const bf16* kt = ks + st * BK * LDS;
-    const bf16* vt = vs + st * BK * LDS;
-    // s = q k^T for the warp's 16 rows and the tile's 64 keys (8 n-tiles of 8)
-    float s[8][4];
+    const bf16* kt = kst(st);
+    const bf16* vt = vst(st);
+    // work only where it counts: a warp whose 16 queries are all past t idles (the last
+    // block of a window of 196), and the tile's 16-key groups past t are skipped (its last
+    // tile: 4 keys of 64)
+    const int kvalid = t - tile * BK;
+    // FULL: every key of the tile in range (the loops unrolled without a test: W64 always)
+    auto step = [&](auto full) {
+      constexpr bool FULL = decltype(full)::value;
+      // s = q k^T for the warp's 16 rows and the tile's 64 keys (8 n-tiles of 8)
+      float s[8][4];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+      for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+      for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        uint32_t b[4];
-        ldmatrix_x4(b, kt + (16 * p + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
-        mma16816(s[2 * p], qf[kk], b[0], b[1]);
-        mma16816(s[2 * p + 1], qf[kk], b[2], b[3]);
-      }
-    }
-    // scale, the terms, the mask; in the exp2 domain
-    float mx[2] = {m[0], m[1]};
-    if (BIAS == W64) {
-      // every key of the tile is in range (t = gh * 64); the tile is grid row `tile`
-      const float ha = bf(rel[ra * rs + tile]) * l2e, hb = bf(rel[rb * rs + tile]) * l2e;
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[i][e] = fmaf(s[i][e], sl2, ha + bw[i][e][0]);
-          s[i][2 + e] = fmaf(s[i][2 + e], sl2, hb + bw[i][e][1]);
-          mx[0] = fmaxf(mx[0], s[i][e]);
-          mx[1] = fmaxf(mx[1], s[i][2 + e]);
+        for (int p = 0; p < 4; ++p) {
+          if (!FULL && 16 * p >= kvalid) break;
+          uint32_t b[4];
+          ldmatrix_x4(b, kt + (16 * p + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
+          mma16816(s[2 * p], qf[kk], b[0], b[1]);
+          mma16816(s[2 * p + 1], qf[kk], b[2], b[3]);
         }
-    } else {
+      }
+      // scale, the terms, the mask; in the exp2 domain
+      float mx[2] = {m[0], m[1]};
+      if (BIAS == W64) {
+        // every key of the tile is in range (t = gh * 64); the tile is grid row `tile`
+        const float ha = bf(rel[ra * rs + tile]) * l2e, hb = bf(rel[rb * rs + tile]) * l2e;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            s[i][e] = fmaf(s[i][e], sl2, ha + bw[i][e][0]);
+            s[i][2 + e] = fmaf(s[i][2 + e], sl2, hb + bw[i][e][1]);
+            mx[0] = fmaxf(mx[0], s[i][e]);
+            mx[1] = fmaxf(mx[1], s[i][2 + e]);
+          }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          // this thread's key pair j, j + 1 (j even): one grid row (gw even), rel_w's two terms
+          // one 4-byte load
+          const int j = tile * BK + 8 * i + 2 * tq;
+          float ba[2] = {0.f, 0.f}, bb[2] = {0.f, 0.f};
+          if (bias) {
+            const int y = (int)__umulhi((uint32_t)j, magic), x = j - y * gw;
+            const float ha = bf(rel[ra * rs + y]), hb = bf(rel[rb * rs + y]);
+            const float2 wa = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rel + ra * rs + gh + x));
+            const float2 wb = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rel + rb * rs + gh + x));
+            ba[0] = (ha + wa.x) * l2e;
+            ba[1] = (ha + wa.y) * l2e;
+            bb[0] = (hb + wb.x) * l2e;
+            bb[1] = (hb + wb.y) * l2e;
+          }
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            bool in = j + e < t;
+            s[i][e] = in ? fmaf(s[i][e], sl2, ba[e]) : -INFINITY;
+            s[i][2 + e] = in ? fmaf(s[i][2 + e], sl2, bb[e]) : -INFINITY;
+            mx[0] = fmaxf(mx[0], s[i][e]);
+            mx[1] = fmaxf(mx[1], s[i][2 + e]);
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      }
+      // the first tile always has a key in range: mx is finite from here on
+      float corr[2] = {exp2f(m[0] - mx[0]), exp2f(m[1] - mx[1])};
+      m[0] = mx[0];
+      m[1] = mx[1];
+      float rsum[2] = {0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
+        s[i][0] = exp2f(s[i][0] - m[0]);
+        s[i][1] = exp2f(s[i][1] - m[0]);
+        s[i][2] = exp2f(s[i][2] - m[1]);
+        s[i][3] = exp2f(s[i][3] - m[1]);
+        rsum[0] += s[i][0] + s[i][1];
+        rsum[1] += s[i][2] + s[i][3];
+      }
+      l[0] = l[0] * corr[0] + rsum[0];
+      l[1] = l[1] * corr[1] + rsum[1];
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          int j = tile * BK + 8 * i + 2 * tq + e;
-          float ba = 0.f, bb = 0.f;
-          if (bias) {
-            int y = (int)__umulhi((uint32_t)j, magic), x = j - y * gw;
-            ba = bf(rel[ra * rs + y]) + bf(rel[ra * rs + gh + x]);
-            bb = bf(rel[rb * rs + y]) + bf(rel[rb * rs + gh + x]);
-          }
-          bool in = j < t;
-          s[i][e] = in ? fmaf(s[i][e], sl2, ba * l2e) : -INFINITY;
-          s[i][2 + e] = in ? fmaf(s[i][2 + e], sl2, bb * l2e) : -INFINITY;
-          mx[0] = fmaxf(mx[0], s[i][e]);
-          mx[1] = fmaxf(mx[1], s[i][2 + e]);
+      for (int i = 0; i < 8; ++i) {
+        o[i][0] *= corr[0];
+        o[i][1] *= corr[0];
+        o[i][2] *= corr[1];
+        o[i][3] *= corr[1];
+      }
+      // o += p v: p from the registers (the accumulators' layout is the A operand's), v by
+      // transposed ldmatrix; the key groups past t have p = 0
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        if (!FULL && 16 * kk >= kvalid) break;
+        uint32_t a[4] = {pack_bf16x2(s[2 * kk][0], s[2 * kk][1]), pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
+                         pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                         pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, vt + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + 16 * p + (lane >> 4) * 8);
+          mma16816(o[2 * p], a, b[0], b[1]);
+          mma16816(o[2 * p + 1], a, b[2], b[3]);
         }
       }
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-    }
-    // the first tile always has a key in range: mx is finite from here on
-    float corr[2] = {exp2f(m[0] - mx[0]), exp2f(m[1] - mx[1])};
-    m[0] = mx[0];
-    m[1] = mx[1];
-    float rsum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      s[i][0] = exp2f(s[i][0] - m[0]);
-      s[i][1] = exp2f(s[i][1] - m[0]);
-      s[i][2] = exp2f(s[i][2] - m[1]);
-      s[i][3] = exp2f(s[i][3] - m[1]);
-      rsum[0] += s[i][0] + s[i][1];
-      rsum[1] += s[i][2] + s[i][3];
-    }
-    l[0] = l[0] * corr[0] + rsum[0];
-    l[1] = l[1] * corr[1] + rsum[1];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      o[i][0] *= corr[0];
-      o[i][1] *= corr[0];
-      o[i][2] *= corr[1];
-      o[i][3] *= corr[1];
-    }
-    // o += p v: p from the registers (the accumulators' layout is the A operand's), v by
-    // transposed ldmatrix
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      uint32_t a[4] = {pack_bf16x2(s[2 * kk][0], s[2 * kk][1]), pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
-                       pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                       pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, vt + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + 16 * p + (lane >> 4) * 8);
-        mma16816(o[2 * p], a, b[0], b[1]);
-        mma16816(o[2 * p + 1], a, b[2], b[3]);
-      }
+    };
+    if (q0 + warp * 16 < t) {
+      if (BIAS == W64 || kvalid >= BK)
+        step(std::true_type{});
+      else
+        step(std::false_type{});
     }
     __syncthreads();  // this stage is loaded again two tiles on
   }

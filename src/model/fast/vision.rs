@@ -1,7 +1,7 @@
 //! The vision encoder on the GPU fast path: the reference towers ([`DeepEncoder`]) with their
 //! [`VisionOps`] swapped for [`FastVisionOps`]: SAM's and CLIP's attention as one `sam_flash`
-//! launch each (flash attention on the tensor cores; SAM's relative-position terms are the
-//! reference's two batched GEMMs, the bias and the scores are never materialised; other head
+//! launch each (flash attention on the tensor cores; SAM's relative-position terms made inside
+//! it from the tables, the bias and the scores never materialised; other head
 //! dims: cuBLAS + the fused `sam_softmax` kernel, the scores held a few heads at a time), every
 //! linear layer as one cuBLASLt GEMM with the bias and the residual add in its epilogue (with
 //! an activation: the GEMM, then `bias_act`: bias, activation and residual in one pass), the
@@ -29,7 +29,7 @@ use crate::model::kernels::{copy_d2d, cuda_err, tensor_ptr, view_ptr, Buf, Kerne
 use crate::model::vision::clip::Block;
 use crate::model::vision::sam::{LayerNorm2d, Neck};
 use crate::model::vision::ops::{merge_heads, split_heads};
-use crate::model::vision::{rel_pos_terms, Act, DeepEncoder, GridAttention, Norm, ReferenceOps, VisionOps};
+use crate::model::vision::{Act, DeepEncoder, GridAttention, Norm, ReferenceOps, VisionOps};
 
 /// The fused vision ops, bf16 on CUDA; any other dtype or device goes to [`ReferenceOps`].
 pub struct FastVisionOps {
@@ -49,11 +49,12 @@ pub struct FastVisionOps {
     /// `OCR_PATCH_VISION_GRAPH=0`: the same launches on the same buffers, eagerly. Needs the
     /// epilogue and flash attention; off, CLIP runs op by op.
     graphs: bool,
-    /// CLIP's buffers and graph per `(views, tokens)`.
-    clip_runs: Mutex<HashMap<(usize, usize), ClipRun>>,
+    /// CLIP's buffers and graph per list of inputs, each `(views, tokens)`.
+    clip_runs: Mutex<HashMap<Vec<(usize, usize)>, ClipRun>>,
 }
 
-/// CLIP's blocks for one input shape on fixed buffers: the residual stream, the normed rows,
+/// CLIP's blocks for one list of input shapes (their rows one after another: Gundam's tiles and
+/// global view go through each linear together) on fixed buffers: the residual stream, the normed rows,
 /// the qkv projection, the heads' output and the MLP's hidden rows, the weights' addresses they
 /// were captured with, and the graph (captured at the shape's second call, once the first,
 /// eager, has loaded every kernel and made every GEMM plan). They live as long as the ops: a
@@ -159,21 +160,30 @@ impl FastVisionOps {
         self
     }
 
-    /// CLIP's blocks over `x` `(b, t, c)` on the [`ClipRun`] of its shape: `x` copied into the
-    /// residual stream, the blocks launched (or their graph replayed), the stream copied out.
-    fn run_clip(&self, blocks: &[ClipBlockPtrs], x: &Tensor, heads: usize) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let Device::Cuda(dev) = x.device() else { candle_core::bail!("clip_blocks: not on CUDA") };
-        let x = x.contiguous()?;
-        let rows = b * t;
+    /// CLIP's blocks over `xs` (each `(b, t, c)`) on the [`ClipRun`] of their shapes: the
+    /// inputs copied one after another into the residual stream, the blocks launched (or their
+    /// graph replayed), each input's rows copied out.
+    fn run_clip(&self, blocks: &[ClipBlockPtrs], xs: &[&Tensor], heads: usize) -> Result<Vec<Tensor>> {
+        let Some(first) = xs.first() else { return Ok(Vec::new()) };
+        let Device::Cuda(dev) = first.device() else { candle_core::bail!("clip_blocks: not on CUDA") };
+        let c = first.dim(2)?;
+        let parts = xs
+            .iter()
+            .map(|x| match x.dims3()? {
+                (b, t, cx) if cx == c => Ok((b, t)),
+                (_, _, cx) => candle_core::bail!("clip_blocks: inputs {cx} and {c} wide"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rows: usize = parts.iter().map(|(b, t)| b * t).sum();
         let mut runs = self.clip_runs.lock().unwrap_or_else(|p| p.into_inner());
-        // a shape's buffers, made at its first call; other weights than those of its capture
-        // (another tower on these ops) get fresh buffers, sized for them, and a new capture
-        let stale = runs.get(&(b, t)).is_some_and(|r| r.weights != blocks);
+        // the shapes' buffers, made at their first call; other weights than those of its
+        // capture (another tower on these ops) get fresh buffers, sized for them, and a new
+        // capture
+        let stale = runs.get(&parts).is_some_and(|r| r.weights != blocks);
         if stale {
-            runs.remove(&(b, t));
+            runs.remove(&parts);
         }
-        let run = match runs.entry((b, t)) {
+        let run = match runs.entry(parts.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let width = blocks.iter().map(|p| p.ffn_width).max().unwrap_or(0);
@@ -191,15 +201,20 @@ impl FastVisionOps {
             }
         };
         let st = &self.k.stream;
-        copy_d2d(st, run.x.ptr, ptr(&x)?, rows * c * 2)?;
+        let mut at = 0;
+        for x in xs {
+            let x = x.contiguous()?;
+            copy_d2d(st, run.x.ptr + at as u64 * 2, ptr(&x)?, x.elem_count() * 2)?;
+            at += x.elem_count();
+        }
         let capturable = self.graphs && !st.cu_stream().is_null();
         if run.graph.is_none() && capturable && run.launched && !run.capture_failed {
             // a capture that fails (another thread's work on the stream, a driver refusal)
-            // leaves the shape on eager launches: slower, never wrong
-            match self.k.capture(|| self.clip_launches(run, (b, t, c), heads)) {
+            // leaves the shapes on eager launches: slower, never wrong
+            match self.k.capture(|| self.clip_launches(run, &parts, c, heads)) {
                 Ok(g) => run.graph = Some(Graph(g)),
                 Err(e) => {
-                    tracing::warn!("clip_blocks: no CUDA graph for {b} x {t} tokens, launching eagerly: {e}");
+                    tracing::warn!("clip_blocks: no CUDA graph for {parts:?} (views, tokens), launching eagerly: {e}");
                     run.capture_failed = true;
                 }
             }
@@ -210,27 +225,40 @@ impl FastVisionOps {
                 g.0.launch().map_err(cuda_err)?;
             }
             None => {
-                self.clip_launches(run, (b, t, c), heads)?;
+                self.clip_launches(run, &parts, c, heads)?;
                 run.launched = true;
             }
         }
-        let out = self.uninit(dev, (b, t, c))?;
-        copy_d2d(st, ptr(&out)?, run.x.ptr, rows * c * 2)?;
-        Ok(out)
+        let mut at = 0;
+        parts
+            .iter()
+            .map(|&(b, t)| {
+                let out = self.uninit(dev, (b, t, c))?;
+                copy_d2d(st, ptr(&out)?, run.x.ptr + at as u64 * 2, b * t * c * 2)?;
+                at += b * t * c;
+                Ok(out)
+            })
+            .collect()
     }
 
     /// The launches of CLIP's blocks on `run`'s buffers (`NoTPTransformerBlock.forward`):
     /// `x += out_proj(attention(qkv_proj(layer_norm1(x))))`, then
-    /// `x += fc2(quick_gelu(fc1(layer_norm2(x))))`.
-    fn clip_launches(&self, run: &ClipRun, (b, t, c): (usize, usize, usize), heads: usize) -> Result<()> {
-        let rows = b * t;
+    /// `x += fc2(quick_gelu(fc1(layer_norm2(x))))`; every input's rows through each linear
+    /// together, the attention within each input.
+    fn clip_launches(&self, run: &ClipRun, parts: &[(usize, usize)], c: usize, heads: usize) -> Result<()> {
+        let rows: usize = parts.iter().map(|(b, t)| b * t).sum();
         let k = &self.k;
         let scale = 1.0 / (SAM_FLASH_HEAD_DIM as f32).sqrt();
         for p in &run.weights {
             let ffn = p.ffn_width;
             k.layer_norm(run.x.ptr, p.ln1.0, p.ln1.1, run.normed.ptr, rows, c, p.ln1.2)?;
             k.linear_epilogue(run.normed.ptr, p.qkv.0, p.qkv.1, 0, run.qkv.ptr, rows, c, 3 * c)?;
-            k.sam_flash_qkv(run.qkv.ptr, run.heads.ptr, None, (b, t, heads), scale)?;
+            let mut at = 0u64;
+            for &(b, t) in parts {
+                let (qkv, out) = (run.qkv.ptr + at * 3 * c as u64 * 2, run.heads.ptr + at * c as u64 * 2);
+                k.sam_flash_qkv(qkv, out, None, (b, t, heads), scale)?;
+                at += (b * t) as u64;
+            }
             k.linear_epilogue(run.heads.ptr, p.out.0, p.out.1, run.x.ptr, run.x.ptr, rows, c, c)?;
             k.layer_norm(run.x.ptr, p.ln2.0, p.ln2.1, run.normed.ptr, rows, c, p.ln2.2)?;
             k.linear_epilogue(run.normed.ptr, p.fc1.0, 0, 0, run.hidden.ptr, rows, c, ffn)?;
@@ -368,12 +396,10 @@ impl VisionOps for FastVisionOps {
         let (rh, rw) = (a.rh.contiguous()?, a.rw.contiguous()?);
         let scale = 1.0 / (d as f32).sqrt();
         if self.flash && d == SAM_FLASH_HEAD_DIM && h % 2 == 0 && w % 2 == 0 && t < 1 << 16 {
-            // one pass on the tensor cores, q, k and v read in place and the heads merged by
-            // the kernel; the terms are the reference's two batched GEMMs
+            // one pass on the tensor cores, q, k and v read in place, the relative-position
+            // terms made from the tables and the heads merged by the kernel
             let qkv = a.qkv.contiguous()?;
-            let q5 = qkv.reshape((b, h, w, 3, nh, d))?.narrow(3, 0, 1)?.squeeze(3)?;
-            let (rel_h, rel_w) = rel_pos_terms(&q5, &rh, &rw, &|x| self.contiguous(x))?;
-            let terms = FlashTerms { rel_h: ptr(&rel_h)?, rel_w: ptr(&rel_w)?, grid: (h, w) };
+            let terms = FlashTerms { rh: ptr(&rh)?, rw: ptr(&rw)?, grid: (h, w) };
             return self.flash_heads(&qkv, Some(terms), scale);
         }
         // cuBLAS's scores, sam_softmax, cuBLAS's p v, on the heads split
@@ -406,14 +432,15 @@ impl VisionOps for FastVisionOps {
         merge_heads(&out, b, &copy)
     }
 
-    fn clip_blocks(&self, blocks: &[Block], x: &Tensor) -> Option<Result<Tensor>> {
-        let (_, _, c) = x.dims3().ok()?;
-        if !self.epilogue || !self.flash || !fusable(&[x]) || c % 8 != 0 || c > LAYER_NORM_MAX {
+    fn clip_blocks(&self, blocks: &[Block], xs: &[&Tensor]) -> Option<Result<Vec<Tensor>>> {
+        let (_, _, c) = xs.first()?.dims3().ok()?;
+        let same_width = xs.iter().all(|x| x.dims3().is_ok_and(|(_, _, cx)| cx == c));
+        if !self.epilogue || !self.flash || !fusable(xs) || !same_width || c % 8 != 0 || c > LAYER_NORM_MAX {
             return None;
         }
         let ptrs = blocks.iter().map(|b| ClipBlockPtrs::of(b, c)).collect::<Option<Vec<_>>>()?;
         let heads = blocks.first()?.self_attn.num_heads;
-        Some(self.run_clip(&ptrs, x, heads))
+        Some(self.run_clip(&ptrs, xs, heads))
     }
 
     fn attend_plain(&self, qkv: &Tensor) -> Result<Tensor> {

@@ -22,12 +22,14 @@ const SAM_MAXV: usize = 16;
 /// The widest row `layer_norm` takes (`LN_MAXU` 16-byte loads per lane).
 pub const LAYER_NORM_MAX: usize = 1024;
 
-/// SAM's relative-position terms for [`Kernels::sam_flash`]: the two GEMMs' outputs (device
-/// addresses) and the grid.
+/// SAM's relative positions for [`Kernels::sam_flash`]: the tables
+/// [`crate::model::vision::sam::get_rel_pos`] gathers for a self-attention on a `gh x gw` grid,
+/// `rh` `(gh, gh, 64)` and `rw` `(gw, gw, 64)` bf16 contiguous (device addresses), from which
+/// the kernel makes the terms.
 #[derive(Debug, Clone, Copy)]
 pub struct FlashTerms {
-    pub rel_h: u64,
-    pub rel_w: u64,
+    pub rh: u64,
+    pub rw: u64,
     pub grid: (usize, usize),
 }
 
@@ -168,9 +170,9 @@ impl Kernels {
     /// 64 bf16, q, k, v laid out as `input` says and `out` as `output` (sequence `(b, head)` at
     /// `b * seq_stride + head * 64`, its rows `row_stride` apart: the qkv projection's
     /// `(b, t, 3, heads, 64)` and the merged `(b, t, heads * 64)`, or contiguous `(n, t, 64)`);
-    /// the terms of a `gh x gw` grid (`t = gh*gw`) as [`crate::model::vision::rel_pos_terms`]
-    /// leaves them (`rel_h` `(gh, n*gw, gh)`, `rel_w` `(gw, n*gh, gw)` bf16), or `None` for no
-    /// bias (CLIP).
+    /// the relative positions of a `gh x gw` grid (`t = gh*gw`; [`FlashTerms`]: `get_rel_pos`'s
+    /// tables, Toeplitz as a self-attention's are, the terms made by the kernel), or `None` for
+    /// no bias (CLIP).
     #[allow(clippy::too_many_arguments)]
     pub fn sam_flash(
         &self,
@@ -198,11 +200,14 @@ impl Kernels {
             }
         }
         let ((rh, rw), (gh, gw)) = match terms {
-            Some(FlashTerms { rel_h, rel_w, grid: (gh, gw) }) => {
+            Some(FlashTerms { rh, rw, grid: (gh, gw) }) => {
                 if gh % 2 != 0 || gw % 2 != 0 || gh * gw != t || gh + gw > 1024 {
                     candle_core::bail!("sam_flash: a {gh}x{gw} grid for {t} positions (even sides, up to 1024 together)");
                 }
-                ((rel_h, rel_w), (gh, gw))
+                if rh % 16 != 0 || rw % 16 != 0 {
+                    candle_core::bail!("sam_flash: the tables must be 16-byte aligned (16-byte copies)");
+                }
+                ((rh, rw), (gh, gw))
             }
             None => ((0, 0), (0, 0)),
         };
@@ -377,7 +382,8 @@ mod tests {
     /// cuBLAS), against the reference attention computed in f32, on SAM's shapes: windows of
     /// 14x14 (196 keys: partial tiles; a warp per row), global grids whose tables are resized
     /// (40x40 and 30x30 on tables trained for 64: partial tiles; a block per row, 16- and
-    /// 8-byte loads) and Base's 64x64 grid, heads of 64.
+    /// 8-byte loads; `sam_flash` makes the terms from one chunk of 64 table rows at 30x30, two
+    /// at 40x40) and Base's 64x64 grid, heads of 64.
     #[test]
     fn sam_attention_matches_the_reference() {
         let (dev, cd) = device();
@@ -451,7 +457,7 @@ mod tests {
         // refused: a grid whose sides do not give t, an odd side, no positions, layouts that
         // do not fit the sequences
         let k = Kernels::load(&cd).unwrap();
-        let terms = |grid| Some(FlashTerms { rel_h: 0, rel_w: 0, grid });
+        let terms = |grid| Some(FlashTerms { rh: 0, rw: 0, grid });
         let flat = |t| FlashLayout::contiguous(t);
         for (t, grid) in [(100usize, (10usize, 12usize)), (99, (9, 11))] {
             let e = k.sam_flash((0, 0, 0), flat(t), 0, flat(t), terms(grid), 1, t, 1.0).unwrap_err();
@@ -460,6 +466,9 @@ mod tests {
         assert!(k.sam_flash((0, 0, 0), flat(0), 0, flat(0), None, 1, 0, 1.0).is_err());
         let e = k.sam_flash((0, 8, 0), flat(8), 0, flat(8), None, 1, 8, 1.0).unwrap_err();
         assert!(e.to_string().contains("aligned"), "{e}");
+        let tables = Some(FlashTerms { rh: 0, rw: 8, grid: (2, 4) });
+        let e = k.sam_flash((0, 0, 0), flat(8), 0, flat(8), tables, 1, 8, 1.0).unwrap_err();
+        assert!(e.to_string().contains("tables"), "{e}");
         let three = FlashLayout { heads: 3, seq_stride: 64 * 3 * 8, row_stride: 64 * 3 };
         for (input, n) in [(three, 4usize), (FlashLayout { row_stride: 32, ..flat(8) }, 1)] {
             let e = k.sam_flash((0, 0, 0), input, 0, input, None, n, 8, 1.0).unwrap_err();
@@ -600,7 +609,8 @@ mod tests {
     /// CUDA graph) against the reference tower (the same bf16 weights, `ReferenceOps`), two
     /// blocks of CLIP-L's widths, on Base's view (1 x 257 tokens) and Gundam's tiles
     /// (6 x 101): the graph's output equals the eager launches' exactly, also for an input
-    /// the graph was not captured with; both within bf16 rounding of the reference; a second
+    /// the graph was not captured with; both within bf16 rounding of the reference; the tiles
+    /// and the global view in one run, each within rounding of its own reference; a second
     /// tower on the same ops gets its own capture.
     #[test]
     fn clip_blocks_match_the_reference() {
@@ -658,6 +668,27 @@ mod tests {
             }
             assert_eq!(max_diff(&other, &eager[1]), 0.0, "{name}: the replay with another input");
             assert!(max_diff(&other, &runs[0]) > 0.0, "{name}: another input gave the same output");
+        }
+        // Gundam's tiles and global view together (every input's rows through each linear at
+        // once, the attention within each input): each as the reference gives it alone; the
+        // graph's replays equal the eager launches
+        let tiles = rand_bf16(&[6, h, 10, 10], 1.0, 84).to_device(&dev).unwrap();
+        let global = rand_bf16(&[1, h, 16, 16], 1.0, 85).to_device(&dev).unwrap();
+        clip.set_ops(Arc::new(ReferenceOps));
+        let want = [clip.forward(&tiles).unwrap(), clip.forward(&global).unwrap()];
+        clip.set_ops(Arc::new(FastVisionOps::new(k.clone()).with_graphs(false)));
+        let eager = clip.forward_many(&[&tiles, &global]).unwrap();
+        clip.set_ops(Arc::new(FastVisionOps::new(k.clone()).with_graphs(true)));
+        let runs: Vec<Vec<Tensor>> = (0..3).map(|_| clip.forward_many(&[&tiles, &global]).unwrap()).collect();
+        assert_eq!(eager.len(), 2);
+        for (i, (got, want)) in eager.iter().zip(&want).enumerate() {
+            assert_eq!(got.dims(), want.dims());
+            let (diff, scale) = (max_diff(got, want), max_abs(want));
+            eprintln!("clip blocks, tiles and global view together, input {i}: fast vs reference max |diff| {diff:.3e} at |y| <= {scale:.2}");
+            assert!(diff <= 3e-2 * scale.max(1.0), "input {i}: {diff} at {scale}");
+            for (r, run) in runs.iter().enumerate() {
+                assert_eq!(max_diff(&run[i], got), 0.0, "input {i}: call {r} differs from the eager launches");
+            }
         }
         // one ops for two towers: the second's weights are not the captured ones, so its shape
         // gets new buffers and a new capture (the first tower's graph is not replayed for it)

@@ -193,7 +193,32 @@ impl VitModel {
 
     /// `forward(x, patch_embeds)` with SAM features `(b, c, h, w)`: `(b, 1 + h*w, c)`.
     pub fn forward(&self, patch_embeds: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_many(&[patch_embeds])?.remove(0))
+    }
+
+    /// [`Self::forward`] over several SAM outputs (views of different sizes), each on its own:
+    /// the ops may run their blocks together ([`VisionOps::clip_blocks`]).
+    pub fn forward_many(&self, patch_embeds: &[&Tensor]) -> Result<Vec<Tensor>> {
         let _enter = self.span.enter();
+        let hs = patch_embeds
+            .iter()
+            .map(|p| self.embed(p))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(out) = self.ops.clip_blocks(&self.layers, &hs.iter().collect::<Vec<_>>()) {
+            return out;
+        }
+        hs.into_iter()
+            .map(|mut h| {
+                for layer in &self.layers {
+                    h = layer.forward(&h, self.ops.as_ref())?;
+                }
+                Ok(h)
+            })
+            .collect()
+    }
+
+    /// The embeddings and the pre-LN: SAM features `(b, c, h, w)` -> `(b, 1 + h*w, c)`.
+    fn embed(&self, patch_embeds: &Tensor) -> Result<Tensor> {
         let (b, c, _, _) = patch_embeds.dims4()?;
         // patch_embeds.flatten(2).transpose(1, 2)
         let patches = patch_embeds.flatten_from(2)?.transpose(1, 2)?;
@@ -204,14 +229,7 @@ impl VitModel {
         let x = Tensor::cat(&[&cls, &patches], 1)?;
         let n = x.dim(1)?;
         let x = x.broadcast_add(&self.abs_pos(n)?)?;
-        let mut h = self.ops.layer_norm(&self.pre_layrnorm, &x)?;
-        if let Some(out) = self.ops.clip_blocks(&self.layers, &h) {
-            return out;
-        }
-        for layer in &self.layers {
-            h = layer.forward(&h, self.ops.as_ref())?;
-        }
-        Ok(h)
+        self.ops.layer_norm(&self.pre_layrnorm, &x)
     }
 }
 

@@ -18,7 +18,7 @@ use candle_nn::{linear, Linear, VarBuilder};
 
 pub use clip::{ClipConfig, VitModel};
 pub use ops::{Act, GridAttention, Norm, ReferenceOps, VisionOps};
-pub use sam::{rel_pos_terms, ImageEncoderViT, SamConfig};
+pub use sam::{ImageEncoderViT, SamConfig};
 
 /// The vision sizes; deepencoder.py hard-codes them, `DeepseekOCRModel.__init__` hard-codes
 /// `n_embed = 1280` and the `linear` projector of 2048 inputs.
@@ -92,7 +92,20 @@ impl DeepEncoder {
 
     /// One view through SAM, CLIP and the projector: pixels `(b, 3, H, W)` -> `(b, h*w, n_embed)`.
     pub fn encode_views(&self, pixels: &Tensor) -> Result<Tensor> {
-        Ok(self.encode_views_staged(pixels)?.projected)
+        Ok(self.encode_views_many(&[pixels])?.remove(0))
+    }
+
+    /// [`Self::encode_views`] for batches of views of different sizes (Gundam's tiles and its
+    /// global view): SAM and the projector batch by batch, CLIP over all of them at once (the
+    /// fast path's linears take every batch's rows together; each batch's result is its own).
+    pub fn encode_views_many(&self, pixels: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let _enter = self.span.enter();
+        let f1 = pixels
+            .iter()
+            .map(|p| self.sam.forward(p))
+            .collect::<Result<Vec<_>>>()?;
+        let f2 = self.clip.forward_many(&f1.iter().collect::<Vec<_>>())?;
+        f1.iter().zip(&f2).map(|(f1, f2)| self.project(f1, f2)).collect()
     }
 
     /// [`Self::encode_views`] keeping each stage's output (what the verifier compares).
@@ -100,6 +113,16 @@ impl DeepEncoder {
         let _enter = self.span.enter();
         let f1 = self.sam.forward(pixels)?;
         let f2 = self.clip.forward(&f1)?;
+        let projected = self.project(&f1, &f2)?;
+        Ok(ViewStages {
+            sam: f1,
+            clip: f2,
+            projected,
+        })
+    }
+
+    /// SAM's `(b, c, h, w)` and CLIP's `(b, 1 + h*w, c2)` features joined and projected.
+    fn project(&self, f1: &Tensor, f2: &Tensor) -> Result<Tensor> {
         // torch.cat((features_2[:, 1:], features_1.flatten(2).permute(0, 2, 1)), dim=-1)
         let n = f2.dim(1)?;
         let clip_part = f2.narrow(1, 1, n - 1)?;
@@ -107,12 +130,7 @@ impl DeepEncoder {
         // contiguous: with a non-contiguous part, candle's cat on dim 2 returns a transposed
         // view, which its CUDA matmul refuses for a batch of several views (CPU accepts it).
         let feats = Tensor::cat(&[&clip_part, &sam_part], 2)?.contiguous()?;
-        let projected = self.projector.forward(&feats)?;
-        Ok(ViewStages {
-            sam: f1,
-            clip: f2,
-            projected,
-        })
+        self.projector.forward(&feats)
     }
 
     /// `(h*w, n)` features of a square grid -> rows each followed by `image_newline`:
@@ -133,16 +151,16 @@ impl DeepEncoder {
     /// Python decides that by `torch.sum(patches) != 0`).
     pub fn encode_image(&self, global: &Tensor, local: Option<LocalTiles<'_>>) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let g = self.encode_views(global)?;
-        let l = match local {
-            Some(t) => Some((
-                self.encode_views(t.pixels)?,
-                t.width_crop_num,
-                t.height_crop_num,
-            )),
-            None => None,
-        };
-        self.layout(&g, l.as_ref().map(|(l, wc, hc)| (l, *wc, *hc)))
+        match local {
+            Some(t) => {
+                let [l, g]: [Tensor; 2] = self
+                    .encode_views_many(&[t.pixels, global])?
+                    .try_into()
+                    .expect("one output per batch");
+                self.layout(&g, Some((&l, t.width_crop_num, t.height_crop_num)))
+            }
+            None => self.layout(&self.encode_views(global)?, None),
+        }
     }
 
     /// The layout half of [`Self::encode_image`]: projected global features `(1, h*w, n)` and

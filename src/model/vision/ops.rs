@@ -111,10 +111,12 @@ pub trait VisionOps: Send + Sync {
     /// The layer norm over the last dim of `x`.
     fn layer_norm(&self, n: &Norm, x: &Tensor) -> Result<Tensor>;
 
-    /// CLIP's blocks in turn over `x` `(b, t, c)` (after the pre-LN), or `None` where these
-    /// ops have no whole-tower path for them: the caller then runs each block on the ops above
-    /// (the reference's way; the fast path replays them as one CUDA graph).
-    fn clip_blocks(&self, _blocks: &[super::clip::Block], _x: &Tensor) -> Option<Result<Tensor>> {
+    /// CLIP's blocks in turn over each of `xs`, `(b_i, t_i, c)` after the pre-LN (views of
+    /// several sizes at once: Gundam's tiles and its global view), or `None` where these ops
+    /// have no whole-tower path for them: the caller then runs each block on the ops above,
+    /// input by input (the reference's way; the fast path puts every input's rows through each
+    /// linear together, attends within each input, and replays the blocks as one CUDA graph).
+    fn clip_blocks(&self, _blocks: &[super::clip::Block], _xs: &[&Tensor]) -> Option<Result<Vec<Tensor>>> {
         None
     }
 

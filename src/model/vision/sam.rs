@@ -102,31 +102,6 @@ pub fn get_rel_pos(q_size: usize, k_size: usize, rel_pos: &Tensor) -> Result<Ten
     resized.index_select(&idx, 0)?.reshape((q_size, k_size, c))
 }
 
-/// `add_decomposed_rel_pos`'s two einsums as batched GEMMs, in the layout the GEMMs leave
-/// them, for the queries `q5` `(b, q_h, q_w, heads, c)` (any strides; grid `n = (b, head)`):
-/// `rel_h` `(q_h, b*heads*q_w, k_h)` (query `(y, x)` of grid `n` at row `n*q_w + x` of batch
-/// `y`) and `rel_w` `(q_w, b*heads*q_h, k_w)` (at row `n*q_h + y` of batch `x`), from the tables
-/// [`get_rel_pos`] gathered: `rh` `(q_h, k_h, c)`, `rw` `(q_w, k_w, c)` (contiguous: the GEMMs
-/// read them transposed in place). `copy` makes q's permuted views contiguous (candle's copy,
-/// or the fast path's kernel: the same values).
-pub fn rel_pos_terms(
-    q5: &Tensor,
-    rh: &Tensor,
-    rw: &Tensor,
-    copy: &dyn Fn(&Tensor) -> Result<Tensor>,
-) -> Result<(Tensor, Tensor)> {
-    let (b, q_h, q_w, nh, c) = q5.dims5()?;
-    // rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh): batch the matmul over h.
-    let rel_h = copy(&q5.permute((1, 0, 3, 2, 4))?)?
-        .reshape((q_h, b * nh * q_w, c))?
-        .matmul(&rh.transpose(1, 2)?)?;
-    // rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw): batch the matmul over w.
-    let rel_w = copy(&q5.permute((2, 0, 3, 1, 4))?)?
-        .reshape((q_w, b * nh * q_h, c))?
-        .matmul(&rw.transpose(1, 2)?)?;
-    Ok((rel_h, rel_w))
-}
-
 /// `add_decomposed_rel_pos` folded into the attention bias, `(b, q_h*q_w, k_h*k_w)`, from the
 /// tables [`get_rel_pos`] gathered: `rh` `(q_h, k_h, c)`, `rw` `(q_w, k_w, c)`.
 pub fn rel_pos_bias(
@@ -137,8 +112,19 @@ pub fn rel_pos_bias(
     (k_h, k_w): (usize, usize),
 ) -> Result<Tensor> {
     let (b, _, c) = q.dims3()?;
-    let q5 = q.reshape((b, q_h, q_w, 1, c))?;
-    let (rel_h, rel_w) = rel_pos_terms(&q5, rh, rw, &Tensor::contiguous)?;
+    let q4 = q.reshape((b, q_h, q_w, c))?;
+    // rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh): a matmul batched over h
+    let rel_h = q4
+        .permute((1, 0, 2, 3))?
+        .contiguous()?
+        .reshape((q_h, b * q_w, c))?
+        .matmul(&rh.transpose(1, 2)?)?;
+    // rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw): a matmul batched over w
+    let rel_w = q4
+        .permute((2, 0, 1, 3))?
+        .contiguous()?
+        .reshape((q_w, b * q_h, c))?
+        .matmul(&rw.transpose(1, 2)?)?;
     let rel_h = rel_h.reshape((q_h, b, q_w, k_h))?.permute((1, 0, 2, 3))?;
     let rel_w = rel_w.reshape((q_w, b, q_h, k_w))?.permute((1, 2, 0, 3))?;
     // attn_bias = (rel_h[..., None] + rel_w[..., None, :]).view(B, nH, q_h*q_w, k_h*k_w)
