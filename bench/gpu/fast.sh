@@ -11,12 +11,13 @@
 #   tf_peer.py   bench/gpu/tf_peer.py (the peer), fast.sh (this file)
 # and .gpu/config.json + .gpu/remote/ (the patched remote code) as bench/gpu/run.sh describes,
 # .whl/ the wheels the remote code needs. Carry [".gpu", ".whl"].
-# Usage: bash $G/fast.sh [STEPS (default "tests bench profile vprofile"; "pdl": the Rust side
+# Usage: bash $G/fast.sh [STEPS (default "tests bench profile vprofile"; "gprofile": ncu over a
+# Gundam 3x2 encode; "pdl": the Rust side
 # alone with and without programmatic dependent launch; "knobs": the Rust side as it is and with
 # each NAME=VALUE of $KNOBS; "trace": the batch-1 step's timeline in the graph, `bench
 # --profile trace`); CUBLAS=0 skips the bench's second run with every projection through cuBLAS]
 # Results go to $OUT: gpu.txt, kernel-tests.log, bench.json, bench.log, profile.csv (decode),
-# vprofile.csv (vision).
+# vprofile.csv (vision), gprofile.csv (Gundam).
 set -uo pipefail
 G=${G:-.gpu/gpu}
 OUT=${OUT:-/tmp/ocrp-out}
@@ -113,6 +114,14 @@ case " $STEPS " in *" profile "*)
     "$WORK/ocr-patch" bench --profile --steps 2 --model-dir "$WORK/w" > "$OUT/profile.csv" 2> "$OUT/profile.log"
   echo "rc=$?"
   summarise "$OUT/profile.csv" ;;
+esac
+case " $STEPS " in *" gprofile "*)
+  echo "== ncu: one Gundam 3x2 vision encode on the fast path"
+  timeout 240 ncu --profile-from-start off --clock-control none --csv --page raw \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+    "$WORK/ocr-patch" bench --profile vision-gundam --model-dir "$WORK/w" > "$OUT/gprofile.csv" 2> "$OUT/gprofile.log"
+  echo "rc=$?"
+  summarise "$OUT/gprofile.csv" ;;
 esac
 case " $STEPS " in *" vprofile "*)
   echo "== ncu: one Base vision encode on the fast path"

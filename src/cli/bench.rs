@@ -84,7 +84,7 @@ pub struct BenchArgs {
 
     /// Only run, between cuProfilerStart and cuProfilerStop (for `ncu --profile-from-start
     /// off`), --steps eager batch-1 decode steps of the fast path (`decode`, the default) or one
-    /// Base vision encode (`vision`); or (`trace`, no profiler needed) --steps batch-1 steps in
+    /// Base vision encode (`vision`) or Gundam 3x2 one (`vision-gundam`); or (`trace`, no profiler needed) --steps batch-1 steps in
     /// the CUDA graph with the kernels' timeline probes, reported per launch; no peer, no report
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "decode", value_name = "WHAT")]
     pub profile: Option<ProfileTarget>,
@@ -102,6 +102,8 @@ pub struct BenchArgs {
 pub enum ProfileTarget {
     Decode,
     Vision,
+    /// one Gundam 3x2 vision encode (the tiles and the global view)
+    VisionGundam,
     /// the batch-1 decode step's timeline in the CUDA graph (kernels with probes; no profiler)
     Trace,
 }
@@ -174,7 +176,8 @@ fn rust_side(c: &BenchConfig) -> anyhow::Result<serde_json::Value> {
 fn profile_side(c: &BenchConfig, what: ProfileTarget) -> anyhow::Result<serde_json::Value> {
     match what {
         ProfileTarget::Decode => bench::rust::profile(c),
-        ProfileTarget::Vision => bench::rust::profile_vision(c),
+        ProfileTarget::Vision => bench::rust::profile_vision(c, false),
+        ProfileTarget::VisionGundam => bench::rust::profile_vision(c, true),
         ProfileTarget::Trace => bench::rust::profile_trace(c),
     }
 }
