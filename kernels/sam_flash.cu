@@ -19,7 +19,8 @@
 // made in shared memory first (two small products on the tensor cores, below). Queries or
 // keys past t are masked, so t need not be a multiple of 64 (windows of 14 x 14).
 // Kernels: sam_flash (any even grid), sam_flash_w64 (gw = 64: Base's global blocks, Gundam's
-// global view), sam_flash_plain (no bias). Grid: (ceil(t / 64), n) blocks of 128 threads;
+// global view), sam_flash_plain (no bias), sam_flash_short (any grid of few positions, SAM's
+// windows: at most 128 registers, 4 blocks an SM). Grid: (ceil(t / 64), n) blocks of 128 threads;
 // dynamic shared memory as Kernels::sam_flash sizes it (the tiles, the block's rows of terms).
 #include "common.cuh"
 
@@ -387,3 +388,4 @@ __device__ __forceinline__ void flash(
 extern "C" __global__ void __launch_bounds__(128, 3) sam_flash(FLASH_ARGS) { flash<ANY>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128) sam_flash_w64(FLASH_ARGS) { flash<W64>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128) sam_flash_plain(FLASH_ARGS) { flash<NONE>(FLASH_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 4) sam_flash_short(FLASH_ARGS) { flash<ANY>(FLASH_PASS); }

@@ -183,8 +183,11 @@ pub struct Kernels {
     sam_softmax_v8: CudaFunction,
     sam_softmax_v4: CudaFunction,
     sam_softmax_rows_v4: CudaFunction,
-    /// Any grid, a grid 64 wide, no bias.
-    sam_flash: [CudaFunction; 3],
+    /// Any grid, a grid 64 wide, no bias; any grid of few positions (4 blocks an SM).
+    sam_flash: [CudaFunction; 4],
+    /// SAM's windows (up to 256 positions) by `sam_flash_short`, 4 blocks an SM, unless
+    /// `OCR_PATCH_SAM_FLASH_SHORT=0` (to compare): `sam_flash`'s 3 then.
+    pub(crate) flash_short: bool,
     patches: CudaFunction,
     unpatch: CudaFunction,
     bias_act: CudaFunction,
@@ -274,8 +277,14 @@ impl Kernels {
                     .map_err(cuda_err)?;
                     Ok(f)
                 };
-                [load("sam_flash")?, load("sam_flash_w64")?, load("sam_flash_plain")?]
+                [
+                    load("sam_flash")?,
+                    load("sam_flash_w64")?,
+                    load("sam_flash_plain")?,
+                    load("sam_flash_short")?,
+                ]
             },
+            flash_short: !std::env::var("OCR_PATCH_SAM_FLASH_SHORT").is_ok_and(|v| v == "0"),
             patches: f("patches", ptx::PATCHES)?,
             unpatch: g("unpatch", "patches", ptx::PATCHES)?,
 

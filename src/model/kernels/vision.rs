@@ -62,6 +62,10 @@ const fn sam_flash_smem((gh, gw): (usize, usize)) -> usize {
 /// The most shared memory `sam_flash` is let use: grid sides up to 1024 together (178 KiB).
 pub const SAM_FLASH_MAX_SMEM: usize = sam_flash_smem((512, 512));
 
+/// The most positions `sam_flash_short` takes (SAM's windows of 14 x 14: 196), and the most
+/// shared memory that lets 4 of its blocks share an SM (228 KiB, 1 KiB reserved a block).
+const SAM_FLASH_SHORT: (usize, usize) = (256, 56 * 1024);
+
 /// Head dims `sam_softmax` takes (`d / 8` lanes per relative-position term must divide a warp).
 pub const SAM_HEAD_DIMS: [usize; 6] = [8, 16, 32, 64, 128, 256];
 
@@ -212,10 +216,14 @@ impl Kernels {
             None => ((0, 0), (0, 0)),
         };
         let shared = sam_flash_smem((gh, gw));
-        let func = match (terms.is_some(), gw) {
-            (true, 64) => &self.sam_flash[1],
-            (true, _) => &self.sam_flash[0],
-            (false, _) => &self.sam_flash[2],
+        // a short sequence (a window): the blocks are brief, so 4 an SM (at most 128
+        // registers) rather than 3 hide their loads better and leave fewer waves
+        let short = self.flash_short && t <= SAM_FLASH_SHORT.0 && shared <= SAM_FLASH_SHORT.1;
+        let func = match (terms.is_some(), gw, short) {
+            (true, _, true) => &self.sam_flash[3],
+            (true, 64, false) => &self.sam_flash[1],
+            (true, _, false) => &self.sam_flash[0],
+            (false, _, _) => &self.sam_flash[2],
         };
         launch!(
             self,
@@ -383,13 +391,17 @@ mod tests {
     /// 14x14 (196 keys: partial tiles; a warp per row), global grids whose tables are resized
     /// (40x40 and 30x30 on tables trained for 64: partial tiles; a block per row, 16- and
     /// 8-byte loads; `sam_flash` makes the terms from one chunk of 64 table rows at 30x30, two
-    /// at 40x40) and Base's 64x64 grid, heads of 64.
+    /// at 40x40) and Base's 64x64 grid, heads of 64; the windows by `sam_flash_short` (4 blocks
+    /// an SM) and by `sam_flash`.
     #[test]
     fn sam_attention_matches_the_reference() {
         let (dev, cd) = device();
         let k = Arc::new(Kernels::load(&cd).unwrap());
+        let mut three_a_sm = Kernels::load(&cd).unwrap();
+        three_a_sm.flash_short = false;
         let paths = [
             ("sam_flash", FastVisionOps::new(k.clone()).with_flash(true)),
+            ("sam_flash, windows 3 blocks an SM", FastVisionOps::new(Arc::new(three_a_sm)).with_flash(true)),
             ("sam_softmax", FastVisionOps::new(k).with_flash(false)),
         ];
         // (b views or windows, heads)
