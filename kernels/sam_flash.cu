@@ -80,6 +80,27 @@ __device__ __forceinline__ void load_tile(bf16* dst, const bf16* __restrict__ sr
   }
 }
 
+// acc = the warp's 16 queries (qf, A fragments) times the 64 rows of `rows` (a key tile, or 64
+// rows of a table), transposed: 8 n-tiles of 8 columns; only the first `groups` 16-row groups
+// unless FULL (the others' columns left at 0).
+template <bool FULL>
+__device__ __forceinline__ void q_rows_t(float (&acc)[8][4], const uint32_t (&qf)[4][4], const bf16* rows,
+                                         int lane, int groups) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      if (!FULL && p >= groups) break;
+      uint32_t b[4];
+      ldmatrix_x4(b, rows + (16 * p + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
+      mma16816(acc[2 * p], qf[kk], b[0], b[1]);
+      mma16816(acc[2 * p + 1], qf[kk], b[2], b[3]);
+    }
+  }
+}
+
 // The terms' row stride in bf16: at least gh + gw, and 4 words past a multiple of 32, so that
 // the 32 lanes' reads of rel_w (8 rows g, 4 column pairs tq: word 4g + tq + c) hit distinct
 // banks. The host sizes shared memory with the same formula (Kernels::sam_flash).
@@ -166,18 +187,7 @@ __device__ __forceinline__ void flash(
         const int c0 = pass == 0 ? lo_h + ci * BK : lo_w + (ci - nch_h) * BK, off = pass == 0 ? 0 : gh;
         const bf16* tab = h == 0 ? kst(1) : vst(1);
         float acc[8][4];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-          for (int p = 0; p < 4; ++p) {
-            uint32_t b[4];
-            ldmatrix_x4(b, tab + (16 * p + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
-            mma16816(acc[2 * p], qf[kk], b[0], b[1]);
-            mma16816(acc[2 * p + 1], qf[kk], b[2], b[3]);
-          }
-        }
+        q_rows_t<true>(acc, qf, tab, lane, 4);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           *reinterpret_cast<uint32_t*>(pw + g * LDS + 8 * i + 2 * tq) = pack_bf16x2(acc[i][0], acc[i][1]);
@@ -252,19 +262,7 @@ __device__ __forceinline__ void flash(
       constexpr bool FULL = decltype(full)::value;
       // s = q k^T for the warp's 16 rows and the tile's 64 keys (8 n-tiles of 8)
       float s[8][4];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-        for (int p = 0; p < 4; ++p) {
-          if (!FULL && 16 * p >= kvalid) break;
-          uint32_t b[4];
-          ldmatrix_x4(b, kt + (16 * p + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
-          mma16816(s[2 * p], qf[kk], b[0], b[1]);
-          mma16816(s[2 * p + 1], qf[kk], b[2], b[3]);
-        }
-      }
+      q_rows_t<FULL>(s, qf, kt, lane, (kvalid + 15) / 16);
       // scale, the terms, the mask; in the exp2 domain
       float mx[2] = {m[0], m[1]};
       if (BIAS == W64) {
