@@ -54,11 +54,11 @@ pub struct FastVisionOps {
 }
 
 /// CLIP's blocks for one list of input shapes (their rows one after another: Gundam's tiles and
-/// global view go through each linear together) on fixed buffers: the residual stream, the normed rows,
-/// the qkv projection, the heads' output and the MLP's hidden rows, the weights' addresses they
-/// were captured with, and the graph (captured at the shape's second call, once the first,
-/// eager, has loaded every kernel and made every GEMM plan). They live as long as the ops: a
-/// model meets a handful of shapes (one per view size and batch of tiles). The capture assumes
+/// global view go through each linear together) on fixed buffers: the residual stream, the
+/// normed rows, the qkv projection, the heads' output and the MLP's hidden rows, the weights'
+/// addresses they were captured with, and the graph (captured at the shapes' second call, once
+/// the first, eager, has loaded every kernel and made every GEMM plan). They live as long as the
+/// ops: a model meets a handful of shapes (one per view size and batch of tiles). The capture assumes
 /// no other thread enqueues work on the device's stream meanwhile (as the decoder's does); a
 /// device on the legacy default stream is never captured (eager launches).
 struct ClipRun {

@@ -247,4 +247,40 @@ mod tests {
             assert!((a - f(v)).abs() < 1e-6);
         }
     }
+
+    /// `forward_many` over views of two sizes (Gundam's tiles and global view, at a small
+    /// CLIP's widths) gives each view what `forward` gives it alone, to the bit, on the
+    /// reference ops (which run each input on its own); an empty list gives no outputs.
+    #[test]
+    fn forward_many_is_forward_per_input() {
+        let cfg = ClipConfig {
+            num_layers: 2,
+            hidden_size: 32,
+            num_attention_heads: 2,
+            ffn_hidden_size: 64,
+            image_size: 64,
+            patch_size: 16,
+            ..ClipConfig::clip_l()
+        };
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let clip = VitModel::new(&cfg, vb).unwrap();
+        for var in vm.all_vars() {
+            let r = Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap();
+            var.set(&r).unwrap();
+        }
+        // SAM features: 3 tiles of a 2x2 grid (positions resized from 4x4), one view of 4x4
+        let tiles = Tensor::randn(0f32, 1.0, (3, 32, 2, 2), &Device::Cpu).unwrap();
+        let global = Tensor::randn(0f32, 1.0, (1, 32, 4, 4), &Device::Cpu).unwrap();
+        let both = clip.forward_many(&[&tiles, &global]).unwrap();
+        assert_eq!(both.len(), 2);
+        for (got, x) in both.iter().zip([&tiles, &global]) {
+            let want = clip.forward(x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{:?}", x.dims());
+        }
+        assert_eq!(both[0].dims(), &[3, 5, 32]);
+        assert!(clip.forward_many(&[]).unwrap().is_empty());
+    }
 }

@@ -153,11 +153,11 @@ impl DeepEncoder {
         let _enter = self.span.enter();
         match local {
             Some(t) => {
-                let [l, g]: [Tensor; 2] = self
-                    .encode_views_many(&[t.pixels, global])?
-                    .try_into()
-                    .expect("one output per batch");
-                self.layout(&g, Some((&l, t.width_crop_num, t.height_crop_num)))
+                let out = self.encode_views_many(&[t.pixels, global])?;
+                let [l, g] = &out[..] else {
+                    candle_core::bail!("encode_image: {} outputs for 2 batches of views", out.len())
+                };
+                self.layout(g, Some((l, t.width_crop_num, t.height_crop_num)))
             }
             None => self.layout(&self.encode_views(global)?, None),
         }
