@@ -16,6 +16,7 @@
 # alone with and without programmatic dependent launch; "knobs": the Rust side as it is and with
 # each NAME=VALUE of $KNOBS; "trace": the batch-1 step's timeline in the graph, `bench
 # --profile trace`); CUBLAS=0 skips the bench's second run with every projection through cuBLAS]
+# bench/gpu/ab.sh then compares the vision encode against a base binary on the same machine.
 # Results go to $OUT: gpu.txt, kernel-tests.log, bench.json, bench.log, profile.csv (decode),
 # vprofile.csv (vision), gprofile.csv (Gundam).
 set -uo pipefail
