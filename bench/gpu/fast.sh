@@ -12,8 +12,8 @@
 # and .gpu/config.json + .gpu/remote/ (the patched remote code) as bench/gpu/run.sh describes,
 # .whl/ the wheels the remote code needs. Carry [".gpu", ".whl"].
 # Usage: bash $G/fast.sh [STEPS (default "tests bench profile vprofile"; "gprofile": ncu over a
-# Gundam 3x2 encode; "pdl": the Rust side
-# alone with and without programmatic dependent launch; "knobs": the Rust side as it is and with
+# Gundam 3x2 encode; "pdl": the Rust side alone with and without programmatic dependent launch;
+# "knobs": the Rust side as it is and with
 # each NAME=VALUE of $KNOBS; "trace": the batch-1 step's timeline in the graph, `bench
 # --profile trace`); CUBLAS=0 skips the bench's second run with every projection through cuBLAS]
 # bench/gpu/ab.sh then compares the vision encode against a base binary on the same machine.
