@@ -262,13 +262,7 @@ mod tests {
             patch_size: 16,
             ..ClipConfig::clip_l()
         };
-        let vm = candle_nn::VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let clip = VitModel::new(&cfg, vb).unwrap();
-        for var in vm.all_vars() {
-            let r = Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap();
-            var.set(&r).unwrap();
-        }
+        let clip = super::super::random_tower(|vb| VitModel::new(&cfg, vb));
         // SAM features: 3 tiles of a 2x2 grid (positions resized from 4x4), one view of 4x4
         let tiles = Tensor::randn(0f32, 1.0, (3, 32, 2, 2), &Device::Cpu).unwrap();
         let global = Tensor::randn(0f32, 1.0, (1, 32, 4, 4), &Device::Cpu).unwrap();

@@ -200,6 +200,21 @@ pub fn image_token_count(global_size: usize, local: Option<(usize, usize, usize)
     n
 }
 
+/// A tower of random f32 weights on the CPU for the unit tests: `make` builds it on a fresh
+/// `VarMap`, then every tensor is drawn from N(0, 0.5) (the map zero-fills what the
+/// constructor does not initialise: positions, tables).
+#[cfg(test)]
+pub(crate) fn random_tower<T>(make: impl FnOnce(VarBuilder) -> Result<T>) -> T {
+    let vm = candle_nn::VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu);
+    let tower = make(vb).unwrap();
+    for var in vm.all_vars() {
+        let r = Tensor::randn(0f32, 0.5, var.shape(), &candle_core::Device::Cpu).unwrap();
+        var.set(&r).unwrap();
+    }
+    tower
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

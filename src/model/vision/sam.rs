@@ -483,15 +483,7 @@ mod tests {
             downsample_channels: [16, 32],
             ..SamConfig::vit_b()
         };
-        let vm = candle_nn::VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let sam = ImageEncoderViT::new(&cfg, vb).unwrap();
-        // every tensor random (the map zero-fills positions and tables)
-        for var in vm.all_vars() {
-            let r = Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap();
-            var.set(&r).unwrap();
-        }
-        sam
+        super::super::random_tower(|vb| ImageEncoderViT::new(&cfg, vb))
     }
 
     /// Counts the blocks' attention and linear calls and answers as the reference does.
