@@ -138,7 +138,13 @@ __device__ __forceinline__ void flash(
   load_tile(kst(0), kn, row_stride, 0, t);
   load_tile(vst(0), vn, row_stride, 0, t);
   cp_async_commit();
+  // the warp's 16 query rows as mma A fragments (read once the query tile is in)
   uint32_t qf[4][4];
+  auto load_q = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      ldmatrix_x4(qf[kk], qs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+  };
   if (bias) {
     // The block's rows of the terms, rel_h[i][ky] = q_i . rh[y(i)][ky] and rel_w[i][kx] =
     // q_i . rw[x(i)][kx], on the tensor cores. The tables are Toeplitz (rh[y][ky] is row
@@ -155,20 +161,29 @@ __device__ __forceinline__ void flash(
     const int lo_h = y0, n_h = y1 - y0 + gh;
     const int lo_w = y0 == y1 ? q0 - y0 * gw : 0, n_w = y0 == y1 ? last - q0 + gw : 2 * gw - 1;
     const int nch_h = (n_h + BK - 1) / BK, nch = nch_h + (n_w + BK - 1) / BK;
+    // chunk ci (T_h's first): which table (pass 0: h, 1: w), its grid side, first and end column
+    struct Chunk {
+      int pass, gs, c0, end;
+    };
+    auto chunk = [&](int ci) {
+      const int pass = ci < nch_h ? 0 : 1;
+      return Chunk{pass, pass == 0 ? gh : gw, pass == 0 ? lo_h + ci * BK : lo_w + (ci - nch_h) * BK,
+                   pass == 0 ? lo_h + n_h : lo_w + n_w};
+    };
     bf16* pw = qs + warp * 16 * LDS;
     for (int c2 = 0; c2 < nch; c2 += 2) {
       if (c2 > 0) __syncthreads();  // every warp is done with the previous chunks
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int ci = c2 + h, pass = ci < nch_h ? 0 : 1, gs = pass == 0 ? gh : gw;
-        const int end = pass == 0 ? lo_h + n_h : lo_w + n_w;
-        const int c0 = pass == 0 ? lo_h + ci * BK : lo_w + (ci - nch_h) * BK;
-        const bf16* src = pass == 0 ? relh : relw;
+        const int ci = c2 + h;
+        const Chunk ch = chunk(ci);
+        const int gs = ch.gs;
+        const bf16* src = ch.pass == 0 ? relh : relw;
         bf16* tab = h == 0 ? kst(1) : vst(1);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          int p = threadIdx.x + u * 128, r = p >> 3, c = (p & 7) * 8, row = c0 + r;
-          bool in = ci < nch && row < end;
+          int p = threadIdx.x + u * 128, r = p >> 3, c = (p & 7) * 8, row = ch.c0 + r;
+          bool in = ci < nch && row < ch.end;
           int e = row >= gs - 1 ? (gs - 1) * gs + (2 * gs - 2 - row) : gs - 1 - row;
           cp_async16(tab + r * LDS + c, src + (size_t)(in ? e : 0) * HD + c, in);
         }
@@ -177,14 +192,13 @@ __device__ __forceinline__ void flash(
       cp_async_wait<0>();
       __syncthreads();
       if (c2 == 0) {
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-          ldmatrix_x4(qf[kk], qs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+        load_q();
         __syncwarp();  // the warp's query rows are read: P goes over them
       }
       for (int h = 0; h < 2 && c2 + h < nch; ++h) {
-        const int ci = c2 + h, pass = ci < nch_h ? 0 : 1, gs = pass == 0 ? gh : gw;
-        const int c0 = pass == 0 ? lo_h + ci * BK : lo_w + (ci - nch_h) * BK, off = pass == 0 ? 0 : gh;
+        const int ci = c2 + h;
+        const Chunk ch = chunk(ci);
+        const int pass = ch.pass, gs = ch.gs, c0 = ch.c0, off = pass == 0 ? 0 : gh;
         const bf16* tab = h == 0 ? kst(1) : vst(1);
         float acc[8][4];
         q_rows_t<true>(acc, qf, tab, lane, 4);
@@ -236,11 +250,7 @@ __device__ __forceinline__ void flash(
     }
     __syncthreads();
     if (tile == 0) {
-      if (!bias) {
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-          ldmatrix_x4(qf[kk], qs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
-      }
+      if (!bias) load_q();
       if (BIAS == W64) {
 #pragma unroll
         for (int i = 0; i < 8; ++i)

@@ -152,18 +152,8 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
     eprintln!("bench: loaded in {load_s:.1}s");
 
     // ---- inputs (examples/gpu_bench.rs, tf_peer.py) ----
-    let global = Tensor::from_vec(
-        view_pixels(0, 1024, 1024, 0, 0, true),
-        (1, 3, 1024, 1024),
-        &dev,
-    )?
-    .to_dtype(DType::BF16)?;
-    let (wt, ht, ts) = (3usize, 2usize, 640usize);
-    let mut tiles = Vec::with_capacity(wt * ht * 3 * ts * ts);
-    for i in 0..wt * ht {
-        tiles.extend(view_pixels(1, ts, ts, (i % wt) * ts, (i / wt) * ts, true));
-    }
-    let tiles = Tensor::from_vec(tiles, (wt * ht, 3, ts, ts), &dev)?.to_dtype(DType::BF16)?;
+    let (global, tiles) = views(&dev)?;
+    let (wt, ht) = GUNDAM_CROP;
     let ids = base_prompt_ids(vocab);
     let mask: Vec<bool> = (0..ids.len()).map(|p| p >= 1 && p <= n_img).collect();
 
@@ -319,8 +309,8 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
 }
 
 /// For a profiler (`ncu --profile-from-start off`): loads the vision encoder alone on the fast
-/// path and encodes the Base view (after two untimed encodes) between `cuProfilerStart` and
-/// `cuProfilerStop`.
+/// path and encodes the Base view (or, `gundam`, Gundam's tiles and global view; after two
+/// untimed encodes) between `cuProfilerStart` and `cuProfilerStop`.
 pub fn profile_vision(c: &BenchConfig, gundam: bool) -> Result<Value> {
     let dev = Device::new_cuda_with_stream(0).context("no CUDA device")?;
     let Device::Cuda(cd) = &dev else {
@@ -333,19 +323,8 @@ pub fn profile_vision(c: &BenchConfig, gundam: bool) -> Result<Value> {
         weights.var_builder(DType::BF16, &dev).pp("model"),
     )?;
     crate::model::fast::vision::accelerate(&mut vision, Arc::new(Kernels::load(cd)?));
-    let global = Tensor::from_vec(
-        view_pixels(0, 1024, 1024, 0, 0, true),
-        (1, 3, 1024, 1024),
-        &dev,
-    )?
-    .to_dtype(DType::BF16)?;
-    // Gundam: the bench's 3x2 tiles of 640
-    let (wt, ht, ts) = (3usize, 2usize, 640usize);
-    let mut tiles = Vec::with_capacity(wt * ht * 3 * ts * ts);
-    for i in 0..wt * ht {
-        tiles.extend(view_pixels(1, ts, ts, (i % wt) * ts, (i / wt) * ts, true));
-    }
-    let tiles = Tensor::from_vec(tiles, (wt * ht, 3, ts, ts), &dev)?.to_dtype(DType::BF16)?;
+    let (global, tiles) = views(&dev)?;
+    let (wt, ht) = GUNDAM_CROP;
     let local = gundam.then_some(LocalTiles { pixels: &tiles, width_crop_num: wt, height_crop_num: ht });
     let (warm, _) = time_ms(&dev, 0, 2, || Ok(vision.encode_image(&global, local)?))?;
     unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStart() };
@@ -353,6 +332,24 @@ pub fn profile_vision(c: &BenchConfig, gundam: bool) -> Result<Value> {
     unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStop() };
     let mode = if gundam { "Gundam 3x2" } else { "Base" };
     Ok(json!({"profiled": format!("vision encode, {mode}, fast path"), "unprofiled_ms": warm, "ms_under_profiler": t}))
+}
+
+/// Gundam's tiles in the bench: 3 wide, 2 high, of 640 px.
+const GUNDAM_CROP: (usize, usize) = (3, 2);
+const GUNDAM_TILE: usize = 640;
+
+/// The bench's views, bf16 on `dev`: the 1024 global view `(1, 3, 1024, 1024)` and Gundam's
+/// tiles `(6, 3, 640, 640)` (the brightened pixel pattern, as tf_peer.py makes them).
+fn views(dev: &Device) -> Result<(Tensor, Tensor)> {
+    let global = Tensor::from_vec(view_pixels(0, 1024, 1024, 0, 0, true), (1, 3, 1024, 1024), dev)?
+        .to_dtype(DType::BF16)?;
+    let ((wt, ht), ts) = (GUNDAM_CROP, GUNDAM_TILE);
+    let mut tiles = Vec::with_capacity(wt * ht * 3 * ts * ts);
+    for i in 0..wt * ht {
+        tiles.extend(view_pixels(1, ts, ts, (i % wt) * ts, (i / wt) * ts, true));
+    }
+    let tiles = Tensor::from_vec(tiles, (wt * ht, 3, ts, ts), dev)?.to_dtype(DType::BF16)?;
+    Ok((global, tiles))
 }
 
 /// The device on its own stream, cudarc's per-buffer events off (one stream, our own ordering;

@@ -83,9 +83,10 @@ pub struct BenchArgs {
     pub gpu: String,
 
     /// Only run, between cuProfilerStart and cuProfilerStop (for `ncu --profile-from-start
-    /// off`), --steps eager batch-1 decode steps of the fast path (`decode`, the default) or one
-    /// Base vision encode (`vision`) or Gundam 3x2 one (`vision-gundam`); or (`trace`, no profiler needed) --steps batch-1 steps in
-    /// the CUDA graph with the kernels' timeline probes, reported per launch; no peer, no report
+    /// off`), --steps eager batch-1 decode steps of the fast path (`decode`, the default), one
+    /// Base vision encode (`vision`) or one Gundam 3x2 encode (`vision-gundam`); or (`trace`, no
+    /// profiler needed) --steps batch-1 steps in the CUDA graph with the kernels' timeline
+    /// probes, reported per launch; no peer, no report
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "decode", value_name = "WHAT")]
     pub profile: Option<ProfileTarget>,
 

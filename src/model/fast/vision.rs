@@ -160,20 +160,11 @@ impl FastVisionOps {
         self
     }
 
-    /// CLIP's blocks over `xs` (each `(b, t, c)`) on the [`ClipRun`] of their shapes: the
-    /// inputs copied one after another into the residual stream, the blocks launched (or their
-    /// graph replayed), each input's rows copied out.
-    fn run_clip(&self, blocks: &[ClipBlockPtrs], xs: &[&Tensor], heads: usize) -> Result<Vec<Tensor>> {
-        let Some(first) = xs.first() else { return Ok(Vec::new()) };
-        let Device::Cuda(dev) = first.device() else { candle_core::bail!("clip_blocks: not on CUDA") };
-        let c = first.dim(2)?;
-        let parts = xs
-            .iter()
-            .map(|x| match x.dims3()? {
-                (b, t, cx) if cx == c => Ok((b, t)),
-                (_, _, cx) => candle_core::bail!("clip_blocks: inputs {cx} and {c} wide"),
-            })
-            .collect::<Result<Vec<_>>>()?;
+    /// CLIP's blocks over `xs` (`parts[i]` = `(b, t)` of `xs[i]`, each `c` wide) on the
+    /// [`ClipRun`] of their shapes: the inputs copied one after another into the residual
+    /// stream, the blocks launched (or their graph replayed), each input's rows copied out.
+    fn run_clip(&self, blocks: &[ClipBlockPtrs], xs: &[&Tensor], parts: Vec<(usize, usize)>, c: usize, heads: usize) -> Result<Vec<Tensor>> {
+        let Some(Device::Cuda(dev)) = xs.first().map(|x| x.device()) else { candle_core::bail!("clip_blocks: not on CUDA") };
         let rows: usize = parts.iter().map(|(b, t)| b * t).sum();
         let mut runs = self.clip_runs.lock().unwrap_or_else(|p| p.into_inner());
         // the shapes' buffers, made at their first call; other weights than those of its
@@ -434,13 +425,17 @@ impl VisionOps for FastVisionOps {
 
     fn clip_blocks(&self, blocks: &[Block], xs: &[&Tensor]) -> Option<Result<Vec<Tensor>>> {
         let (_, _, c) = xs.first()?.dims3().ok()?;
-        let same_width = xs.iter().all(|x| x.dims3().is_ok_and(|(_, _, cx)| cx == c));
-        if !self.epilogue || !self.flash || !fusable(xs) || !same_width || c % 8 != 0 || c > LAYER_NORM_MAX {
+        // every input `(b, t, c)`, of one width
+        let parts = xs
+            .iter()
+            .map(|x| x.dims3().ok().filter(|&(_, _, cx)| cx == c).map(|(b, t, _)| (b, t)))
+            .collect::<Option<Vec<_>>>()?;
+        if !self.epilogue || !self.flash || !fusable(xs) || c % 8 != 0 || c > LAYER_NORM_MAX {
             return None;
         }
         let ptrs = blocks.iter().map(|b| ClipBlockPtrs::of(b, c)).collect::<Option<Vec<_>>>()?;
         let heads = blocks.first()?.self_attn.num_heads;
-        Some(self.run_clip(&ptrs, xs, heads))
+        Some(self.run_clip(&ptrs, xs, parts, c, heads))
     }
 
     fn attend_plain(&self, qkv: &Tensor) -> Result<Tensor> {

@@ -390,8 +390,8 @@ mod tests {
     /// cuBLAS), against the reference attention computed in f32, on SAM's shapes: windows of
     /// 14x14 (196 keys: partial tiles; a warp per row), global grids whose tables are resized
     /// (40x40 and 30x30 on tables trained for 64: partial tiles; a block per row, 16- and
-    /// 8-byte loads; `sam_flash` makes the terms from one chunk of 64 table rows at 30x30, two
-    /// at 40x40) and Base's 64x64 grid, heads of 64; the windows by `sam_flash_short` (4 blocks
+    /// 8-byte loads; `sam_flash` makes the terms from one chunk of 64 rows of each table at
+    /// 30x30, two of T_w's at 40x40) and Base's 64x64 grid, heads of 64; the windows by `sam_flash_short` (4 blocks
     /// an SM) and by `sam_flash`.
     #[test]
     fn sam_attention_matches_the_reference() {
