@@ -5,6 +5,12 @@
 //! timeline's probes (`-DOCR_TRACE`, for `ocr-patch bench --profile trace`), embedded by `src/model/kernels/` with
 //! `include_str!`. nvcc comes from `CUDA_ROOT`/`PATH` (see `../shared/tools/cuda-build-env.sh`);
 //! the target architecture from `CUDA_COMPUTE_CAP` (default 90, Hopper).
+//!
+//! With the `cutlass` feature also `kernels/cutlass/*.cu`: CUTLASS GEMMs with fused epilogues,
+//! host and device code compiled by nvcc for `sm_{cap}a` into one static library linked into
+//! the crate with the static CUDA runtime (their host side sets up TMA descriptors and launches).
+//! CUTLASS's headers come from `CUTLASS_DIR` (a CUTLASS checkout, or the `source` folder of the
+//! `nvidia-cutlass` wheel) or, unset, from python3's `cutlass_library` (`pip install nvidia-cutlass`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,6 +19,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=CUTLASS_DIR");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -48,5 +55,79 @@ fn main() {
                 .unwrap_or_else(|e| panic!("cannot run nvcc ({}): {e}; eval \"$(../shared/tools/cuda-build-env.sh)\" first", nvcc.display()));
             assert!(status.success(), "nvcc failed on {}", cu.display());
         }
+    }
+    if std::env::var_os("CARGO_FEATURE_CUTLASS").is_some() {
+        cutlass(&nvcc, &cap, &out);
+    }
+}
+
+/// Where CUTLASS's `include` and `tools/util/include` are (see the module doc).
+fn cutlass_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CUTLASS_DIR") {
+        return PathBuf::from(dir);
+    }
+    let found = Command::new("python3")
+        .args(["-c", "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source'))"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    found.unwrap_or_else(|| {
+        panic!("the `cutlass` feature needs CUTLASS's headers: `pip install nvidia-cutlass`, or set CUTLASS_DIR to a CUTLASS checkout")
+    })
+}
+
+/// `kernels/cutlass/*.cu` into `libocr_cutlass.a`, linked with the static CUDA runtime.
+fn cutlass(nvcc: &std::path::Path, cap: &str, out: &std::path::Path) {
+    let dir = cutlass_dir();
+    let include = dir.join("include");
+    assert!(
+        include.join("cutlass").join("cutlass.h").is_file(),
+        "{}: no cutlass/cutlass.h; CUTLASS_DIR must hold CUTLASS's include/ and tools/util/include/",
+        include.display()
+    );
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels/cutlass")
+        .expect("kernels/cutlass/ exists next to Cargo.toml")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+    let mut objects = Vec::new();
+    for cu in &sources {
+        println!("cargo:rerun-if-changed={}", cu.display());
+        let stem = cu.file_stem().expect("a .cu file has a stem").to_string_lossy().into_owned();
+        let obj = out.join(format!("cutlass_{stem}.o"));
+        // NDEBUG: CUTLASS's device asserts are calls, which serialise the wgmma pipeline
+        let status = Command::new(nvcc)
+            .args(["-c", "-O3", "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"])
+            .arg(format!("-arch=sm_{cap}a"))
+            .arg("-I")
+            .arg(&include)
+            .arg("-I")
+            .arg(dir.join("tools").join("util").join("include"))
+            .arg("-o")
+            .arg(&obj)
+            .arg(cu)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run nvcc ({}): {e}", nvcc.display()));
+        assert!(status.success(), "nvcc failed on {}", cu.display());
+        objects.push(obj);
+    }
+    let lib = out.join("libocr_cutlass.a");
+    let _ = std::fs::remove_file(&lib);
+    let status = Command::new("ar").arg("crs").arg(&lib).args(&objects).status().expect("cannot run ar");
+    assert!(status.success(), "ar failed on {}", lib.display());
+    println!("cargo:rustc-link-search=native={}", out.display());
+    println!("cargo:rustc-link-lib=static=ocr_cutlass");
+    // the static CUDA runtime: the toolkit's lib64, or the PyPI layout's lib
+    let root = nvcc.parent().and_then(|b| b.parent()).map(PathBuf::from).unwrap_or_default();
+    for sub in ["lib64", "lib", "targets/x86_64-linux/lib"] {
+        if root.join(sub).join("libcudart_static.a").is_file() {
+            println!("cargo:rustc-link-search=native={}", root.join(sub).display());
+        }
+    }
+    println!("cargo:rustc-link-lib=static=cudart_static");
+    for lib in ["stdc++", "dl", "rt", "pthread"] {
+        println!("cargo:rustc-link-lib=dylib={lib}");
     }
 }

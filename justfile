@@ -87,7 +87,9 @@ bench-apply:
 bench config="../shared/data/deepseek-ocr/config.json" remote=".gpu/remote" *args="":
     #!/usr/bin/env bash
     set -euo pipefail
-    cargo build --release --features cuda --bin ocr-patch --bin ocr-patch-synth
+    # CUTLASS's GEMM with SAM's GELU fused where its headers are (pip install nvidia-cutlass)
+    features=cuda; if [ -n "${CUTLASS_DIR:-}" ] || python3 -c 'import cutlass_library' 2>/dev/null; then features=cutlass; fi
+    cargo build --release --features "$features" --bin ocr-patch --bin ocr-patch-synth
     w="target/bench-weights"; mkdir -p "$w"; cp "{{config}}" "$w/config.json"
     [ -s "$w/model.safetensors" ] || target/release/ocr-patch-synth --config "$w/config.json" --seed 1 -o "$w/model.safetensors" --dtype bf16
     target/release/ocr-patch bench --model-dir "$w" --remote-code "{{remote}}" \

@@ -19,8 +19,9 @@
 // made in shared memory first (two small products on the tensor cores, below). Queries or
 // keys past t are masked, so t need not be a multiple of 64 (windows of 14 x 14).
 // Kernels: sam_flash (any even grid), sam_flash_w64 (gw = 64: Base's global blocks, Gundam's
-// global view), sam_flash_plain (no bias), sam_flash_short (any grid of few positions, SAM's
-// windows: at most 128 registers, 4 blocks an SM). Grid: (ceil(t / 64), n) blocks of 128 threads;
+// global view), sam_flash_plain (no bias), sam_flash_short (any grid of few positions: at most
+// 128 registers, 4 blocks an SM), sam_flash_rows16 (the same for grids of gw <= 16, SAM's 14x14
+// windows, the keys in grid rows of 16: ROWS16 below). Grid: (ceil(t / 64), n) blocks of 128 threads;
 // dynamic shared memory as Kernels::sam_flash sizes it (the tiles, the block's rows of terms).
 #include "common.cuh"
 
@@ -62,6 +63,13 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// 2^x on the SFU alone (exp2f adds a denormal fix-up of three instructions a call; results
+// below 2^-126 are probabilities that round away next to the row's largest, 1)
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -108,10 +116,26 @@ __device__ __forceinline__ int sam_flash_rs(int gh, int gw) {
   return 2 * (((gh + gw) / 2 + 27) / 32 * 32 + 4);
 }
 
-// BIAS: NONE, ANY grid, or W64 (gw == 64 == BK: a key tile is one grid row, so rel_w's terms
+// A tile of keys in ROWS16's layout: slot r of key tile `tile` holds key (4 tile + r / 16) * gw +
+// r % 16 where r % 16 < gw and that grid row exists, zeros elsewhere (each grid row padded to 16).
+__device__ __forceinline__ void load_tile16(bf16* dst, const bf16* __restrict__ src, long long stride,
+                                            int tile, int gh, int gw) {
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    int p = threadIdx.x + u * 128, r = p >> 3, c = (p & 7) * 8;
+    int y = tile * 4 + (r >> 4), x = r & 15;
+    bool in = y < gh && x < gw;
+    cp_async16(dst + r * LDS + c, src + (in ? y * gw + x : 0) * stride + c, in);
+  }
+}
+
+// BIAS: NONE, ANY grid, W64 (gw == 64 == BK: a key tile is one grid row, so rel_w's terms
 // for this thread's columns are the same in every tile and stay in registers, rel_h's is one
-// per row and tile).
-enum Bias { NONE, ANY, W64 };
+// per row and tile), or ROWS16 (gw <= 16, SAM's windows: the keys laid out as grid rows of 16
+// slots, load_tile16, so that a tile is 4 grid rows and a thread's columns have the same 4 x
+// in every tile: rel_w's terms in registers, rel_h's 4 per row and tile, the padding's and
+// missing rows' terms -inf; the softmax is over the keys whatever their order).
+enum Bias { NONE, ANY, W64, ROWS16 };
 
 template <int BIAS>
 __device__ __forceinline__ void flash(
@@ -133,10 +157,19 @@ __device__ __forceinline__ void flash(
   const bf16* qn = q + at;
   const bf16* kn = k + at;
   const bf16* vn = v + at;
+  // key / value tile `tile` into stage st
+  auto load_kv = [&](int st, int tile) {
+    if (BIAS == ROWS16) {
+      load_tile16(kst(st), kn, row_stride, tile, gh, gw);
+      load_tile16(vst(st), vn, row_stride, tile, gh, gw);
+    } else {
+      load_tile(kst(st), kn, row_stride, tile * BK, t);
+      load_tile(vst(st), vn, row_stride, tile * BK, t);
+    }
+  };
   inputs_ready();
   load_tile(qs, qn, row_stride, q0, t);
-  load_tile(kst(0), kn, row_stride, 0, t);
-  load_tile(vst(0), vn, row_stride, 0, t);
+  load_kv(0, 0);
   cp_async_commit();
   // the warp's 16 query rows as mma A fragments (read once the query tile is in)
   uint32_t qf[4][4];
@@ -171,6 +204,8 @@ __device__ __forceinline__ void flash(
                    pass == 0 ? lo_h + n_h : lo_w + n_w};
     };
     bf16* pw = qs + warp * 16 * LDS;
+    // i / gw and idx / gs by a multiply (exact below 2^16: t < 2^16, idx < 16 * 1024)
+    const uint32_t mgw = 0xffffffffu / gw + 1u;
     for (int c2 = 0; c2 < nch; c2 += 2) {
       if (c2 > 0) __syncthreads();  // every warp is done with the previous chunks
 #pragma unroll
@@ -208,17 +243,18 @@ __device__ __forceinline__ void flash(
           *reinterpret_cast<uint32_t*>(pw + (g + 8) * LDS + 8 * i + 2 * tq) = pack_bf16x2(acc[i][2], acc[i][3]);
         }
         __syncwarp();
-        // the warp's rows: column c of the terms is P's column coord - c + gs - 1
-        for (int rr = 0; rr < 16; ++rr) {
+        // the warp's 16 rows by gs columns, flattened over the lanes (a window's 14 columns
+        // fill them); column c of the terms is P's column coord - c + gs - 1
+        const uint32_t mgs = 0xffffffffu / gs + 1u;
+        for (int idx = lane; idx < 16 * gs; idx += 32) {
+          const int rr = (int)__umulhi((uint32_t)idx, mgs), c = idx - rr * gs;
           const int r = warp * 16 + rr, i = q0 + r;
-          const int yi = i / gw, coord = pass == 0 ? yi : i - yi * gw;
-          for (int c = lane; c < gs; c += 32) {
-            int col = coord - c + gs - 1 - c0;
-            if (i >= t) {
-              if (ci == 0 || ci == nch_h) rel[r * rs + off + c] = f2bf(0.f);
-            } else if (col >= 0 && col < BK) {
-              rel[r * rs + off + c] = pw[rr * LDS + col];
-            }
+          const int yi = (int)__umulhi((uint32_t)i, mgw), coord = pass == 0 ? yi : i - yi * gw;
+          const int col = coord - c + gs - 1 - c0;
+          if (i >= t) {
+            if (ci == 0 || ci == nch_h) rel[r * rs + off + c] = f2bf(0.f);
+          } else if (col >= 0 && col < BK) {
+            rel[r * rs + off + c] = pw[rr * LDS + col];
           }
         }
         __syncwarp();  // P's rows are written again by the next chunk
@@ -233,16 +269,17 @@ __device__ __forceinline__ void flash(
   float o[8][4];
 #pragma unroll
   for (int i = 0; i < 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  const int nt = (t + BK - 1) / BK;
-  // W64: this thread's columns' rel_w terms, rows ra and rb (log2 domain), loaded below
+  const int nt = BIAS == ROWS16 ? (gh + 3) / 4 : (t + BK - 1) / BK;
+  // W64: this thread's columns' rel_w terms, rows ra and rb (log2 domain), loaded below;
+  // ROWS16: the same for its 4 columns of a grid row (bw[h][e]: column 8h + 2tq + e of the
+  // row, -inf past gw)
   float bw[8][2][2];
   // j / gw for j < 2^16 by a multiply (exact there)
   const uint32_t magic = bias ? (uint32_t)((0x100000000ull + gw - 1) / gw) : 0u;
   for (int tile = 0; tile < nt; ++tile) {
     const int st = tile & 1;
     if (tile + 1 < nt) {
-      load_tile(kst(st ^ 1), kn, row_stride, (tile + 1) * BK, t);
-      load_tile(vst(st ^ 1), vn, row_stride, (tile + 1) * BK, t);
+      load_kv(st ^ 1, tile + 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -260,33 +297,67 @@ __device__ __forceinline__ void flash(
             bw[i][e][1] = bf(rel[rb * rs + gh + 8 * i + 2 * tq + e]) * l2e;
           }
       }
+      if (BIAS == ROWS16) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int x = 8 * h + 2 * tq + e;
+            bw[h][e][0] = x < gw ? bf(rel[ra * rs + gh + x]) * l2e : -INFINITY;
+            bw[h][e][1] = x < gw ? bf(rel[rb * rs + gh + x]) * l2e : -INFINITY;
+          }
+      }
     }
     const bf16* kt = kst(st);
     const bf16* vt = vst(st);
     // work only where it counts: a warp whose 16 queries are all past t idles (the last
     // block of a window of 196), and the tile's 16-key groups past t are skipped (its last
     // tile: 4 keys of 64)
-    const int kvalid = t - tile * BK;
+    const int kvalid = BIAS == ROWS16 ? 16 * min(4, gh - 4 * tile) : t - tile * BK;
     // FULL: every key of the tile in range (the loops unrolled without a test: W64 always)
     auto step = [&](auto full) {
       constexpr bool FULL = decltype(full)::value;
       // s = q k^T for the warp's 16 rows and the tile's 64 keys (8 n-tiles of 8)
       float s[8][4];
       q_rows_t<FULL>(s, qf, kt, lane, (kvalid + 15) / 16);
-      // scale, the terms, the mask; in the exp2 domain
+      // scale, the terms, the mask; in the exp2 domain. W64 adds rel_h's term (one a row in
+      // a tile) after the max, in the exponent's offset (hoff), not to every key
       float mx[2] = {m[0], m[1]};
-      if (BIAS == W64) {
-        // every key of the tile is in range (t = gh * 64); the tile is grid row `tile`
-        const float ha = bf(rel[ra * rs + tile]) * l2e, hb = bf(rel[rb * rs + tile]) * l2e;
+      float hoff[2] = {0.f, 0.f};
+      if (BIAS == ROWS16) {
+        // the tile's grid rows 4 tile + p (-inf past gh: their keys' groups were skipped)
+        float ha[4], hb[4];
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          const int y = 4 * tile + p;
+          ha[p] = y < gh ? bf(rel[ra * rs + y]) * l2e : -INFINITY;
+          hb[p] = y < gh ? bf(rel[rb * rs + y]) * l2e : -INFINITY;
+        }
 #pragma unroll
         for (int i = 0; i < 8; ++i)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            s[i][e] = fmaf(s[i][e], sl2, ha + bw[i][e][0]);
-            s[i][2 + e] = fmaf(s[i][2 + e], sl2, hb + bw[i][e][1]);
+            s[i][e] = fmaf(s[i][e], sl2, ha[i >> 1] + bw[i & 1][e][0]);
+            s[i][2 + e] = fmaf(s[i][2 + e], sl2, hb[i >> 1] + bw[i & 1][e][1]);
             mx[0] = fmaxf(mx[0], s[i][e]);
             mx[1] = fmaxf(mx[1], s[i][2 + e]);
           }
+      } else if (BIAS == W64) {
+        // every key of the tile is in range (t = gh * 64); the tile is grid row `tile`
+        hoff[0] = bf(rel[ra * rs + tile]) * l2e;
+        hoff[1] = bf(rel[rb * rs + tile]) * l2e;
+        float tmx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            s[i][e] = fmaf(s[i][e], sl2, bw[i][e][0]);
+            s[i][2 + e] = fmaf(s[i][2 + e], sl2, bw[i][e][1]);
+            tmx[0] = fmaxf(tmx[0], s[i][e]);
+            tmx[1] = fmaxf(tmx[1], s[i][2 + e]);
+          }
+        mx[0] = fmaxf(mx[0], tmx[0] + hoff[0]);
+        mx[1] = fmaxf(mx[1], tmx[1] + hoff[1]);
       } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
@@ -320,16 +391,17 @@ __device__ __forceinline__ void flash(
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
       }
       // the first tile always has a key in range: mx is finite from here on
-      float corr[2] = {exp2f(m[0] - mx[0]), exp2f(m[1] - mx[1])};
+      float corr[2] = {ex2(m[0] - mx[0]), ex2(m[1] - mx[1])};
       m[0] = mx[0];
       m[1] = mx[1];
+      const float ea = m[0] - hoff[0], eb = m[1] - hoff[1];
       float rsum[2] = {0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        s[i][0] = exp2f(s[i][0] - m[0]);
-        s[i][1] = exp2f(s[i][1] - m[0]);
-        s[i][2] = exp2f(s[i][2] - m[1]);
-        s[i][3] = exp2f(s[i][3] - m[1]);
+        s[i][0] = ex2(s[i][0] - ea);
+        s[i][1] = ex2(s[i][1] - ea);
+        s[i][2] = ex2(s[i][2] - eb);
+        s[i][3] = ex2(s[i][3] - eb);
         rsum[0] += s[i][0] + s[i][1];
         rsum[1] += s[i][2] + s[i][3];
       }
@@ -397,3 +469,4 @@ extern "C" __global__ void __launch_bounds__(128, 3) sam_flash(FLASH_ARGS) { fla
 extern "C" __global__ void __launch_bounds__(128) sam_flash_w64(FLASH_ARGS) { flash<W64>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128) sam_flash_plain(FLASH_ARGS) { flash<NONE>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 4) sam_flash_short(FLASH_ARGS) { flash<ANY>(FLASH_PASS); }
+extern "C" __global__ void __launch_bounds__(128, 4) sam_flash_rows16(FLASH_ARGS) { flash<ROWS16>(FLASH_PASS); }

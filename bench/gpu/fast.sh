@@ -5,9 +5,11 @@
 # ignored folder $G (default .gpu/gpu) holding:
 #   bin.tar.gz   ocr-patch, ocr-patch-synth and kernel_tests (the lib's test binary), built here:
 #                eval "$(../shared/tools/cuda-build-env.sh)"
-#                cargo build --release --features cuda --target-dir /work/target-cuda \
+#                cargo build --release --features cutlass --target-dir /work/target-cuda \
 #                  --bin ocr-patch --bin ocr-patch-synth
-#                cargo test --release --features cuda --target-dir /work/target-cuda --lib --no-run
+#                cargo test --release --features cutlass --target-dir /work/target-cuda --lib --no-run
+#                (`cutlass`: CUTLASS's headers, CUTLASS_DIR or `pip install nvidia-cutlass`; or
+#                `cuda` without the CUTLASS GEMM)
 #   tf_peer.py   bench/gpu/tf_peer.py (the peer), fast.sh (this file)
 # and .gpu/config.json + .gpu/remote/ (the patched remote code) as bench/gpu/run.sh describes,
 # .whl/ the wheels the remote code needs. Carry [".gpu", ".whl"].
@@ -15,7 +17,8 @@
 # Gundam 3x2 encode; "pdl": the Rust side alone with and without programmatic dependent launch;
 # "knobs": the Rust side as it is and with
 # each NAME=VALUE of $KNOBS; "trace": the batch-1 step's timeline in the graph, `bench
-# --profile trace`); CUBLAS=0 skips the bench's second run with every projection through cuBLAS]
+# --profile trace`); CUBLAS=0 skips the bench's second run with every projection through cuBLAS;
+# NCU_CACHE=none profiles with warm caches (ncu flushes them between kernels by default)]
 # bench/gpu/ab.sh then compares the vision encode against a base binary on the same machine.
 # Results go to $OUT: gpu.txt, kernel-tests.log, bench.json, bench.log, profile.csv (decode),
 # vprofile.csv (vision), gprofile.csv (Gundam).
@@ -118,7 +121,7 @@ case " $STEPS " in *" profile "*)
 esac
 case " $STEPS " in *" gprofile "*)
   echo "== ncu: one Gundam 3x2 vision encode on the fast path"
-  timeout 240 ncu --profile-from-start off --clock-control none --csv --page raw \
+  timeout 240 ncu --profile-from-start off --clock-control none --cache-control "${NCU_CACHE:-all}" --csv --page raw \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
     "$WORK/ocr-patch" bench --profile vision-gundam --model-dir "$WORK/w" > "$OUT/gprofile.csv" 2> "$OUT/gprofile.log"
   echo "rc=$?"
@@ -126,7 +129,7 @@ case " $STEPS " in *" gprofile "*)
 esac
 case " $STEPS " in *" vprofile "*)
   echo "== ncu: one Base vision encode on the fast path"
-  timeout 240 ncu --profile-from-start off --clock-control none --csv --page raw \
+  timeout 240 ncu --profile-from-start off --clock-control none --cache-control "${NCU_CACHE:-all}" --csv --page raw \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
     "$WORK/ocr-patch" bench --profile vision --model-dir "$WORK/w" > "$OUT/vprofile.csv" 2> "$OUT/vprofile.log"
   echo "rc=$?"

@@ -45,6 +45,10 @@ pub struct FastVisionOps {
     /// ([`Kernels::linear_epilogue`]), unless `OCR_PATCH_VISION_LT=0`: candle's GEMM then
     /// `bias_act` (which rounds the GEMM's output before the bias, as the reference does).
     epilogue: bool,
+    /// SAM's fc1 (erf-GELU) as one CUTLASS GEMM with the bias and the GELU in its epilogue
+    /// ([`Kernels::linear_gelu`], the `cutlass` feature), unless `OCR_PATCH_CUTLASS=0` (or
+    /// built without): the GEMM then `bias_act`.
+    cutlass: bool,
     /// CLIP's blocks as one CUDA graph per input shape ([`ClipRun`]), unless
     /// `OCR_PATCH_VISION_GRAPH=0`: the same launches on the same buffers, eagerly. Needs the
     /// epilogue and flash attention; off, CLIP runs op by op.
@@ -134,6 +138,7 @@ impl FastVisionOps {
             k,
             flash: on("OCR_PATCH_SAM_FLASH"),
             epilogue: on("OCR_PATCH_VISION_LT"),
+            cutlass: cfg!(feature = "cutlass") && on("OCR_PATCH_CUTLASS"),
             graphs: on("OCR_PATCH_VISION_GRAPH"),
             conv_weights: Mutex::default(),
             clip_runs: Mutex::default(),
@@ -151,6 +156,25 @@ impl FastVisionOps {
     pub fn with_epilogue(mut self, epilogue: bool) -> Self {
         self.epilogue = epilogue;
         self
+    }
+
+    /// The same ops, SAM's fc1 by CUTLASS's fused GELU or not (tests compare them; without the
+    /// `cutlass` feature it stays off).
+    pub fn with_cutlass(mut self, cutlass: bool) -> Self {
+        self.cutlass = cutlass && cfg!(feature = "cutlass");
+        self
+    }
+
+    /// [`Kernels::linear_gelu`] (the `cutlass` feature; built without it, `cutlass` is never on).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_gelu(&self, x: u64, w: u64, bias: u64, y: u64, rows: usize, k: usize, n: usize) -> Result<()> {
+        #[cfg(feature = "cutlass")]
+        return self.k.linear_gelu(x, w, bias, y, rows, k, n);
+        #[cfg(not(feature = "cutlass"))]
+        {
+            let _ = (x, w, bias, y);
+            candle_core::bail!("linear_gelu: built without the `cutlass` feature ({rows} x {k} x {n})")
+        }
     }
 
     /// The same ops, CLIP's blocks replayed as CUDA graphs or launched eagerly (tests compare
@@ -542,7 +566,12 @@ impl VisionOps for FastVisionOps {
         let (px, pw, pb, pr) = (ptr(&x)?, ptr(&w)?, opt_ptr(&bias)?, opt_ptr(&res)?);
         // cuBLASLt takes 16-byte aligned addresses (not so a view into a tensor) and widths of 8
         let lt_fits = self.epilogue && kdim % 8 == 0 && [px, pw, pb, pr].iter().all(|a| a % 16 == 0);
-        let y = if lt_fits {
+        let y = if lt_fits && self.cutlass && act == Act::GeluErf && pb != 0 && pr == 0 {
+            // SAM's fc1: the bias and erf-GELU in CUTLASS's epilogue
+            let y = self.uninit(dev, (rows, out))?;
+            self.linear_gelu(px, pw, pb, ptr(&y)?, rows, kdim, out)?;
+            y
+        } else if lt_fits {
             // without an activation one launch, the bias and residual in the epilogue; with one,
             // the GEMM then `bias_act` (the activation of the rounded sum, as the reference's)
             let y = self.uninit(dev, (rows, out))?;

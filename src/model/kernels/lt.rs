@@ -9,7 +9,8 @@
 //! host; the workspace is the fixed one of [`super::Kernels`], so the calls can be captured in
 //! a CUDA graph. The algorithm: the fastest of the heuristic's first [`TUNE_CANDIDATES`], timed
 //! on the shape's first call (the vision towers' GEMMs of a few hundred rows are where the
-//! heuristic's first guess is weakest), unless `OCR_PATCH_LT_TUNE=0` (its first guess).
+//! heuristic's first guess is weakest); `OCR_PATCH_LT_TUNE=N` times its first N instead, `0`
+//! takes its first guess.
 //! Reference: candle's matmul, the bias and the residual added in f32 (the test in
 //! `kernels/mod.rs`).
 
@@ -23,8 +24,16 @@ use candle_core::Result;
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::CudaStream;
 
-/// How many of the heuristic's algorithms a plan times (the heuristic's order is kept for ties).
-pub const TUNE_CANDIDATES: usize = 8;
+/// How many of the heuristic's algorithms a plan times by default (the heuristic's order is kept
+/// for ties); `OCR_PATCH_LT_TUNE` changes it (at most [`TUNE_MAX`]).
+pub const TUNE_CANDIDATES: usize = 32;
+/// The most candidates `OCR_PATCH_LT_TUNE` may ask for.
+pub const TUNE_MAX: usize = 128;
+/// A candidate's untimed runs, then its timed runs (one host clock around them: the vision
+/// towers' GEMMs of 10-20 us need 20 for the choice to hold from one start to the next; with 5,
+/// two starts picked kernels 20% apart for CLIP's fc2).
+const TUNE_WARM: usize = 3;
+const TUNE_REPS: usize = 20;
 
 use super::cuda_err;
 
@@ -65,8 +74,9 @@ pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: u64,
     workspace_len: usize,
-    /// Time the heuristic's candidates (see the module doc).
-    tune: bool,
+    /// How many of the heuristic's candidates to time (1: its first guess, untimed; see the
+    /// module doc).
+    tune: usize,
     /// Held across a call: a plan's descriptor carries the bias address of the call.
     plans: Mutex<HashMap<PlanKey, Plan>>,
 }
@@ -98,7 +108,10 @@ impl Lt {
             handle: lt::create_handle().map_err(cuda_err)?,
             workspace,
             workspace_len,
-            tune: !std::env::var("OCR_PATCH_LT_TUNE").is_ok_and(|v| v == "0"),
+            tune: match std::env::var("OCR_PATCH_LT_TUNE") {
+                Ok(v) => v.trim().parse::<usize>().map(|n| n.clamp(1, TUNE_MAX)).unwrap_or(TUNE_CANDIDATES),
+                Err(_) => TUNE_CANDIDATES,
+            },
             plans: Mutex::default(),
         })
     }
@@ -176,7 +189,7 @@ impl Lt {
         .map_err(cuda_err)
     }
 
-    /// The fastest of `found` for `plan` (its algorithm set to it): each run 2 + 5 times on the
+    /// The fastest of `found` for `plan` (its algorithm set to it): each run [`TUNE_WARM`] + [`TUNE_REPS`] times on the
     /// caller's `x`, `w` and `bias` into a scratch output (the residual read from it too), the
     /// stream synchronised around each. `found[0]` (the heuristic's choice) when the stream is
     /// being captured or the scratch cannot be had.
@@ -186,7 +199,7 @@ impl Lt {
         let cu = stream.cu_stream();
         // SAFETY: the stream is alive (the caller's)
         let capturing = unsafe { drv::stream::is_capturing(cu) }.map_err(cuda_err)?;
-        if !self.tune || found.len() < 2 || capturing != dsys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        if self.tune < 2 || found.len() < 2 || capturing != dsys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
             return Ok(());
         }
         // SAFETY: a fresh allocation, freed below after the stream is idle
@@ -207,7 +220,7 @@ impl Lt {
                 Ok(t0.elapsed())
             };
             // an algorithm cuBLASLt refuses at the launch is skipped
-            match run(2).and_then(|_| run(5)) {
+            match run(TUNE_WARM).and_then(|_| run(TUNE_REPS)) {
                 Ok(t) if best.map_or(true, |(b, _)| t < b) => best = Some((t, algo)),
                 Ok(_) => {}
                 Err(e) => refused = Some(e),
@@ -283,11 +296,12 @@ impl Lt {
                 state: sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS,
                 wavesCount: 0.0,
                 reserved: [0; 4],
-            }; TUNE_CANDIDATES];
+            }; TUNE_MAX];
+            let wanted = self.tune.clamp(1, TUNE_MAX);
             let mut count = 0;
-            // SAFETY: every descriptor is alive; `results` holds TUNE_CANDIDATES entries
+            // SAFETY: every descriptor is alive; `results` holds TUNE_MAX >= wanted entries
             let status = unsafe {
-                sys::cublasLtMatmulAlgoGetHeuristic(self.handle, desc, la, lb, lc, lc, pref, TUNE_CANDIDATES as i32, results.as_mut_ptr(), &mut count)
+                sys::cublasLtMatmulAlgoGetHeuristic(self.handle, desc, la, lb, lc, lc, pref, wanted as i32, results.as_mut_ptr(), &mut count)
             };
             let algos: Vec<_> = results[..count.max(0) as usize]
                 .iter()

@@ -4,7 +4,8 @@
 //! Owns: loading the PTX that `build.rs` compiles with nvcc (compute capability
 //! `CUDA_COMPUTE_CAP`, default 90), the launch of every kernel with its grid and shared memory,
 //! raw device buffers ([`Buf`]) and the bf16 GEMMs between the kernels (cuBLAS; cuBLASLt
-//! with the bias and residual epilogue: [`lt`]). Does not own
+//! with the bias and residual epilogue: [`lt`]; CUTLASS with fused activations, `cutlass`, with
+//! the `cutlass` feature). Does not own
 //! the order of a decoder step ([`crate::model::fast`]) nor the model's semantics: the
 //! references are the reference path's own functions (`RmsNorm`, `moe::route`, `Mlp`,
 //! `rope_tables`, `NoRepeatNgram::banned`), which stay the model's slow path on every device.
@@ -18,6 +19,8 @@
 //! graph (see [`crate::model::fast`]).
 
 pub mod attn;
+#[cfg(feature = "cutlass")]
+pub mod cutlass;
 pub mod lt;
 pub mod moe;
 pub mod norm;
@@ -183,11 +186,15 @@ pub struct Kernels {
     sam_softmax_v8: CudaFunction,
     sam_softmax_v4: CudaFunction,
     sam_softmax_rows_v4: CudaFunction,
-    /// Any grid, a grid 64 wide, no bias; any grid of few positions (4 blocks an SM).
-    sam_flash: [CudaFunction; 4],
+    /// Any grid, a grid 64 wide, no bias; any grid of few positions (4 blocks an SM); the same
+    /// for grids at most 16 wide, the keys in grid rows of 16 (`sam_flash_rows16`).
+    sam_flash: [CudaFunction; 5],
     /// SAM's windows (up to 256 positions) by `sam_flash_short`, 4 blocks an SM, unless
     /// `OCR_PATCH_SAM_FLASH_SHORT=0` (to compare): `sam_flash`'s 3 then.
     pub(crate) flash_short: bool,
+    /// Those of them at most 16 wide (SAM's 14 x 14 windows) by `sam_flash_rows16` (the bias
+    /// from registers, no per-key index arithmetic), unless `OCR_PATCH_SAM_FLASH_ROWS16=0`.
+    pub(crate) flash_rows16: bool,
     patches: CudaFunction,
     unpatch: CudaFunction,
     bias_act: CudaFunction,
@@ -282,9 +289,11 @@ impl Kernels {
                     load("sam_flash_w64")?,
                     load("sam_flash_plain")?,
                     load("sam_flash_short")?,
+                    load("sam_flash_rows16")?,
                 ]
             },
             flash_short: !std::env::var("OCR_PATCH_SAM_FLASH_SHORT").is_ok_and(|v| v == "0"),
+            flash_rows16: !std::env::var("OCR_PATCH_SAM_FLASH_ROWS16").is_ok_and(|v| v == "0"),
             patches: f("patches", ptx::PATCHES)?,
             unpatch: g("unpatch", "patches", ptx::PATCHES)?,
 

@@ -220,6 +220,7 @@ impl Kernels {
         // registers) rather than 3 hide their loads better and leave fewer waves
         let short = self.flash_short && t <= SAM_FLASH_SHORT.0 && shared <= SAM_FLASH_SHORT.1;
         let func = match (terms.is_some(), gw, short) {
+            (true, ..=16, true) if self.flash_rows16 => &self.sam_flash[4],
             (true, _, true) => &self.sam_flash[3],
             (true, 64, false) => &self.sam_flash[1],
             (true, _, false) => &self.sam_flash[0],
@@ -391,22 +392,28 @@ mod tests {
     /// 14x14 (196 keys: partial tiles; a warp per row), global grids whose tables are resized
     /// (40x40 and 30x30 on tables trained for 64: partial tiles; a block per row, 16- and
     /// 8-byte loads; `sam_flash` makes the terms from one chunk of 64 rows of each table at
-    /// 30x30, two of T_w's at 40x40) and Base's 64x64 grid, heads of 64; the windows by `sam_flash_short` (4 blocks
-    /// an SM) and by `sam_flash`.
+    /// 30x30, two of T_w's at 40x40) and Base's 64x64 grid, heads of 64; the windows by
+    /// `sam_flash_rows16` (keys in grid rows of 16: 14 and 10 wide padded, 16 not), by
+    /// `sam_flash_short` (4 blocks an SM) and by `sam_flash`.
     #[test]
     fn sam_attention_matches_the_reference() {
         let (dev, cd) = device();
         let k = Arc::new(Kernels::load(&cd).unwrap());
         let mut three_a_sm = Kernels::load(&cd).unwrap();
         three_a_sm.flash_short = false;
+        let mut any_grid = Kernels::load(&cd).unwrap();
+        any_grid.flash_rows16 = false;
         let paths = [
             ("sam_flash", FastVisionOps::new(k.clone()).with_flash(true)),
+            ("sam_flash, windows by sam_flash_short", FastVisionOps::new(Arc::new(any_grid)).with_flash(true)),
             ("sam_flash, windows 3 blocks an SM", FastVisionOps::new(Arc::new(three_a_sm)).with_flash(true)),
             ("sam_softmax", FastVisionOps::new(k).with_flash(false)),
         ];
         // (b views or windows, heads)
         let cases = [
             ("windows 14x14 (a warp per row)", (2, 12), 14usize, 27usize),
+            ("windows 10x10 (a last key tile of 2 grid rows)", (2, 3), 10, 19),
+            ("windows 16x16 (grid rows unpadded)", (1, 3), 16, 31),
             ("global 40x40 (resized tables, 16-byte loads)", (1, 12), 40, 127),
             ("global 30x30 (8-byte loads)", (1, 12), 30, 127),
             ("global 64x64 (Base)", (1, 2), 64, 127),
@@ -721,7 +728,8 @@ mod tests {
     }
 
     /// `linear` with each activation, with and without the residual, on CLIP's and SAM's
-    /// widths: the fused epilogue against the reference's ops, both in bf16 on the GPU.
+    /// widths: the fused epilogues (cuBLASLt's; CUTLASS's GELU with the `cutlass` feature)
+    /// against the reference's ops, both in bf16 on the GPU.
     #[test]
     fn bias_act_linear_matches_the_reference() {
         let (dev, cd) = device();
@@ -734,8 +742,12 @@ mod tests {
         // (2, rows, k): a batch dim, as the towers pass (b, t, c) or (b, h, w, c)
         let x = g(rand(&[2, rows, kk], 1.5, 53));
         let res = g(rand(&[2, rows, out], 2.0, 54));
-        for (path, epilogue) in [("cuBLASLt epilogue", true), ("cuBLAS + bias_act", false)] {
-            let fast = FastVisionOps::new(k.clone()).with_epilogue(epilogue);
+        let paths = [("cuBLASLt epilogue", true, false), ("cuBLAS + bias_act", false, false), ("CUTLASS's GELU", true, true)];
+        for (path, epilogue, cutlass) in paths {
+            if cutlass && !cfg!(feature = "cutlass") {
+                continue;
+            }
+            let fast = FastVisionOps::new(k.clone()).with_epilogue(epilogue).with_cutlass(cutlass);
             for act in [Act::None, Act::GeluErf, Act::QuickGelu] {
                 for r in [None, Some(&res)] {
                     let want = ReferenceOps.linear(&lin, &x, act, r).unwrap();
