@@ -153,6 +153,8 @@ __device__ __forceinline__ void flash(
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   constexpr bool bias = BIAS != NONE;
   const int rs = sam_flash_rs(gh, gw);
+  // i / gw by a multiply: ceil(2^32 / gw), exact for i < 2^16 (t < 2^16)
+  const uint32_t mgw = bias ? 0xffffffffu / gw + 1u : 0u;
   const long long at = (long long)(ni / heads) * seq_stride + (ni % heads) * HD;
   const bf16* qn = q + at;
   const bf16* kn = k + at;
@@ -204,8 +206,6 @@ __device__ __forceinline__ void flash(
                    pass == 0 ? lo_h + n_h : lo_w + n_w};
     };
     bf16* pw = qs + warp * 16 * LDS;
-    // i / gw and idx / gs by a multiply (exact below 2^16: t < 2^16, idx < 16 * 1024)
-    const uint32_t mgw = 0xffffffffu / gw + 1u;
     for (int c2 = 0; c2 < nch; c2 += 2) {
       if (c2 > 0) __syncthreads();  // every warp is done with the previous chunks
 #pragma unroll
@@ -245,7 +245,7 @@ __device__ __forceinline__ void flash(
         __syncwarp();
         // the warp's 16 rows by gs columns, flattened over the lanes (a window's 14 columns
         // fill them); column c of the terms is P's column coord - c + gs - 1
-        const uint32_t mgs = 0xffffffffu / gs + 1u;
+        const uint32_t mgs = 0xffffffffu / gs + 1u;  // idx / gs as i / gw (idx < 16 * 1024)
         for (int idx = lane; idx < 16 * gs; idx += 32) {
           const int rr = (int)__umulhi((uint32_t)idx, mgs), c = idx - rr * gs;
           const int r = warp * 16 + rr, i = q0 + r;
@@ -274,8 +274,6 @@ __device__ __forceinline__ void flash(
   // ROWS16: the same for its 4 columns of a grid row (bw[h][e]: column 8h + 2tq + e of the
   // row, -inf past gw)
   float bw[8][2][2];
-  // j / gw for j < 2^16 by a multiply (exact there)
-  const uint32_t magic = bias ? (uint32_t)((0x100000000ull + gw - 1) / gw) : 0u;
   for (int tile = 0; tile < nt; ++tile) {
     const int st = tile & 1;
     if (tile + 1 < nt) {
@@ -366,7 +364,7 @@ __device__ __forceinline__ void flash(
           const int j = tile * BK + 8 * i + 2 * tq;
           float ba[2] = {0.f, 0.f}, bb[2] = {0.f, 0.f};
           if (bias) {
-            const int y = (int)__umulhi((uint32_t)j, magic), x = j - y * gw;
+            const int y = (int)__umulhi((uint32_t)j, mgw), x = j - y * gw;
             const float ha = bf(rel[ra * rs + y]), hb = bf(rel[rb * rs + y]);
             const float2 wa = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rel + ra * rs + gh + x));
             const float2 wb = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rel + rb * rs + gh + x));

@@ -165,18 +165,6 @@ impl FastVisionOps {
         self
     }
 
-    /// [`Kernels::linear_gelu`] (the `cutlass` feature; built without it, `cutlass` is never on).
-    #[allow(clippy::too_many_arguments)]
-    fn linear_gelu(&self, x: u64, w: u64, bias: u64, y: u64, rows: usize, k: usize, n: usize) -> Result<()> {
-        #[cfg(feature = "cutlass")]
-        return self.k.linear_gelu(x, w, bias, y, rows, k, n);
-        #[cfg(not(feature = "cutlass"))]
-        {
-            let _ = (x, w, bias, y);
-            candle_core::bail!("linear_gelu: built without the `cutlass` feature ({rows} x {k} x {n})")
-        }
-    }
-
     /// The same ops, CLIP's blocks replayed as CUDA graphs or launched eagerly (tests compare
     /// them).
     pub fn with_graphs(mut self, graphs: bool) -> Self {
@@ -569,7 +557,7 @@ impl VisionOps for FastVisionOps {
         let y = if lt_fits && self.cutlass && act == Act::GeluErf && pb != 0 && pr == 0 {
             // SAM's fc1: the bias and erf-GELU in CUTLASS's epilogue
             let y = self.uninit(dev, (rows, out))?;
-            self.linear_gelu(px, pw, pb, ptr(&y)?, rows, kdim, out)?;
+            self.k.linear_gelu(px, pw, pb, ptr(&y)?, rows, kdim, out)?;
             y
         } else if lt_fits {
             // without an activation one launch, the bias and residual in the epilogue; with one,

@@ -9,13 +9,19 @@
 //!
 //! The CUTLASS kernel is launched through the CUDA runtime on the kernels' stream (the runtime
 //! takes the context current on the thread, the device's primary context that cudarc binds).
+//! Built without the feature, `linear_gelu` checks its arguments and says it is not there, so
+//! its callers need no feature gates of their own.
 
+#[cfg(feature = "cutlass")]
 use std::ffi::c_void;
 
 use candle_core::Result;
 
-use super::{cuda_err, Kernels};
+#[cfg(feature = "cutlass")]
+use super::cuda_err;
+use super::Kernels;
 
+#[cfg(feature = "cutlass")]
 extern "C" {
     /// `kernels/cutlass/linear_gelu.cu`: 0 on success, else the step that failed (see there).
     fn ocr_linear_gelu(
@@ -48,6 +54,15 @@ impl Kernels {
         if rows == 0 {
             return Ok(());
         }
+        #[cfg(not(feature = "cutlass"))]
+        candle_core::bail!("linear_gelu: built without the `cutlass` feature ({rows} x {k} x {n})");
+        #[cfg(feature = "cutlass")]
+        self.launch_linear_gelu((x, w, bias, y), rows, k, n)
+    }
+
+    /// [`Self::linear_gelu`]'s launch, its arguments checked.
+    #[cfg(feature = "cutlass")]
+    fn launch_linear_gelu(&self, (x, w, bias, y): (u64, u64, u64, u64), rows: usize, k: usize, n: usize) -> Result<()> {
         let int = |v: usize, what: &str| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("linear_gelu: {what} = {v} is over 2^31")));
         let (rows_i, k_i, n_i) = (int(rows, "rows")?, int(k, "k")?, int(n, "n")?);
         self.stream.context().bind_to_thread().map_err(cuda_err)?;
@@ -82,12 +97,14 @@ mod tests {
     use super::super::testutil::*;
     use super::super::tensor_ptr;
     use super::*;
+    #[cfg(feature = "cutlass")]
     use crate::model::vision::{Act, ReferenceOps, VisionOps};
     use candle_core::{DType, Tensor};
     use half::bf16;
 
     /// SAM's fc1 (768 -> 3072) on Base's 4,096 rows and on row counts no tile divides, against
     /// the reference's linear + GELU (bf16 ops on the GPU).
+    #[cfg(feature = "cutlass")]
     #[test]
     fn linear_gelu_matches_the_reference() {
         let (dev, cd) = device();

@@ -297,11 +297,11 @@ impl Lt {
                 wavesCount: 0.0,
                 reserved: [0; 4],
             }; TUNE_MAX];
-            let wanted = self.tune.clamp(1, TUNE_MAX);
             let mut count = 0;
-            // SAFETY: every descriptor is alive; `results` holds TUNE_MAX >= wanted entries
+            // SAFETY: every descriptor is alive; `results` holds TUNE_MAX >= self.tune entries
+            // (clamped in `new`)
             let status = unsafe {
-                sys::cublasLtMatmulAlgoGetHeuristic(self.handle, desc, la, lb, lc, lc, pref, wanted as i32, results.as_mut_ptr(), &mut count)
+                sys::cublasLtMatmulAlgoGetHeuristic(self.handle, desc, la, lb, lc, lc, pref, self.tune as i32, results.as_mut_ptr(), &mut count)
             };
             let algos: Vec<_> = results[..count.max(0) as usize]
                 .iter()

@@ -4,8 +4,8 @@
 //! Owns: loading the PTX that `build.rs` compiles with nvcc (compute capability
 //! `CUDA_COMPUTE_CAP`, default 90), the launch of every kernel with its grid and shared memory,
 //! raw device buffers ([`Buf`]) and the bf16 GEMMs between the kernels (cuBLAS; cuBLASLt
-//! with the bias and residual epilogue: [`lt`]; CUTLASS with fused activations, `cutlass`, with
-//! the `cutlass` feature). Does not own
+//! with the bias and residual epilogue: [`lt`]; CUTLASS with fused activations, [`cutlass`],
+//! with the `cutlass` feature). Does not own
 //! the order of a decoder step ([`crate::model::fast`]) nor the model's semantics: the
 //! references are the reference path's own functions (`RmsNorm`, `moe::route`, `Mlp`,
 //! `rope_tables`, `NoRepeatNgram::banned`), which stay the model's slow path on every device.
@@ -19,7 +19,6 @@
 //! graph (see [`crate::model::fast`]).
 
 pub mod attn;
-#[cfg(feature = "cutlass")]
 pub mod cutlass;
 pub mod lt;
 pub mod moe;
