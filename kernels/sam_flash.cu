@@ -19,10 +19,12 @@
 // made in shared memory first (two small products on the tensor cores, below). Queries or
 // keys past t are masked, so t need not be a multiple of 64 (windows of 14 x 14).
 // Kernels: sam_flash (any even grid), sam_flash_w64 (gw = 64: Base's global blocks, Gundam's
-// global view), sam_flash_plain (no bias), sam_flash_short (any grid of few positions: at most
+// global view), sam_flash_w40 (gw = 40: Gundam's tiles' global blocks, key tiles of two grid rows,
+// 80 keys), sam_flash_plain (no bias), sam_flash_short (any grid of few positions: at most
 // 128 registers, 4 blocks an SM), sam_flash_rows16 (the same for grids of gw <= 16, SAM's 14x14
 // windows, the keys in grid rows of 16: ROWS16 below). Grid: (ceil(t / 64), n) blocks of 128 threads;
-// dynamic shared memory as Kernels::sam_flash sizes it (the tiles, the block's rows of terms).
+// dynamic shared memory as Kernels::sam_flash sizes it (the tiles, the block's rows of terms;
+// sam_flash_w40's key and value tiles are 80 rows).
 #include "common.cuh"
 
 #include <type_traits>
@@ -76,30 +78,31 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// A 64-row tile of a sequence (rows `stride` apart) from row r0 into shared memory (rows past
-// t zero-filled): 512 16-byte pieces, 4 a thread.
+// An R-row tile of a sequence (rows `stride` apart; R a multiple of 16) from row r0 into shared
+// memory (rows past t zero-filled): 8 R 16-byte pieces, R / 16 a thread.
+template <int R = 64>
 __device__ __forceinline__ void load_tile(bf16* dst, const bf16* __restrict__ src, long long stride,
                                           int r0, int t) {
 #pragma unroll
-  for (int u = 0; u < 4; ++u) {
+  for (int u = 0; u < R / 16; ++u) {
     int p = threadIdx.x + u * 128, r = p >> 3, c = (p & 7) * 8;
     bool in = r0 + r < t;
     cp_async16(dst + r * LDS + c, src + (in ? r0 + r : 0) * stride + c, in);
   }
 }
 
-// acc = the warp's 16 queries (qf, A fragments) times the 64 rows of `rows` (a key tile, or 64
-// rows of a table), transposed: 8 n-tiles of 8 columns; only the first `groups` 16-row groups
-// unless FULL (the others' columns left at 0).
-template <bool FULL>
-__device__ __forceinline__ void q_rows_t(float (&acc)[8][4], const uint32_t (&qf)[4][4], const bf16* rows,
+// acc = the warp's 16 queries (qf, A fragments) times the NT * 8 rows of `rows` (a key tile, or
+// 64 rows of a table), transposed: NT n-tiles of 8 columns; only the first `groups` 16-row
+// groups unless FULL (the others' columns left at 0).
+template <bool FULL, int NT = 8>
+__device__ __forceinline__ void q_rows_t(float (&acc)[NT][4], const uint32_t (&qf)[4][4], const bf16* rows,
                                          int lane, int groups) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
+    for (int p = 0; p < NT / 2; ++p) {
       if (!FULL && p >= groups) break;
       uint32_t b[4];
       ldmatrix_x4(b, rows + (16 * p + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
@@ -131,11 +134,13 @@ __device__ __forceinline__ void load_tile16(bf16* dst, const bf16* __restrict__ 
 
 // BIAS: NONE, ANY grid, W64 (gw == 64 == BK: a key tile is one grid row, so rel_w's terms
 // for this thread's columns are the same in every tile and stay in registers, rel_h's is one
-// per row and tile), or ROWS16 (gw <= 16, SAM's windows: the keys laid out as grid rows of 16
+// per row and tile), W40 (gw == 40: key tiles of KT = 80 keys, two grid rows, so that again
+// a thread's columns have the same x in every tile, the second row's x those of the first's
+// (n-tile i + 5 as i): rel_w's terms in registers, rel_h's two per row and tile), or ROWS16 (gw <= 16, SAM's windows: the keys laid out as grid rows of 16
 // slots, load_tile16, so that a tile is 4 grid rows and a thread's columns have the same 4 x
 // in every tile: rel_w's terms in registers, rel_h's 4 per row and tile, the padding's and
 // missing rows' terms -inf; the softmax is over the keys whatever their order).
-enum Bias { NONE, ANY, W64, ROWS16 };
+enum Bias { NONE, ANY, W64, W40, ROWS16 };
 
 template <int BIAS>
 __device__ __forceinline__ void flash(
@@ -144,11 +149,13 @@ __device__ __forceinline__ void flash(
     int t, int gh, int gw, float scale, int heads, long long seq_stride, long long row_stride,
     long long out_seq_stride, long long out_row_stride) {
   extern __shared__ __align__(16) unsigned char smem[];
+  // keys a tile (KT / 8 n-tiles, KT / 16 groups of the second product)
+  constexpr int KT = BIAS == W40 ? 80 : BK, NT = KT / 8;
   // the query tile, then two stages of a key tile and a value tile, then the terms
   bf16* qs = reinterpret_cast<bf16*>(smem);
-  bf16* rel = qs + (BQ + 4 * BK) * LDS;  // BQ rows of gh + gw terms (stride rs, see sam_flash_rs)
-  auto kst = [&](int st) { return qs + (BQ + 2 * st * BK) * LDS; };
-  auto vst = [&](int st) { return qs + (BQ + (2 * st + 1) * BK) * LDS; };
+  bf16* rel = qs + (BQ + 4 * KT) * LDS;  // BQ rows of gh + gw terms (stride rs, see sam_flash_rs)
+  auto kst = [&](int st) { return qs + (BQ + 2 * st * KT) * LDS; };
+  auto vst = [&](int st) { return qs + (BQ + (2 * st + 1) * KT) * LDS; };
   const int ni = blockIdx.y, q0 = blockIdx.x * BQ;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   constexpr bool bias = BIAS != NONE;
@@ -165,8 +172,8 @@ __device__ __forceinline__ void flash(
       load_tile16(kst(st), kn, row_stride, tile, gh, gw);
       load_tile16(vst(st), vn, row_stride, tile, gh, gw);
     } else {
-      load_tile(kst(st), kn, row_stride, tile * BK, t);
-      load_tile(vst(st), vn, row_stride, tile * BK, t);
+      load_tile<KT>(kst(st), kn, row_stride, tile * KT, t);
+      load_tile<KT>(vst(st), vn, row_stride, tile * KT, t);
     }
   };
   inputs_ready();
@@ -269,8 +276,9 @@ __device__ __forceinline__ void flash(
   float o[8][4];
 #pragma unroll
   for (int i = 0; i < 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  const int nt = BIAS == ROWS16 ? (gh + 3) / 4 : (t + BK - 1) / BK;
-  // W64: this thread's columns' rel_w terms, rows ra and rb (log2 domain), loaded below;
+  const int nt = BIAS == ROWS16 ? (gh + 3) / 4 : (t + KT - 1) / KT;
+  // W64 (W40: the first 5): this thread's columns' rel_w terms, rows ra and rb (log2 domain),
+  // loaded below;
   // ROWS16: the same for its 4 columns of a grid row (bw[h][e]: column 8h + 2tq + e of the
   // row, -inf past gw)
   float bw[8][2][2];
@@ -286,9 +294,9 @@ __device__ __forceinline__ void flash(
     __syncthreads();
     if (tile == 0) {
       if (!bias) load_q();
-      if (BIAS == W64) {
+      if (BIAS == W64 || BIAS == W40) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < (BIAS == W40 ? 5 : 8); ++i)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             bw[i][e][0] = bf(rel[ra * rs + gh + 8 * i + 2 * tq + e]) * l2e;
@@ -311,13 +319,14 @@ __device__ __forceinline__ void flash(
     // work only where it counts: a warp whose 16 queries are all past t idles (the last
     // block of a window of 196), and the tile's 16-key groups past t are skipped (its last
     // tile: 4 keys of 64)
-    const int kvalid = BIAS == ROWS16 ? 16 * min(4, gh - 4 * tile) : t - tile * BK;
-    // FULL: every key of the tile in range (the loops unrolled without a test: W64 always)
+    const int kvalid = BIAS == ROWS16 ? 16 * min(4, gh - 4 * tile) : t - tile * KT;
+    // FULL: every key of the tile in range (the loops unrolled without a test: W64 and W40
+    // always)
     auto step = [&](auto full) {
       constexpr bool FULL = decltype(full)::value;
-      // s = q k^T for the warp's 16 rows and the tile's 64 keys (8 n-tiles of 8)
-      float s[8][4];
-      q_rows_t<FULL>(s, qf, kt, lane, (kvalid + 15) / 16);
+      // s = q k^T for the warp's 16 rows and the tile's KT keys (NT n-tiles of 8)
+      float s[NT][4];
+      q_rows_t<FULL, NT>(s, qf, kt, lane, (kvalid + 15) / 16);
       // scale, the terms, the mask; in the exp2 domain. W64 adds rel_h's term (one a row in
       // a tile) after the max, in the exponent's offset (hoff), not to every key
       float mx[2] = {m[0], m[1]};
@@ -351,6 +360,26 @@ __device__ __forceinline__ void flash(
           for (int e = 0; e < 2; ++e) {
             s[i][e] = fmaf(s[i][e], sl2, bw[i][e][0]);
             s[i][2 + e] = fmaf(s[i][2 + e], sl2, bw[i][e][1]);
+            tmx[0] = fmaxf(tmx[0], s[i][e]);
+            tmx[1] = fmaxf(tmx[1], s[i][2 + e]);
+          }
+        mx[0] = fmaxf(mx[0], tmx[0] + hoff[0]);
+        mx[1] = fmaxf(mx[1], tmx[1] + hoff[1]);
+      } else if (BIAS == W40) {
+        // grid rows 2 tile and 2 tile + 1: the first's rel_h in the offset, the second's
+        // difference to it added with rel_w to n-tiles 5..9
+        hoff[0] = bf(rel[ra * rs + 2 * tile]) * l2e;
+        hoff[1] = bf(rel[rb * rs + 2 * tile]) * l2e;
+        const float dh[2] = {bf(rel[ra * rs + 2 * tile + 1]) * l2e - hoff[0], bf(rel[rb * rs + 2 * tile + 1]) * l2e - hoff[1]};
+        float tmx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int i = 0; i < NT; ++i)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float ta = i < 5 ? bw[i][e][0] : bw[i - 5][e][0] + dh[0];
+            const float tb = i < 5 ? bw[i][e][1] : bw[i - 5][e][1] + dh[1];
+            s[i][e] = fmaf(s[i][e], sl2, ta);
+            s[i][2 + e] = fmaf(s[i][2 + e], sl2, tb);
             tmx[0] = fmaxf(tmx[0], s[i][e]);
             tmx[1] = fmaxf(tmx[1], s[i][2 + e]);
           }
@@ -395,7 +424,7 @@ __device__ __forceinline__ void flash(
       const float ea = m[0] - hoff[0], eb = m[1] - hoff[1];
       float rsum[2] = {0.f, 0.f};
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
+      for (int i = 0; i < NT; ++i) {
         s[i][0] = ex2(s[i][0] - ea);
         s[i][1] = ex2(s[i][1] - ea);
         s[i][2] = ex2(s[i][2] - eb);
@@ -415,7 +444,7 @@ __device__ __forceinline__ void flash(
       // o += p v: p from the registers (the accumulators' layout is the A operand's), v by
       // transposed ldmatrix; the key groups past t have p = 0
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
+      for (int kk = 0; kk < NT / 2; ++kk) {
         if (!FULL && 16 * kk >= kvalid) break;
         uint32_t a[4] = {pack_bf16x2(s[2 * kk][0], s[2 * kk][1]), pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
                          pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
@@ -430,7 +459,7 @@ __device__ __forceinline__ void flash(
       }
     };
     if (q0 + warp * 16 < t) {
-      if (BIAS == W64 || kvalid >= BK)
+      if (BIAS == W64 || BIAS == W40 || kvalid >= KT)
         step(std::true_type{});
       else
         step(std::false_type{});
@@ -465,6 +494,7 @@ __device__ __forceinline__ void flash(
       out_row_stride
 extern "C" __global__ void __launch_bounds__(128, 3) sam_flash(FLASH_ARGS) { flash<ANY>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128) sam_flash_w64(FLASH_ARGS) { flash<W64>(FLASH_PASS); }
+extern "C" __global__ void __launch_bounds__(128) sam_flash_w40(FLASH_ARGS) { flash<W40>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128) sam_flash_plain(FLASH_ARGS) { flash<NONE>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 4) sam_flash_short(FLASH_ARGS) { flash<ANY>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 4) sam_flash_rows16(FLASH_ARGS) { flash<ROWS16>(FLASH_PASS); }

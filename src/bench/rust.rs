@@ -310,7 +310,8 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
 
 /// For a profiler (`ncu --profile-from-start off`): loads the vision encoder alone on the fast
 /// path and encodes the Base view (or, `gundam`, Gundam's tiles and global view; after two
-/// untimed encodes) between `cuProfilerStart` and `cuProfilerStop`.
+/// untimed encodes, then five timed ones: each encode's time and how long the host took to queue
+/// it) between `cuProfilerStart` and `cuProfilerStop`.
 pub fn profile_vision(c: &BenchConfig, gundam: bool) -> Result<Value> {
     let dev = Device::new_cuda_with_stream(0).context("no CUDA device")?;
     let Device::Cuda(cd) = &dev else {
@@ -327,11 +328,26 @@ pub fn profile_vision(c: &BenchConfig, gundam: bool) -> Result<Value> {
     let (wt, ht) = GUNDAM_CROP;
     let local = gundam.then_some(LocalTiles { pixels: &tiles, width_crop_num: wt, height_crop_num: ht });
     let (warm, _) = time_ms(&dev, 0, 2, || Ok(vision.encode_image(&global, local)?))?;
+    // how long the host takes to queue an encode against the encode: near each other, the GPU
+    // waits on the host's launches
+    let mut host_ms = vec![];
+    let (queued, _) = time_ms(&dev, 0, 5, || {
+        let t = std::time::Instant::now();
+        let out = vision.encode_image(&global, local)?;
+        host_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        Ok(out)
+    })?;
     unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStart() };
     let (t, _) = time_ms(&dev, 0, 1, || Ok(vision.encode_image(&global, local)?))?;
     unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStop() };
     let mode = if gundam { "Gundam 3x2" } else { "Base" };
-    Ok(json!({"profiled": format!("vision encode, {mode}, fast path"), "unprofiled_ms": warm, "ms_under_profiler": t}))
+    Ok(json!({
+        "profiled": format!("vision encode, {mode}, fast path"),
+        "unprofiled_ms": warm,
+        "ms_under_profiler": t,
+        "encode_ms": queued,
+        "host_queueing_ms": host_ms,
+    }))
 }
 
 /// Gundam's tiles in the bench: 3 wide, 2 high, of 640 px.

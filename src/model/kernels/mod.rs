@@ -186,14 +186,18 @@ pub struct Kernels {
     sam_softmax_v4: CudaFunction,
     sam_softmax_rows_v4: CudaFunction,
     /// Any grid, a grid 64 wide, no bias; any grid of few positions (4 blocks an SM); the same
-    /// for grids at most 16 wide, the keys in grid rows of 16 (`sam_flash_rows16`).
-    sam_flash: [CudaFunction; 5],
+    /// for grids at most 16 wide, the keys in grid rows of 16 (`sam_flash_rows16`); a grid 40
+    /// wide, key tiles of two grid rows (`sam_flash_w40`).
+    sam_flash: [CudaFunction; 6],
     /// SAM's windows (up to 256 positions) by `sam_flash_short`, 4 blocks an SM, unless
     /// `OCR_PATCH_SAM_FLASH_SHORT=0` (to compare): `sam_flash`'s 3 then.
     pub(crate) flash_short: bool,
     /// Those of them at most 16 wide (SAM's 14 x 14 windows) by `sam_flash_rows16` (the bias
     /// from registers, no per-key index arithmetic), unless `OCR_PATCH_SAM_FLASH_ROWS16=0`.
     pub(crate) flash_rows16: bool,
+    /// Grids 40 wide (Gundam's tiles' global blocks) by `sam_flash_w40` (80-key tiles of two
+    /// grid rows, the bias from registers), unless `OCR_PATCH_SAM_FLASH_W40=0`: `sam_flash`.
+    pub(crate) flash_w40: bool,
     patches: CudaFunction,
     unpatch: CudaFunction,
     bias_act: CudaFunction,
@@ -289,10 +293,12 @@ impl Kernels {
                     load("sam_flash_plain")?,
                     load("sam_flash_short")?,
                     load("sam_flash_rows16")?,
+                    load("sam_flash_w40")?,
                 ]
             },
             flash_short: !std::env::var("OCR_PATCH_SAM_FLASH_SHORT").is_ok_and(|v| v == "0"),
             flash_rows16: !std::env::var("OCR_PATCH_SAM_FLASH_ROWS16").is_ok_and(|v| v == "0"),
+            flash_w40: !std::env::var("OCR_PATCH_SAM_FLASH_W40").is_ok_and(|v| v == "0"),
             patches: f("patches", ptx::PATCHES)?,
             unpatch: g("unpatch", "patches", ptx::PATCHES)?,
 

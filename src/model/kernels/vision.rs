@@ -52,15 +52,16 @@ impl FlashLayout {
 /// The head dim `sam_flash` is compiled for (SAM ViT-B's and CLIP-L's).
 pub const SAM_FLASH_HEAD_DIM: usize = 64;
 
-/// `sam_flash`'s shared memory: the query tile, two stages of key and value tiles (64 rows of
-/// 64 + 8 bf16 each) and 64 rows of the relative-position terms (`sam_flash_rs` in the kernel).
-const fn sam_flash_smem((gh, gw): (usize, usize)) -> usize {
+/// `sam_flash`'s shared memory: the query tile, two stages of key and value tiles (`keys` rows
+/// of 64 + 8 bf16 each: 64, `sam_flash_w40`'s 80) and 64 rows of the relative-position terms
+/// (`sam_flash_rs` in the kernel).
+const fn sam_flash_smem((gh, gw): (usize, usize), keys: usize) -> usize {
     let rs = 2 * (((gh + gw) / 2 + 27) / 32 * 32 + 4);
-    (5 * 64 * 72 + 64 * rs) * 2
+    ((64 + 4 * keys) * 72 + 64 * rs) * 2
 }
 
 /// The most shared memory `sam_flash` is let use: grid sides up to 1024 together (178 KiB).
-pub const SAM_FLASH_MAX_SMEM: usize = sam_flash_smem((512, 512));
+pub const SAM_FLASH_MAX_SMEM: usize = sam_flash_smem((512, 512), 64);
 
 /// The most positions `sam_flash_short` takes (SAM's windows of 14 x 14: 196), and the most
 /// shared memory that lets 4 of its blocks share an SM (228 KiB, 1 KiB reserved a block).
@@ -215,16 +216,17 @@ impl Kernels {
             }
             None => ((0, 0), (0, 0)),
         };
-        let shared = sam_flash_smem((gh, gw));
+        let shared = sam_flash_smem((gh, gw), 64);
         // a short sequence (a window): the blocks are brief, so 4 an SM (at most 128
         // registers) rather than 3 hide their loads better and leave fewer waves
         let short = self.flash_short && t <= SAM_FLASH_SHORT.0 && shared <= SAM_FLASH_SHORT.1;
-        let func = match (terms.is_some(), gw, short) {
-            (true, ..=16, true) if self.flash_rows16 => &self.sam_flash[4],
-            (true, _, true) => &self.sam_flash[3],
-            (true, 64, false) => &self.sam_flash[1],
-            (true, _, false) => &self.sam_flash[0],
-            (false, _, _) => &self.sam_flash[2],
+        let (func, shared) = match (terms.is_some(), gw, short) {
+            (true, ..=16, true) if self.flash_rows16 => (&self.sam_flash[4], shared),
+            (true, _, true) => (&self.sam_flash[3], shared),
+            (true, 64, false) => (&self.sam_flash[1], shared),
+            (true, 40, false) if self.flash_w40 => (&self.sam_flash[5], sam_flash_smem((gh, gw), 80)),
+            (true, _, false) => (&self.sam_flash[0], shared),
+            (false, _, _) => (&self.sam_flash[2], shared),
         };
         launch!(
             self,
@@ -394,7 +396,8 @@ mod tests {
     /// 8-byte loads; `sam_flash` makes the terms from one chunk of 64 rows of each table at
     /// 30x30, two of T_w's at 40x40) and Base's 64x64 grid, heads of 64; the windows by
     /// `sam_flash_rows16` (keys in grid rows of 16: 14 and 10 wide padded, 16 not), by
-    /// `sam_flash_short` (4 blocks an SM) and by `sam_flash`.
+    /// `sam_flash_short` (4 blocks an SM) and by `sam_flash`; the 40x40 grid by `sam_flash_w40`
+    /// (80-key tiles of two grid rows) and by `sam_flash`.
     #[test]
     fn sam_attention_matches_the_reference() {
         let (dev, cd) = device();
@@ -403,9 +406,10 @@ mod tests {
         three_a_sm.flash_short = false;
         let mut any_grid = Kernels::load(&cd).unwrap();
         any_grid.flash_rows16 = false;
+        any_grid.flash_w40 = false;
         let paths = [
             ("sam_flash", FastVisionOps::new(k.clone()).with_flash(true)),
-            ("sam_flash, windows by sam_flash_short", FastVisionOps::new(Arc::new(any_grid)).with_flash(true)),
+            ("sam_flash, windows by sam_flash_short, 40x40 by sam_flash", FastVisionOps::new(Arc::new(any_grid)).with_flash(true)),
             ("sam_flash, windows 3 blocks an SM", FastVisionOps::new(Arc::new(three_a_sm)).with_flash(true)),
             ("sam_softmax", FastVisionOps::new(k).with_flash(false)),
         ];
