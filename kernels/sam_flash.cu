@@ -136,10 +136,11 @@ __device__ __forceinline__ void load_tile16(bf16* dst, const bf16* __restrict__ 
 // for this thread's columns are the same in every tile and stay in registers, rel_h's is one
 // per row and tile), W40 (gw == 40: key tiles of KT = 80 keys, two grid rows, so that again
 // a thread's columns have the same x in every tile, the second row's x those of the first's
-// (n-tile i + 5 as i): rel_w's terms in registers, rel_h's two per row and tile), or ROWS16 (gw <= 16, SAM's windows: the keys laid out as grid rows of 16
-// slots, load_tile16, so that a tile is 4 grid rows and a thread's columns have the same 4 x
-// in every tile: rel_w's terms in registers, rel_h's 4 per row and tile, the padding's and
-// missing rows' terms -inf; the softmax is over the keys whatever their order).
+// (n-tile i + 5 as i): rel_w's terms in registers, rel_h's two per row and tile), or ROWS16
+// (gw <= 16, SAM's windows: the keys laid out as grid rows of 16 slots, load_tile16, so that a
+// tile is 4 grid rows and a thread's columns have the same 4 x in every tile: rel_w's terms in
+// registers, rel_h's 4 per row and tile, the padding's and missing rows' terms -inf; the
+// softmax is over the keys whatever their order).
 enum Bias { NONE, ANY, W64, W40, ROWS16 };
 
 template <int BIAS>
@@ -370,7 +371,8 @@ __device__ __forceinline__ void flash(
         // difference to it added with rel_w to n-tiles 5..9
         hoff[0] = bf(rel[ra * rs + 2 * tile]) * l2e;
         hoff[1] = bf(rel[rb * rs + 2 * tile]) * l2e;
-        const float dh[2] = {bf(rel[ra * rs + 2 * tile + 1]) * l2e - hoff[0], bf(rel[rb * rs + 2 * tile + 1]) * l2e - hoff[1]};
+        const float dh[2] = {bf(rel[ra * rs + 2 * tile + 1]) * l2e - hoff[0],
+                             bf(rel[rb * rs + 2 * tile + 1]) * l2e - hoff[1]};
         float tmx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int i = 0; i < NT; ++i)

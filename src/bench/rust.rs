@@ -309,9 +309,9 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
 }
 
 /// For a profiler (`ncu --profile-from-start off`): loads the vision encoder alone on the fast
-/// path and encodes the Base view (or, `gundam`, Gundam's tiles and global view; after two
-/// untimed encodes, then five timed ones: each encode's time and how long the host took to queue
-/// it) between `cuProfilerStart` and `cuProfilerStop`.
+/// path and encodes the Base view (or, `gundam`, Gundam's tiles and global view) once between
+/// `cuProfilerStart` and `cuProfilerStop`, after two untimed encodes and five timed ones (in the
+/// JSON: each one's time and how long the host took to queue it).
 pub fn profile_vision(c: &BenchConfig, gundam: bool) -> Result<Value> {
     let dev = Device::new_cuda_with_stream(0).context("no CUDA device")?;
     let Device::Cuda(cd) = &dev else {
