@@ -224,7 +224,11 @@ impl Kernels {
             (true, ..=16, true) if self.flash_rows16 => (&self.sam_flash[4], shared),
             (true, _, true) => (&self.sam_flash[3], shared),
             (true, 64, false) => (&self.sam_flash[1], shared),
-            (true, 40, false) if self.flash_w40 => (&self.sam_flash[5], sam_flash_smem((gh, gw), 80)),
+            // (its 80-row tiles need more shared memory: past SAM_FLASH_MAX_SMEM only for grids
+            // of 866 rows and more, which go to `sam_flash`)
+            (true, 40, false) if self.flash_w40 && sam_flash_smem((gh, gw), 80) <= SAM_FLASH_MAX_SMEM => {
+                (&self.sam_flash[5], sam_flash_smem((gh, gw), 80))
+            }
             (true, _, false) => (&self.sam_flash[0], shared),
             (false, _, _) => (&self.sam_flash[2], shared),
         };
