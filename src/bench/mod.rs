@@ -376,14 +376,19 @@ mod tests {
         assert!(r64.weight_bytes > 3.5 * r.weight_bytes && r64.tokens_per_s > 10.0 * r.tokens_per_s);
     }
 
+    /// A bench configuration for the report's tests, batched decode at `batches`.
+    fn report_config(batches: Vec<usize>) -> BenchConfig {
+        BenchConfig {
+            model_dir: "w".into(), remote_code: None, peer_attn: vec![], python: "python3".into(),
+            peer_script: "p".into(), peer_timeout: Duration::from_secs(1), steps: 64, warmup_steps: 4,
+            decode_runs: 1, warmup: 1, repeat: 1, batches, max_t_b1: 8192, bandwidth_gbs: 3350.0,
+        }
+    }
+
     #[test]
     fn report_ratios_and_targets() {
         let cfg = real();
-        let c = BenchConfig {
-            model_dir: "w".into(), remote_code: None, peer_attn: vec![], python: "python3".into(),
-            peer_script: "p".into(), peer_timeout: Duration::from_secs(1), steps: 64, warmup_steps: 4,
-            decode_runs: 1, warmup: 1, repeat: 1, batches: vec![64], max_t_b1: 8192, bandwidth_gbs: 3350.0,
-        };
+        let c = report_config(vec![64]);
         let rust = json!({"prompt_tokens": 283, "vision_base_ms": {"median_ms": 10.0},
             "decode": {"ms_per_token_median": 1.0, "tokens_per_s": 1000.0},
             "decode_batched": [{"batch": 64, "tokens_per_s": 6000.0}],
@@ -420,11 +425,7 @@ mod tests {
     #[test]
     fn vision_targets_against_the_peers_fastest_run() {
         let cfg = real();
-        let c = BenchConfig {
-            model_dir: "w".into(), remote_code: None, peer_attn: vec![], python: "python3".into(),
-            peer_script: "p".into(), peer_timeout: Duration::from_secs(1), steps: 64, warmup_steps: 4,
-            decode_runs: 1, warmup: 1, repeat: 1, batches: vec![], max_t_b1: 8192, bandwidth_gbs: 3350.0,
-        };
+        let c = report_config(vec![]);
         let rust = json!({"vision_base_ms": {"median_ms": 4.8}, "vision_gundam_ms": {"median_ms": 11.3}});
         let eager = json!({"attn": "eager",
             "vision_base_ms": {"median_ms": 30.1, "runs_ms": [27.1, 30.1, 33.4]},
