@@ -150,8 +150,11 @@ __device__ __forceinline__ void flash(
     int t, int gh, int gw, float scale, int heads, long long seq_stride, long long row_stride,
     long long out_seq_stride, long long out_row_stride) {
   extern __shared__ __align__(16) unsigned char smem[];
-  // keys a tile (KT / 8 n-tiles, KT / 16 groups of the second product)
+  // keys a tile (KT / 8 n-tiles, KT / 16 groups of the second product); W64 and W40: a tile is
+  // GR whole grid rows of NB n-tiles each
   constexpr int KT = BIAS == W40 ? 80 : BK, NT = KT / 8;
+  constexpr bool whole_rows = BIAS == W64 || BIAS == W40;
+  constexpr int GR = BIAS == W40 ? 2 : 1, NB = NT / GR;
   // the query tile, then two stages of a key tile and a value tile, then the terms
   bf16* qs = reinterpret_cast<bf16*>(smem);
   bf16* rel = qs + (BQ + 4 * KT) * LDS;  // BQ rows of gh + gw terms (stride rs, see sam_flash_rs)
@@ -278,8 +281,8 @@ __device__ __forceinline__ void flash(
 #pragma unroll
   for (int i = 0; i < 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   const int nt = BIAS == ROWS16 ? (gh + 3) / 4 : (t + KT - 1) / KT;
-  // W64 (W40: the first 5): this thread's columns' rel_w terms, rows ra and rb (log2 domain),
-  // loaded below;
+  // W64 and W40: this thread's columns' rel_w terms in a grid row's NB n-tiles, rows ra and rb
+  // (log2 domain), loaded below;
   // ROWS16: the same for its 4 columns of a grid row (bw[h][e]: column 8h + 2tq + e of the
   // row, -inf past gw)
   float bw[8][2][2];
@@ -295,9 +298,9 @@ __device__ __forceinline__ void flash(
     __syncthreads();
     if (tile == 0) {
       if (!bias) load_q();
-      if (BIAS == W64 || BIAS == W40) {
+      if (whole_rows) {
 #pragma unroll
-        for (int i = 0; i < (BIAS == W40 ? 5 : 8); ++i)
+        for (int i = 0; i < NB; ++i)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             bw[i][e][0] = bf(rel[ra * rs + gh + 8 * i + 2 * tq + e]) * l2e;
@@ -328,8 +331,9 @@ __device__ __forceinline__ void flash(
       // s = q k^T for the warp's 16 rows and the tile's KT keys (NT n-tiles of 8)
       float s[NT][4];
       q_rows_t<FULL, NT>(s, qf, kt, lane, (kvalid + 15) / 16);
-      // scale, the terms, the mask; in the exp2 domain. W64 adds rel_h's term (one a row in
-      // a tile) after the max, in the exponent's offset (hoff), not to every key
+      // scale, the terms, the mask; in the exp2 domain. W64 and W40 add the tile's first grid
+      // row's rel_h term (one a query row) after the max, in the exponent's offset (hoff), not
+      // to every key
       float mx[2] = {m[0], m[1]};
       float hoff[2] = {0.f, 0.f};
       if (BIAS == ROWS16) {
@@ -350,36 +354,26 @@ __device__ __forceinline__ void flash(
             mx[0] = fmaxf(mx[0], s[i][e]);
             mx[1] = fmaxf(mx[1], s[i][2 + e]);
           }
-      } else if (BIAS == W64) {
-        // every key of the tile is in range (t = gh * 64); the tile is grid row `tile`
-        hoff[0] = bf(rel[ra * rs + tile]) * l2e;
-        hoff[1] = bf(rel[rb * rs + tile]) * l2e;
-        float tmx[2] = {-INFINITY, -INFINITY};
+      } else if (whole_rows) {
+        // every key of the tile is in range (t = gh * gw); the tile is grid rows GR tile ..
+        // GR tile + GR - 1: the first's rel_h in the offset, a later one's difference to it
+        // added with rel_w (its n-tiles' x are the first row's)
+        hoff[0] = bf(rel[ra * rs + GR * tile]) * l2e;
+        hoff[1] = bf(rel[rb * rs + GR * tile]) * l2e;
+        float dh[GR][2];
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            s[i][e] = fmaf(s[i][e], sl2, bw[i][e][0]);
-            s[i][2 + e] = fmaf(s[i][2 + e], sl2, bw[i][e][1]);
-            tmx[0] = fmaxf(tmx[0], s[i][e]);
-            tmx[1] = fmaxf(tmx[1], s[i][2 + e]);
-          }
-        mx[0] = fmaxf(mx[0], tmx[0] + hoff[0]);
-        mx[1] = fmaxf(mx[1], tmx[1] + hoff[1]);
-      } else if (BIAS == W40) {
-        // grid rows 2 tile and 2 tile + 1: the first's rel_h in the offset, the second's
-        // difference to it added with rel_w to n-tiles 5..9
-        hoff[0] = bf(rel[ra * rs + 2 * tile]) * l2e;
-        hoff[1] = bf(rel[rb * rs + 2 * tile]) * l2e;
-        const float dh[2] = {bf(rel[ra * rs + 2 * tile + 1]) * l2e - hoff[0],
-                             bf(rel[rb * rs + 2 * tile + 1]) * l2e - hoff[1]};
+        for (int r = 1; r < GR; ++r) {
+          dh[r][0] = bf(rel[ra * rs + GR * tile + r]) * l2e - hoff[0];
+          dh[r][1] = bf(rel[rb * rs + GR * tile + r]) * l2e - hoff[1];
+        }
         float tmx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int i = 0; i < NT; ++i)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float ta = i < 5 ? bw[i][e][0] : bw[i - 5][e][0] + dh[0];
-            const float tb = i < 5 ? bw[i][e][1] : bw[i - 5][e][1] + dh[1];
+            const int r = i / NB, x = i % NB;
+            const float ta = r == 0 ? bw[x][e][0] : bw[x][e][0] + dh[r][0];
+            const float tb = r == 0 ? bw[x][e][1] : bw[x][e][1] + dh[r][1];
             s[i][e] = fmaf(s[i][e], sl2, ta);
             s[i][2 + e] = fmaf(s[i][2 + e], sl2, tb);
             tmx[0] = fmaxf(tmx[0], s[i][e]);
@@ -461,7 +455,7 @@ __device__ __forceinline__ void flash(
       }
     };
     if (q0 + warp * 16 < t) {
-      if (BIAS == W64 || BIAS == W40 || kvalid >= KT)
+      if (whole_rows || kvalid >= KT)
         step(std::true_type{});
       else
         step(std::false_type{});

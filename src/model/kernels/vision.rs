@@ -216,7 +216,7 @@ impl Kernels {
             }
             None => ((0, 0), (0, 0)),
         };
-        let shared = sam_flash_smem((gh, gw), 64);
+        let (shared, shared_w40) = (sam_flash_smem((gh, gw), 64), sam_flash_smem((gh, gw), 80));
         // a short sequence (a window): the blocks are brief, so 4 an SM (at most 128
         // registers) rather than 3 hide their loads better and leave fewer waves
         let short = self.flash_short && t <= SAM_FLASH_SHORT.0 && shared <= SAM_FLASH_SHORT.1;
@@ -226,9 +226,7 @@ impl Kernels {
             (true, 64, false) => (&self.sam_flash[1], shared),
             // (its 80-row tiles need more shared memory: past SAM_FLASH_MAX_SMEM only for grids
             // of 866 rows and more, which go to `sam_flash`)
-            (true, 40, false) if self.flash_w40 && sam_flash_smem((gh, gw), 80) <= SAM_FLASH_MAX_SMEM => {
-                (&self.sam_flash[5], sam_flash_smem((gh, gw), 80))
-            }
+            (true, 40, false) if self.flash_w40 && shared_w40 <= SAM_FLASH_MAX_SMEM => (&self.sam_flash[5], shared_w40),
             (true, _, false) => (&self.sam_flash[0], shared),
             (false, _, _) => (&self.sam_flash[2], shared),
         };
