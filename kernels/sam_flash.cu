@@ -22,8 +22,9 @@
 // global view), sam_flash_w40 (gw = 40: Gundam's tiles' global blocks, key tiles of two grid rows,
 // 80 keys), sam_flash_plain (no bias), sam_flash_short (any grid of few positions: at most
 // 128 registers, 4 blocks an SM), sam_flash_rows16 (the same for grids of gw <= 16, SAM's 14x14
-// windows, the keys in grid rows of 16: ROWS16 below). Grid: (ceil(t / 64), n) blocks of 128 threads;
-// dynamic shared memory as Kernels::sam_flash sizes it (the tiles, the block's rows of terms;
+// windows, the keys in grid rows of 16: ROWS16 below), sam_flash_win (rows16 over the windows of
+// whole images where they lie, no partition: WIN16 below; 3 blocks an SM). Grid: (ceil(t / 64),
+// n) blocks of 128 threads; dynamic shared memory as Kernels::sam_flash sizes it (the tiles, the block's rows of terms;
 // sam_flash_w40's key and value tiles are 80 rows).
 #include "common.cuh"
 
@@ -132,6 +133,34 @@ __device__ __forceinline__ void load_tile16(bf16* dst, const bf16* __restrict__ 
   }
 }
 
+// WIN16: SAM's windows read and written where they lie in the image (no partition): the
+// image grid (h, w) of each batch element and, for the positions of a window past the image
+// (the zero padding window_partition adds, whose projection is the bias alone), the qkv
+// projection's key and value bias as their rows.
+struct WinGrid {
+  int h, w;
+  const bf16* kb;
+  const bf16* vb;
+};
+
+// A tile of keys in ROWS16's layout for WIN16: slot r of key tile `tile` holds window position
+// (4 tile + r / 16, r % 16) (zeros past the window, as load_tile16). A thread's four pieces
+// share their column x = threadIdx.x / 8 (and their 16 bytes c): `col` is that column's
+// window row 0 in the image (elements, c included) and `ystep` an image row; `xin` says x is
+// within the window, `ximg` within the image, window rows below `ylim` are within the image,
+// and the others' pieces come from `pad` (the bias row; its 16 bytes c).
+__device__ __forceinline__ void load_win16(bf16* dst, const bf16* __restrict__ src, const bf16* __restrict__ pad,
+                                           int col, int ystep, int tile, int gh, bool xin,
+                                           bool ximg, int ylim) {
+  const int c = (threadIdx.x & 7) * 8;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int r = (threadIdx.x >> 3) + 16 * u, y = tile * 4 + u;
+    const bool in = xin && y < gh, img = ximg && y < ylim;
+    cp_async16(dst + r * LDS + c, img ? src + col + y * ystep : pad + c, in);
+  }
+}
+
 // BIAS: NONE, ANY grid, W64 (gw == 64 == BK: a key tile is one grid row, so rel_w's terms
 // for this thread's columns are the same in every tile and stay in registers, rel_h's is one
 // per row and tile), W40 (gw == 40: key tiles of KT = 80 keys, two grid rows, so that again
@@ -140,21 +169,24 @@ __device__ __forceinline__ void load_tile16(bf16* dst, const bf16* __restrict__ 
 // (gw <= 16, SAM's windows: the keys laid out as grid rows of 16 slots, load_tile16, so that a
 // tile is 4 grid rows and a thread's columns have the same 4 x in every tile: rel_w's terms in
 // registers, rel_h's 4 per row and tile, the padding's and missing rows' terms -inf; the
-// softmax is over the keys whatever their order).
-enum Bias { NONE, ANY, W64, W40, ROWS16 };
+// softmax is over the keys whatever their order); WIN16: ROWS16 over the windows of an image
+// in place (WinGrid above; n = windows * heads, the windows of each batch element row by row).
+enum Bias { NONE, ANY, W64, W40, ROWS16, WIN16 };
 
 template <int BIAS>
 __device__ __forceinline__ void flash(
     const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
     bf16* __restrict__ out, const bf16* __restrict__ relh, const bf16* __restrict__ relw, int n,
     int t, int gh, int gw, float scale, int heads, long long seq_stride, long long row_stride,
-    long long out_seq_stride, long long out_row_stride) {
+    long long out_seq_stride, long long out_row_stride, WinGrid win = {}) {
   extern __shared__ __align__(16) unsigned char smem[];
   // keys a tile (KT / 8 n-tiles, KT / 16 groups of the second product); W64 and W40: a tile is
   // GR whole grid rows of NB n-tiles each
   constexpr int KT = BIAS == W40 ? 80 : BK, NT = KT / 8;
   constexpr bool whole_rows = BIAS == W64 || BIAS == W40;
   constexpr int GR = BIAS == W40 ? 2 : 1, NB = NT / GR;
+  // ROWS16's key layout (WIN16 is ROWS16 with other addresses)
+  constexpr bool rows16 = BIAS == ROWS16 || BIAS == WIN16;
   // the query tile, then two stages of a key tile and a value tile, then the terms
   bf16* qs = reinterpret_cast<bf16*>(smem);
   bf16* rel = qs + (BQ + 4 * KT) * LDS;  // BQ rows of gh + gw terms (stride rs, see sam_flash_rs)
@@ -166,7 +198,37 @@ __device__ __forceinline__ void flash(
   const int rs = sam_flash_rs(gh, gw);
   // i / gw by a multiply: ceil(2^32 / gw), exact for i < 2^16 (t < 2^16)
   const uint32_t mgw = bias ? 0xffffffffu / gw + 1u : 0u;
-  const long long at = (long long)(ni / heads) * seq_stride + (ni % heads) * HD;
+  // WIN16: the window's origin in the image and its image's first row; win_row(y, x) is the
+  // image row of window position (y, x), -1 past the image
+  long long img0 = 0;
+  int wy0 = 0, wx0 = 0;
+  if (BIAS == WIN16) {
+    const int wi = ni / heads, nwx = (win.w + gw - 1) / gw, nwy = (win.h + gh - 1) / gh;
+    const int bi = wi / (nwx * nwy), r = wi - bi * (nwx * nwy), wy = r / nwx;
+    img0 = (long long)bi * win.h * win.w;
+    wy0 = wy * gh;
+    wx0 = (r - wy * nwx) * gw;
+  }
+  auto win_row = [&](int y, int x) -> long long {
+    const int gy = wy0 + y, gx = wx0 + x;
+    return gy < win.h && gx < win.w ? img0 + (long long)gy * win.w + gx : -1;
+  };
+  // WIN16's key and value pieces of this thread (load_win16): its column's first row, the
+  // image row's stride, what lies within the window and the image
+  const int lx = threadIdx.x >> 3;
+  const bool xin = lx < gw, ximg = wx0 + lx < win.w;
+  const int ylim = min(gh, win.h - wy0);
+  // (32-bit: the host keeps the projection under 2^31 elements)
+  const int wcol = (int)((img0 + (long long)wy0 * win.w + wx0 + lx) * row_stride) + (threadIdx.x & 7) * 8;
+  const int ystep = win.w * (int)row_stride;
+  // query i's row (i < t): ROWS16's windows and the others by the sequence layout, WIN16's by
+  // the image
+  auto query_row = [&](int i) -> long long {
+    if (BIAS != WIN16) return i;
+    const int y = (int)__umulhi((uint32_t)i, mgw);
+    return win_row(y, i - y * gw);
+  };
+  const long long at = (BIAS == WIN16 ? 0 : (long long)(ni / heads) * seq_stride) + (ni % heads) * HD;
   const bf16* qn = q + at;
   const bf16* kn = k + at;
   const bf16* vn = v + at;
@@ -175,13 +237,28 @@ __device__ __forceinline__ void flash(
     if (BIAS == ROWS16) {
       load_tile16(kst(st), kn, row_stride, tile, gh, gw);
       load_tile16(vst(st), vn, row_stride, tile, gh, gw);
+    } else if (BIAS == WIN16) {
+      // (the sequence's head offset at is the bias's too)
+      load_win16(kst(st), kn, win.kb + at, wcol, ystep, tile, gh, xin, ximg, ylim);
+      load_win16(vst(st), vn, win.vb + at, wcol, ystep, tile, gh, xin, ximg, ylim);
     } else {
       load_tile<KT>(kst(st), kn, row_stride, tile * KT, t);
       load_tile<KT>(vst(st), vn, row_stride, tile * KT, t);
     }
   };
   inputs_ready();
-  load_tile(qs, qn, row_stride, q0, t);
+  if (BIAS == WIN16) {
+    // the query tile by image rows (zeros for the queries past t and past the image: their
+    // outputs are not written)
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      int p = threadIdx.x + u * 128, r = p >> 3, c = (p & 7) * 8;
+      const long long gr = q0 + r < t ? query_row(q0 + r) : -1;
+      cp_async16(qs + r * LDS + c, qn + (gr >= 0 ? gr : 0) * row_stride + c, gr >= 0);
+    }
+  } else {
+    load_tile(qs, qn, row_stride, q0, t);
+  }
   load_kv(0, 0);
   cp_async_commit();
   // the warp's 16 query rows as mma A fragments (read once the query tile is in)
@@ -280,7 +357,7 @@ __device__ __forceinline__ void flash(
   float o[8][4];
 #pragma unroll
   for (int i = 0; i < 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  const int nt = BIAS == ROWS16 ? (gh + 3) / 4 : (t + KT - 1) / KT;
+  const int nt = rows16 ? (gh + 3) / 4 : (t + KT - 1) / KT;
   // W64 and W40: this thread's columns' rel_w terms in a grid row's NB n-tiles, rows ra and rb
   // (log2 domain), loaded below;
   // ROWS16: the same for its 4 columns of a grid row (bw[h][e]: column 8h + 2tq + e of the
@@ -307,7 +384,7 @@ __device__ __forceinline__ void flash(
             bw[i][e][1] = bf(rel[rb * rs + gh + 8 * i + 2 * tq + e]) * l2e;
           }
       }
-      if (BIAS == ROWS16) {
+      if (rows16) {
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -323,7 +400,7 @@ __device__ __forceinline__ void flash(
     // work only where it counts: a warp whose 16 queries are all past t idles (the last
     // block of a window of 196), and the tile's 16-key groups past t are skipped (its last
     // tile: 4 keys of 64)
-    const int kvalid = BIAS == ROWS16 ? 16 * min(4, gh - 4 * tile) : t - tile * KT;
+    const int kvalid = rows16 ? 16 * min(4, gh - 4 * tile) : t - tile * KT;
     // FULL: every key of the tile in range (the loops unrolled without a test: W64 and W40
     // always)
     auto step = [&](auto full) {
@@ -336,7 +413,7 @@ __device__ __forceinline__ void flash(
       // to every key
       float mx[2] = {m[0], m[1]};
       float hoff[2] = {0.f, 0.f};
-      if (BIAS == ROWS16) {
+      if (rows16) {
         // the tile's grid rows 4 tile + p (-inf past gh: their keys' groups were skipped)
         float ha[4], hb[4];
 #pragma unroll
@@ -469,14 +546,16 @@ __device__ __forceinline__ void flash(
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
   }
   const float inv[2] = {1.f / l[0], 1.f / l[1]};
-  bf16* on = out + (long long)(ni / heads) * out_seq_stride + (ni % heads) * HD;
+  bf16* on = out + (BIAS == WIN16 ? 0 : (long long)(ni / heads) * out_seq_stride) + (ni % heads) * HD;
+  // the rows written: the queries before t (WIN16: within the image)
+  const long long oa = q0 + ra < t ? query_row(q0 + ra) : -1, ob = q0 + rb < t ? query_row(q0 + rb) : -1;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     int c = 8 * i + 2 * tq;
-    if (q0 + ra < t)
-      *reinterpret_cast<uint32_t*>(on + (q0 + ra) * out_row_stride + c) = pack_bf16x2(o[i][0] * inv[0], o[i][1] * inv[0]);
-    if (q0 + rb < t)
-      *reinterpret_cast<uint32_t*>(on + (q0 + rb) * out_row_stride + c) = pack_bf16x2(o[i][2] * inv[1], o[i][3] * inv[1]);
+    if (oa >= 0)
+      *reinterpret_cast<uint32_t*>(on + oa * out_row_stride + c) = pack_bf16x2(o[i][0] * inv[0], o[i][1] * inv[0]);
+    if (ob >= 0)
+      *reinterpret_cast<uint32_t*>(on + ob * out_row_stride + c) = pack_bf16x2(o[i][2] * inv[1], o[i][3] * inv[1]);
   }
 }
 
@@ -494,3 +573,8 @@ extern "C" __global__ void __launch_bounds__(128) sam_flash_w40(FLASH_ARGS) { fl
 extern "C" __global__ void __launch_bounds__(128) sam_flash_plain(FLASH_ARGS) { flash<NONE>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 4) sam_flash_short(FLASH_ARGS) { flash<ANY>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 4) sam_flash_rows16(FLASH_ARGS) { flash<ROWS16>(FLASH_PASS); }
+// (its addressing takes more registers than rows16's: 3 blocks an SM, not 4, rather than spill)
+extern "C" __global__ void __launch_bounds__(128, 3)
+    sam_flash_win(FLASH_ARGS, int img_h, int img_w, const bf16* __restrict__ kb, const bf16* __restrict__ vb) {
+  flash<WIN16>(FLASH_PASS, WinGrid{img_h, img_w, kb, vb});
+}

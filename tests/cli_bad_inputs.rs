@@ -201,6 +201,18 @@ fn chmod_tree(root: &Path, dir_mode: u32, file_mode: u32) {
     }
 }
 
+/// `bench` refuses a roofline bandwidth that is not a positive number of GB/s before it
+/// measures anything.
+#[test]
+fn bench_refuses_a_bandwidth_that_is_not_one() {
+    let cache = Cache::new();
+    let dir = cache.root().to_str().unwrap().to_string();
+    for gbs in ["0", "-3350", "NaN", "inf"] {
+        let flag = format!("--bandwidth-gbs={gbs}");
+        fails_cleanly(&cache, &["bench", "--model-dir", &dir, &flag], "--bandwidth-gbs must be a positive number");
+    }
+}
+
 /// `bench` on a build without the GPU path says how to get one, for every `--profile` target;
 /// an unknown target is a usage error that lists the real ones.
 #[cfg(not(feature = "cuda"))]

@@ -55,6 +55,28 @@ pub struct BenchConfig {
     pub max_t_b1: usize,
     /// HBM bandwidth for the roofline, GB/s.
     pub bandwidth_gbs: f64,
+    /// Where that bandwidth comes from (`--bandwidth-gbs`, the GPU's datasheet, or the H100's
+    /// for a GPU not in [`hbm_bandwidth_gbs`]'s table): the report says it.
+    pub bandwidth_source: String,
+}
+
+/// The datasheet HBM bandwidth (GB/s) of the GPU `name` (as nvidia-smi or the driver name it),
+/// for the GPUs DeepSeek-OCR is served on; `None` for others. More specific names first.
+pub fn hbm_bandwidth_gbs(name: &str) -> Option<f64> {
+    const TABLE: [(&str, f64); 10] = [
+        ("GH200", 4000.0),
+        ("H200", 4800.0),
+        ("H100 NVL", 3900.0),
+        ("H100 PCIE", 2000.0),
+        ("H100", 3350.0),
+        ("H800", 3350.0),
+        ("H20", 4000.0),
+        ("A100-SXM4-80GB", 2039.0),
+        ("A100 80GB", 1935.0),
+        ("A100", 1555.0),
+    ];
+    let name = name.to_ascii_uppercase();
+    TABLE.iter().find(|(key, _)| name.contains(key)).map(|&(_, gbs)| gbs)
 }
 
 /// golden/README.md's pixel pattern, `u8 = (3x(c+1) + 5y + 2((x^y)&63) + 50c + 37 view) mod 256`;
@@ -306,6 +328,7 @@ pub fn report(c: &BenchConfig, cfg: &TextConfig, gpu: &str, rust: &Value, peers:
     json!({
         "gpu": gpu,
         "bandwidth_gbs": c.bandwidth_gbs,
+        "bandwidth_source": c.bandwidth_source,
         "rows": rows,
         "roofline": roof,
         "targets": targets,
@@ -378,12 +401,33 @@ mod tests {
         assert!(r64.weight_bytes > 3.5 * r.weight_bytes && r64.tokens_per_s > 10.0 * r.tokens_per_s);
     }
 
+    /// The roofline's bandwidth by the GPU's name: nvidia-smi's names of the cards in the table,
+    /// the more specific before the general (an H100 NVL is not an SXM), none for the unknown.
+    #[test]
+    fn bandwidth_by_gpu_name() {
+        for (name, gbs) in [
+            ("NVIDIA H100 80GB HBM3", Some(3350.0)),
+            ("NVIDIA H200", Some(4800.0)),
+            ("NVIDIA GH200 480GB", Some(4000.0)),
+            ("NVIDIA H100 NVL", Some(3900.0)),
+            ("NVIDIA H100 PCIe", Some(2000.0)),
+            ("NVIDIA A100-SXM4-80GB", Some(2039.0)),
+            ("NVIDIA A100-SXM4-40GB", Some(1555.0)),
+            ("NVIDIA H20", Some(4000.0)),
+            ("NVIDIA GeForce RTX 4090", None),
+            ("unnamed GPU", None),
+        ] {
+            assert_eq!(hbm_bandwidth_gbs(name), gbs, "{name}");
+        }
+    }
+
     /// A bench configuration for the report's tests, batched decode at `batches`.
     fn report_config(batches: Vec<usize>) -> BenchConfig {
         BenchConfig {
             model_dir: "w".into(), remote_code: None, peer_attn: vec![], python: "python3".into(),
             peer_script: "p".into(), peer_timeout: Duration::from_secs(1), steps: 64, warmup_steps: 4,
             decode_runs: 1, warmup: 1, repeat: 1, batches, max_t_b1: 8192, bandwidth_gbs: 3350.0,
+            bandwidth_source: "test".into(),
         }
     }
 

@@ -74,9 +74,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8192)]
     pub max_t: usize,
 
-    /// HBM bandwidth for the roofline in GB/s (H100 SXM: 3350)
-    #[arg(long, default_value_t = 3350.0)]
-    pub bandwidth_gbs: f64,
+    /// HBM bandwidth for the roofline in GB/s [default: the datasheet's for the GPU --gpu
+    /// names (H100 SXM 3350, H200 4800, ...), else the H100 SXM's]
+    #[arg(long, value_name = "GBS")]
+    pub bandwidth_gbs: Option<f64>,
 
     /// The GPU's name for the report (e.g. from nvidia-smi)
     #[arg(long, default_value = "unnamed GPU")]
@@ -110,6 +111,22 @@ pub enum ProfileTarget {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<Exit> {
+    let (bandwidth_gbs, bandwidth_source) = match (a.bandwidth_gbs, bench::hbm_bandwidth_gbs(&a.gpu)) {
+        (Some(gbs), _) => (gbs, "--bandwidth-gbs".to_string()),
+        (None, Some(gbs)) => (gbs, format!("the datasheet of {}", a.gpu)),
+        (None, None) => {
+            if a.profile.is_none() {
+                eprintln!(
+                    "bench: no bandwidth known for the GPU '{}': the roofline assumes the H100 SXM's 3350 GB/s (--gpu NAME or --bandwidth-gbs to say otherwise)",
+                    a.gpu
+                );
+            }
+            (3350.0, format!("the H100 SXM's (no bandwidth known for '{}')", a.gpu))
+        }
+    };
+    if !(bandwidth_gbs.is_finite() && bandwidth_gbs > 0.0) {
+        anyhow::bail!("--bandwidth-gbs must be a positive number of GB/s, not {bandwidth_gbs}");
+    }
     let c = BenchConfig {
         model_dir: a.model_dir.clone(),
         remote_code: a.remote_code.clone(),
@@ -124,7 +141,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<Exit> {
         repeat: a.repeat.max(1),
         batches: a.batches.clone(),
         max_t_b1: a.max_t,
-        bandwidth_gbs: a.bandwidth_gbs,
+        bandwidth_gbs,
+        bandwidth_source,
     };
     if let Some(what) = a.profile {
         let v = profile_side(&c, what)?;

@@ -5,7 +5,8 @@
 //! dims: cuBLAS + the fused `sam_softmax` kernel, the scores held a few heads at a time), every
 //! linear layer as one cuBLASLt GEMM with the bias and the residual add in its epilogue (with
 //! an activation: the GEMM, then `bias_act`: bias, activation and residual in one pass), the
-//! head splits and merges as the `permute` kernel, SAM's windows as `patches` / `unpatch`, its
+//! head splits and merges as the `permute` kernel, SAM's windowed attention over the image's
+//! rows where the windows lie (`sam_flash_win`: no partition; else `patches` / `unpatch`), its
 //! patch embedding as one copy, a GEMM and `bias_act`, its neck on NHWC (`patches` and GEMMs,
 //! `LayerNorm2d` as `layer_norm`), the layer norms as `layer_norm`. CLIP's 24 blocks run on
 //! fixed buffers and are replayed as one CUDA graph per input shape ([`ClipRun`]): at a batch
@@ -29,7 +30,7 @@ use crate::model::kernels::{copy_d2d, cuda_err, tensor_ptr, view_ptr, Buf, Kerne
 use crate::model::vision::clip::Block;
 use crate::model::vision::sam::{LayerNorm2d, Neck};
 use crate::model::vision::ops::{merge_heads, split_heads};
-use crate::model::vision::{Act, DeepEncoder, GridAttention, Norm, ReferenceOps, VisionOps};
+use crate::model::vision::{Act, DeepEncoder, GridAttention, Norm, ReferenceOps, VisionOps, WindowAttention};
 
 /// The fused vision ops, bf16 on CUDA; any other dtype or device goes to [`ReferenceOps`].
 pub struct FastVisionOps {
@@ -53,6 +54,12 @@ pub struct FastVisionOps {
     /// `OCR_PATCH_VISION_GRAPH=0`: the same launches on the same buffers, eagerly. Needs the
     /// epilogue and flash attention; off, CLIP runs op by op.
     graphs: bool,
+    /// SAM's windowed attention read and written where the windows lie in the image
+    /// ([`VisionOps::window_heads`], `sam_flash_win`: the qkv projection over the image's rows
+    /// alone, no partition and no unpartition), unless `OCR_PATCH_SAM_WINDOWS_IN_PLACE=0` (or
+    /// `sam_flash_rows16` is off): `patches`, the projection over the padded windows,
+    /// `sam_flash_rows16`, `unpatch`.
+    in_place_windows: bool,
     /// CLIP's buffers and graph per list of inputs, each `(views, tokens)`.
     clip_runs: Mutex<HashMap<Vec<(usize, usize)>, ClipRun>>,
 }
@@ -140,6 +147,7 @@ impl FastVisionOps {
             epilogue: on("OCR_PATCH_VISION_LT"),
             cutlass: cfg!(feature = "cutlass") && on("OCR_PATCH_CUTLASS"),
             graphs: on("OCR_PATCH_VISION_GRAPH"),
+            in_place_windows: on("OCR_PATCH_SAM_WINDOWS_IN_PLACE"),
             conv_weights: Mutex::default(),
             clip_runs: Mutex::default(),
         }
@@ -162,6 +170,13 @@ impl FastVisionOps {
     /// `cutlass` feature it stays off).
     pub fn with_cutlass(mut self, cutlass: bool) -> Self {
         self.cutlass = cutlass && cfg!(feature = "cutlass");
+        self
+    }
+
+    /// The same ops, SAM's windows attended where they lie or partitioned first (tests
+    /// compare them).
+    pub fn with_in_place_windows(mut self, in_place: bool) -> Self {
+        self.in_place_windows = in_place;
         self
     }
 
@@ -448,6 +463,35 @@ impl VisionOps for FastVisionOps {
         let ptrs = blocks.iter().map(|b| ClipBlockPtrs::of(b, c)).collect::<Option<Vec<_>>>()?;
         let heads = blocks.first()?.self_attn.num_heads;
         Some(self.run_clip(&ptrs, xs, parts, c, heads))
+    }
+
+    fn window_heads(&self, a: &WindowAttention<'_>) -> Option<Result<Tensor>> {
+        let (b, h, w, c) = a.x.dims4().ok()?;
+        let bias = a.qkv.bias()?;
+        let fits = self.in_place_windows
+            && self.flash
+            && self.k.flash_rows16
+            && a.heads * SAM_FLASH_HEAD_DIM == c
+            && a.ws % 2 == 0
+            && (2..=16).contains(&a.ws)
+            && a.rh.dims() == [a.ws, a.ws, SAM_FLASH_HEAD_DIM]
+            && a.rw.dims() == [a.ws, a.ws, SAM_FLASH_HEAD_DIM]
+            && bias.dims() == [3 * c]
+            && fusable(&[a.x, a.qkv.weight(), bias, a.rh, a.rw]);
+        let Device::Cuda(dev) = a.x.device() else { return None };
+        if !fits {
+            return None;
+        }
+        Some((|| {
+            // the projection over the image's rows alone; a padded position's would be the bias
+            let qkv = self.linear(a.qkv, a.x, Act::None, None)?;
+            let (bias, rh, rw) = (bias.contiguous()?, a.rh.contiguous()?, a.rw.contiguous()?);
+            let out = self.uninit(dev, (b, h, w, c))?;
+            let terms = FlashTerms { rh: ptr(&rh)?, rw: ptr(&rw)?, grid: (a.ws, a.ws) };
+            let scale = 1.0 / (SAM_FLASH_HEAD_DIM as f32).sqrt();
+            self.k.sam_flash_windows(ptr(&qkv)?, ptr(&bias)?, ptr(&out)?, (b, h, w, a.heads), terms, scale)?;
+            Ok(out)
+        })())
     }
 
     fn attend_plain(&self, qkv: &Tensor) -> Result<Tensor> {

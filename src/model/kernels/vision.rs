@@ -257,6 +257,48 @@ impl Kernels {
         self.sam_flash((qkv, qkv + head_bytes, qkv + 2 * head_bytes), input, out, output, terms, b * heads, t, scale)
     }
 
+    /// SAM's windowed attention where the windows lie (`sam_flash_win`: no partition): `qkv`
+    /// the qkv projection of an image `(b, h, w, 3, heads, 64)` contiguous, `bias` its bias
+    /// `(3 * heads * 64)` (the keys and values of the positions a window has past the image,
+    /// which `window_partition` pads with zeros), `out` `(b, h, w, heads * 64)`: each `ws x ws`
+    /// window's attention with the window's tables ([`FlashTerms`], grid `(ws, ws)`), written
+    /// at its positions, what lies past the image dropped, as `window_unpartition` does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sam_flash_windows(
+        &self,
+        qkv: u64,
+        bias: u64,
+        out: u64,
+        (b, h, w, heads): (usize, usize, usize, usize),
+        terms: FlashTerms,
+        scale: f32,
+    ) -> Result<()> {
+        let (ws, wsw) = terms.grid;
+        let windows = b * h.div_ceil(ws.max(1)) * w.div_ceil(ws.max(1));
+        if ws != wsw || ws == 0 || ws % 2 != 0 || ws > 16 {
+            candle_core::bail!("sam_flash_windows: windows of {ws}x{wsw} (square, even, at most 16)");
+        }
+        // (the kernel addresses the projection with 32-bit offsets)
+        if b == 0 || h == 0 || w == 0 || heads == 0 || windows * heads > 65535 || b * h * w * 3 * heads * SAM_FLASH_HEAD_DIM >= 1 << 31 {
+            candle_core::bail!("sam_flash_windows: {b} images of {h}x{w} with {heads} heads ({windows} windows; at most 65535 windows x heads and 2^31 projected elements)");
+        }
+        if [qkv, bias, out, terms.rh, terms.rw].iter().any(|p| p % 16 != 0) {
+            candle_core::bail!("sam_flash_windows: qkv, bias, out and the tables must be 16-byte aligned (16-byte copies)");
+        }
+        let c = heads * SAM_FLASH_HEAD_DIM;
+        let head_bytes = (c * 2) as u64;
+        let t = ws * ws;
+        launch!(
+            self,
+            self.sam_flash[6],
+            cfg((t.div_ceil(64) as u32, (windows * heads) as u32, 1), 128, sam_flash_smem((ws, ws), 64) as u32),
+            qkv, qkv + head_bytes, qkv + 2 * head_bytes, out, terms.rh, terms.rw,
+            (windows * heads) as i32, t as i32, ws as i32, ws as i32, scale, heads as i32,
+            0i64, (3 * c) as i64, 0i64, c as i64,
+            h as i32, w as i32, bias + head_bytes, bias + 2 * head_bytes
+        )
+    }
+
     /// In place over `y` `(rows, out)` bf16: `act(y + bias) (+ res)`, `bias` `(out)` and `res`
     /// `(rows, out)` optional (0). `out` a multiple of 8.
     pub fn bias_act(
@@ -387,7 +429,7 @@ mod tests {
     use crate::model::kernels::testutil::*;
     use crate::model::kernels::Kernels;
     use crate::model::vision::sam::get_rel_pos;
-    use crate::model::vision::{Act, GridAttention, Norm, ReferenceOps, VisionOps};
+    use crate::model::vision::{Act, GridAttention, Norm, ReferenceOps, VisionOps, WindowAttention};
     use candle_core::{DType, Tensor};
     use std::sync::Arc;
 
@@ -499,6 +541,68 @@ mod tests {
             let e = k.sam_flash((0, 0, 0), input, 0, input, None, n, 8, 1.0).unwrap_err();
             assert!(e.to_string().contains("sequences"), "{e}");
         }
+    }
+
+    /// SAM's windowed attention where the windows lie (`sam_flash_win`: no partition, the
+    /// padding's keys and values from the projection's bias) against the partition path
+    /// (`patches`, the projection over the padded windows, `sam_flash_rows16`, `unpatch`) and
+    /// against the reference's in f32: Base's 64x64 grid (padded to 70: windows past the image
+    /// on two sides), Gundam's tiles' 40x40 (42), a grid of whole windows (28x28), an oblong one
+    /// (30x16) over 2 images and a window of 10 on 25x25; then its refusals.
+    #[test]
+    fn windows_in_place_match_the_partition() {
+        let (dev, cd) = device();
+        let k = Arc::new(Kernels::load(&cd).unwrap());
+        let in_place = FastVisionOps::new(k.clone()).with_flash(true).with_in_place_windows(true);
+        let partition = FastVisionOps::new(k.clone()).with_flash(true).with_in_place_windows(false);
+        let (heads, c) = (2usize, 128usize);
+        // bf16 values, so that the f32 reference starts from the same inputs
+        let r = |shape: &[usize], scale, seed| rand_bf16(shape, scale, seed).to_dtype(DType::F32).unwrap();
+        let (weight, bias) = (r(&[3 * c, c], 0.15, 81), r(&[3 * c], 0.6, 82));
+        let g = |x: &Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+        let lin = candle_nn::Linear::new(weight.clone(), Some(bias.clone()));
+        let lin_gpu = candle_nn::Linear::new(g(&weight), Some(g(&bias)));
+        for (b, h, w, ws) in [(1usize, 64usize, 64usize, 14usize), (1, 40, 40, 14), (1, 28, 28, 14), (2, 30, 16, 14), (1, 25, 25, 10)] {
+            let rh = get_rel_pos(ws, ws, &r(&[2 * ws - 1, 64], 0.5, 83)).unwrap().contiguous().unwrap();
+            let rw = get_rel_pos(ws, ws, &r(&[2 * ws - 1, 64], 0.5, 84)).unwrap().contiguous().unwrap();
+            let x = r(&[b, h, w, c], 1.0, 85);
+            let want = {
+                let (win, pad) = ReferenceOps.windows(&x, ws).unwrap();
+                let n = win.dim(0).unwrap();
+                let qkv = ReferenceOps.linear(&lin, &win, Act::None, None).unwrap().reshape((n, ws * ws, 3, heads, 64)).unwrap();
+                let y = ReferenceOps.attend(&GridAttention { qkv: &qkv, rh: &rh, rw: &rw, hw: (ws, ws) }).unwrap();
+                ReferenceOps.unwindow(&y.reshape((n, ws, ws, c)).unwrap(), ws, pad, (h, w)).unwrap()
+            };
+            let (xg, rhg, rwg) = (g(&x), g(&rh), g(&rw));
+            let a = WindowAttention { x: &xg, qkv: &lin_gpu, heads, ws, rh: &rhg, rw: &rwg };
+            assert!(partition.window_heads(&a).is_none(), "the partition path is the caller's");
+            let got = in_place.window_heads(&a).expect("in-place windows taken").unwrap();
+            assert_eq!(got.dims(), &[b, h, w, c]);
+            // the partition path, as the block runs it without window_heads
+            let (win, pad) = partition.windows(&xg, ws).unwrap();
+            let n = win.dim(0).unwrap();
+            let qkv = partition.linear(&lin_gpu, &win, Act::None, None).unwrap().reshape((n, ws * ws, 3, heads, 64)).unwrap();
+            let y = partition.attend(&GridAttention { qkv: &qkv, rh: &rhg, rw: &rwg, hw: (ws, ws) }).unwrap();
+            let parted = partition.unwindow(&y.reshape((n, ws, ws, c)).unwrap(), ws, pad, (h, w)).unwrap();
+            let (d_part, d_ref) = (max_diff(&got, &parted), max_diff(&got, &want));
+            eprintln!("windows of {ws} in place, {b} x {h}x{w}: max |diff| {d_part:.3e} against the partition, {d_ref:.3e} against the f32 reference at |out| <= {:.2}", max_abs(&want));
+            // the same bf16 products but for the GEMM's rows (another tiling may round a q, k or
+            // v element the other way): a bf16 ulp or two; against f32, bf16 q, k, v
+            assert!(d_part <= 1e-2, "{b} x {h}x{w} / {ws}: {d_part} against the partition");
+            assert!(d_ref <= 3e-2, "{b} x {h}x{w} / {ws}: {d_ref} against the reference");
+        }
+        // refused: windows odd, too wide or not square, no image, misaligned addresses
+        let t = |ws, wsw| FlashTerms { rh: 0, rw: 0, grid: (ws, wsw) };
+        for (terms, what) in [(t(15, 15), "windows"), (t(18, 18), "windows"), (t(14, 12), "windows"), (t(0, 0), "windows")] {
+            let e = k.sam_flash_windows(0, 0, 0, (1, 64, 64, 12), terms, 1.0).unwrap_err();
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        let e = k.sam_flash_windows(0, 0, 0, (1, 0, 64, 12), t(14, 14), 1.0).unwrap_err();
+        assert!(e.to_string().contains("images"), "{e}");
+        let e = k.sam_flash_windows(0, 0, 0, (400, 64, 64, 12), t(14, 14), 1.0).unwrap_err();
+        assert!(e.to_string().contains("65535"), "{e}");
+        let e = k.sam_flash_windows(0, 8, 0, (1, 64, 64, 12), t(14, 14), 1.0).unwrap_err();
+        assert!(e.to_string().contains("aligned"), "{e}");
     }
 
     /// SAM's windows by `patches` / `unpatch` against `window_partition` / `window_unpartition`

@@ -1,8 +1,9 @@
 //! The operations of the vision towers that the GPU fast path replaces: SAM's attention with
 //! decomposed relative positions and CLIP's (over the qkv projection's output, the heads split
-//! and merged inside), a linear layer with its activation and residual add, SAM's windows,
-//! patch embedding and neck, the layer norms, and CLIP's blocks as a whole
-//! ([`VisionOps::clip_blocks`]: the fast path replays them as one CUDA graph).
+//! and merged inside), a linear layer with its activation and residual add, SAM's windows (and
+//! its windowed attention as a whole, [`VisionOps::window_heads`]), patch embedding and neck,
+//! the layer norms, and CLIP's blocks as a whole ([`VisionOps::clip_blocks`]: the fast path
+//! replays them as one CUDA graph).
 //! [`ReferenceOps`] computes them as deepencoder.py does (on every device; the default);
 //! `crate::model::fast::vision` fuses them on CUDA. A tower holds an `Arc<dyn VisionOps>` and
 //! [`crate::model::vision::DeepEncoder::set_ops`] swaps it.
@@ -34,6 +35,19 @@ impl Act {
             Act::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
         }
     }
+}
+
+/// The inputs of SAM's windowed attention as a whole ([`VisionOps::window_heads`]): `x` the
+/// image after the block's first norm `(b, h, w, c)`, the block's qkv projection and heads, the
+/// window side `ws` and the relative-position tables `get_rel_pos` gathered for a `ws x ws`
+/// grid.
+pub struct WindowAttention<'a> {
+    pub x: &'a Tensor,
+    pub qkv: &'a Linear,
+    pub heads: usize,
+    pub ws: usize,
+    pub rh: &'a Tensor,
+    pub rw: &'a Tensor,
 }
 
 /// The inputs of SAM's attention over one `h x w` grid: `qkv` the qkv projection's output
@@ -98,6 +112,15 @@ pub trait VisionOps: Send + Sync {
 
     /// `window_unpartition`: the windows put back into `(b, h, w, c)`, the padding cropped.
     fn unwindow(&self, windows: &Tensor, ws: usize, padded: (usize, usize), hw: (usize, usize)) -> Result<Tensor>;
+
+    /// SAM's windowed attention up to `proj`, `window_unpartition(attention(qkv(window_partition(x))))`:
+    /// `(b, h, w, heads * d)`, or `None` where these ops have no path that skips the partition:
+    /// the caller then partitions (the ops above; the reference's way). The fast path reads
+    /// and writes each window where it lies in the image, the padding's keys and values being
+    /// the projection's bias (a zero row's projection).
+    fn window_heads(&self, _a: &WindowAttention<'_>) -> Option<Result<Tensor>> {
+        None
+    }
 
     /// SAM's neck and downsampling convolutions on the blocks' `(b, h, w, c)`:
     /// `(b, 1024, h/4, w/4)`.

@@ -13,7 +13,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, conv2d_no_bias, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use super::interp;
-use super::ops::{Act, GridAttention, Norm, ReferenceOps, VisionOps};
+use super::ops::{Act, GridAttention, Norm, ReferenceOps, VisionOps, WindowAttention};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamConfig {
@@ -279,9 +279,17 @@ impl Block {
         let x = ops.layer_norm(&self.norm1, x)?;
         let y = if self.window_size > 0 {
             let (_, h, w, _) = x.dims4()?;
-            let (win, pad_hw) = ops.windows(&x, self.window_size)?;
-            let y = self.attn.heads(&win, ops)?;
-            ops.unwindow(&y, self.window_size, pad_hw, (h, w))?
+            let ws = self.window_size;
+            let (rh, rw) = self.attn.tables(ws, ws)?;
+            let whole = WindowAttention { x: &x, qkv: &self.attn.qkv, heads: self.attn.num_heads, ws, rh: &rh, rw: &rw };
+            match ops.window_heads(&whole) {
+                Some(y) => y?,
+                None => {
+                    let (win, pad_hw) = ops.windows(&x, ws)?;
+                    let y = self.attn.heads(&win, ops)?;
+                    ops.unwindow(&y, ws, pad_hw, (h, w))?
+                }
+            }
         } else {
             self.attn.heads(&x, ops)?
         };
@@ -486,14 +494,33 @@ mod tests {
         super::super::random_tower(|vb| ImageEncoderViT::new(&cfg, vb))
     }
 
-    /// Counts the blocks' attention and linear calls and answers as the reference does.
+    /// Counts the blocks' attention and linear calls and answers as the reference does; with
+    /// `whole`, it takes the windowed blocks whole ([`VisionOps::window_heads`], counted
+    /// apart) and computes them as the block's own partition path would.
     #[derive(Default)]
     struct Counting(
         std::sync::atomic::AtomicUsize,
         std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+        bool,
     );
 
     impl VisionOps for Counting {
+        fn window_heads(&self, a: &WindowAttention<'_>) -> Option<Result<Tensor>> {
+            if !self.3 {
+                return None;
+            }
+            self.2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Some((|| {
+                let (_, h, w, c) = a.x.dims4()?;
+                let (win, pad) = self.windows(a.x, a.ws)?;
+                let n = win.dim(0)?;
+                let qkv = self.linear(a.qkv, &win, Act::None, None)?.reshape((n, a.ws * a.ws, 3, a.heads, c / a.heads))?;
+                let y = self.attend(&GridAttention { qkv: &qkv, rh: a.rh, rw: a.rw, hw: (a.ws, a.ws) })?;
+                self.unwindow(&y.reshape((n, a.ws, a.ws, c))?, a.ws, pad, (h, w))
+            })())
+        }
+
         fn attend(&self, a: &GridAttention<'_>) -> Result<Tensor> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             ReferenceOps.attend(a)
@@ -558,6 +585,14 @@ mod tests {
         // linears per block (qkv, proj, lin1, lin2)
         assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert_eq!(counting.1.load(std::sync::atomic::Ordering::SeqCst), 8);
+        assert_eq!(counting.2.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // ops that take the windowed block whole get its normed input, qkv projection, heads,
+        // window and tables: the same features
+        let whole = Arc::new(Counting(Default::default(), Default::default(), Default::default(), true));
+        sam.set_ops(whole.clone());
+        assert_eq!(flat(&first), flat(&sam.forward(&x).unwrap()));
+        assert_eq!(whole.2.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(whole.0.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]
