@@ -24,8 +24,8 @@
 // 128 registers, 4 blocks an SM), sam_flash_rows16 (the same for grids of gw <= 16, SAM's 14x14
 // windows, the keys in grid rows of 16: ROWS16 below), sam_flash_win (rows16 over the windows of
 // whole images where they lie, no partition: WIN16 below; 3 blocks an SM). Grid: (ceil(t / 64),
-// n) blocks of 128 threads; dynamic shared memory as Kernels::sam_flash sizes it (the tiles, the block's rows of terms;
-// sam_flash_w40's key and value tiles are 80 rows).
+// n) blocks of 128 threads; dynamic shared memory as Kernels::sam_flash sizes it (the tiles, the
+// block's rows of terms; sam_flash_w40's key and value tiles are 80 rows).
 #include "common.cuh"
 
 #include <type_traits>
