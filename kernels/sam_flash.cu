@@ -23,7 +23,7 @@
 // 80 keys), sam_flash_plain (no bias), sam_flash_short (any grid of few positions: at most
 // 128 registers, 4 blocks an SM), sam_flash_rows16 (the same for grids of gw <= 16, SAM's 14x14
 // windows, the keys in grid rows of 16: ROWS16 below), sam_flash_win (rows16 over the windows of
-// whole images where they lie, no partition: WIN16 below; 3 blocks an SM). Grid: (ceil(t / 64),
+// whole images where they lie, no partition: WIN16 below; 4 blocks an SM). Grid: (ceil(t / 64),
 // n) blocks of 128 threads; dynamic shared memory as Kernels::sam_flash sizes it (the tiles, the
 // block's rows of terms; sam_flash_w40's key and value tiles are 80 rows).
 #include "common.cuh"
@@ -199,27 +199,28 @@ __device__ __forceinline__ void flash(
   // i / gw by a multiply: ceil(2^32 / gw), exact for i < 2^16 (t < 2^16)
   const uint32_t mgw = bias ? 0xffffffffu / gw + 1u : 0u;
   // WIN16: the window's origin in the image and its image's first row; win_row(y, x) is the
-  // image row of window position (y, x), -1 past the image
-  long long img0 = 0;
+  // image row of window position (y, x), -1 past the image (32-bit: see wcol)
+  int img0 = 0;
   int wy0 = 0, wx0 = 0;
   if (BIAS == WIN16) {
     const int wi = ni / heads, nwx = (win.w + gw - 1) / gw, nwy = (win.h + gh - 1) / gh;
     const int bi = wi / (nwx * nwy), r = wi - bi * (nwx * nwy), wy = r / nwx;
-    img0 = (long long)bi * win.h * win.w;
+    img0 = bi * win.h * win.w;
     wy0 = wy * gh;
     wx0 = (r - wy * nwx) * gw;
   }
   auto win_row = [&](int y, int x) -> long long {
     const int gy = wy0 + y, gx = wx0 + x;
-    return gy < win.h && gx < win.w ? img0 + (long long)gy * win.w + gx : -1;
+    return gy < win.h && gx < win.w ? img0 + gy * win.w + gx : -1;
   };
   // WIN16's key and value pieces of this thread (load_win16): its column's first row, the
   // image row's stride, what lies within the window and the image
   const int lx = threadIdx.x >> 3;
   const bool xin = lx < gw, ximg = wx0 + lx < win.w;
   const int ylim = min(gh, win.h - wy0);
-  // (32-bit: the host keeps the projection under 2^31 elements)
-  const int wcol = (int)((img0 + (long long)wy0 * win.w + wx0 + lx) * row_stride) + (threadIdx.x & 7) * 8;
+  // (32-bit, as the image rows above: the host keeps the projection under 2^31 elements, and
+  // 64-bit offsets took the registers of a fourth block an SM)
+  const int wcol = (img0 + wy0 * win.w + wx0 + lx) * (int)row_stride + (threadIdx.x & 7) * 8;
   const int ystep = win.w * (int)row_stride;
   // query i's row (i < t): ROWS16's windows and the others by the sequence layout, WIN16's by
   // the image
@@ -573,8 +574,7 @@ extern "C" __global__ void __launch_bounds__(128) sam_flash_w40(FLASH_ARGS) { fl
 extern "C" __global__ void __launch_bounds__(128) sam_flash_plain(FLASH_ARGS) { flash<NONE>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 4) sam_flash_short(FLASH_ARGS) { flash<ANY>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 4) sam_flash_rows16(FLASH_ARGS) { flash<ROWS16>(FLASH_PASS); }
-// (its addressing takes more registers than rows16's: 3 blocks an SM, not 4, rather than spill)
-extern "C" __global__ void __launch_bounds__(128, 3)
+extern "C" __global__ void __launch_bounds__(128, 4)
     sam_flash_win(FLASH_ARGS, int img_h, int img_w, const bf16* __restrict__ kb, const bf16* __restrict__ vb) {
   flash<WIN16>(FLASH_PASS, WinGrid{img_h, img_w, kb, vb});
 }
