@@ -477,6 +477,8 @@ impl VisionOps for FastVisionOps {
             && a.rh.dims() == [a.ws, a.ws, SAM_FLASH_HEAD_DIM]
             && a.rw.dims() == [a.ws, a.ws, SAM_FLASH_HEAD_DIM]
             && bias.dims() == [3 * c]
+            // the kernel's 32-bit offsets into the projection (past them: the partition path)
+            && b * h * w * 3 * c < 1 << 31
             && fusable(&[a.x, a.qkv.weight(), bias, a.rh, a.rw]);
         let Device::Cuda(dev) = a.x.device() else { return None };
         if !fits {
