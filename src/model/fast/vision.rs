@@ -30,7 +30,9 @@ use crate::model::kernels::{copy_d2d, cuda_err, tensor_ptr, view_ptr, Buf, Kerne
 use crate::model::vision::clip::Block;
 use crate::model::vision::sam::{LayerNorm2d, Neck};
 use crate::model::vision::ops::{merge_heads, split_heads};
-use crate::model::vision::{Act, DeepEncoder, GridAttention, Norm, ReferenceOps, VisionOps, WindowAttention};
+use crate::model::vision::{
+    partitioned_window_heads, Act, DeepEncoder, GridAttention, Norm, ReferenceOps, VisionOps, WindowAttention,
+};
 
 /// The fused vision ops, bf16 on CUDA; any other dtype or device goes to [`ReferenceOps`].
 pub struct FastVisionOps {
@@ -57,8 +59,8 @@ pub struct FastVisionOps {
     /// SAM's windowed attention read and written where the windows lie in the image
     /// ([`VisionOps::window_heads`], `sam_flash_win`: the qkv projection over the image's rows
     /// alone, no partition and no unpartition), unless `OCR_PATCH_SAM_WINDOWS_IN_PLACE=0` (or
-    /// `sam_flash_rows16` is off): `patches`, the projection over the padded windows,
-    /// `sam_flash_rows16`, `unpatch`.
+    /// `sam_flash_rows16` is off): [`partitioned_window_heads`] on these ops then (`patches`,
+    /// the projection over the padded windows, `sam_flash_rows16`, `unpatch`).
     in_place_windows: bool,
     /// CLIP's buffers and graph per list of inputs, each `(views, tokens)`.
     clip_runs: Mutex<HashMap<Vec<(usize, usize)>, ClipRun>>,
@@ -465,9 +467,11 @@ impl VisionOps for FastVisionOps {
         Some(self.run_clip(&ptrs, xs, parts, c, heads))
     }
 
-    fn window_heads(&self, a: &WindowAttention<'_>) -> Option<Result<Tensor>> {
-        let (b, h, w, c) = a.x.dims4().ok()?;
-        let bias = a.qkv.bias()?;
+    fn window_heads(&self, a: &WindowAttention<'_>) -> Result<Tensor> {
+        let (b, h, w, c) = a.x.dims4()?;
+        let (Some(bias), Device::Cuda(dev)) = (a.qkv.bias(), a.x.device()) else {
+            return partitioned_window_heads(self, a);
+        };
         let fits = self.in_place_windows
             && self.flash
             && self.k.flash_rows16
@@ -480,20 +484,17 @@ impl VisionOps for FastVisionOps {
             // the kernel's 32-bit offsets into the projection (past them: the partition path)
             && b * h * w * 3 * c < 1 << 31
             && fusable(&[a.x, a.qkv.weight(), bias, a.rh, a.rw]);
-        let Device::Cuda(dev) = a.x.device() else { return None };
         if !fits {
-            return None;
+            return partitioned_window_heads(self, a);
         }
-        Some((|| {
-            // the projection over the image's rows alone; a padded position's would be the bias
-            let qkv = self.linear(a.qkv, a.x, Act::None, None)?;
-            let (bias, rh, rw) = (bias.contiguous()?, a.rh.contiguous()?, a.rw.contiguous()?);
-            let out = self.uninit(dev, (b, h, w, c))?;
-            let terms = FlashTerms { rh: ptr(&rh)?, rw: ptr(&rw)?, grid: (a.ws, a.ws) };
-            let scale = 1.0 / (SAM_FLASH_HEAD_DIM as f32).sqrt();
-            self.k.sam_flash_windows(ptr(&qkv)?, ptr(&bias)?, ptr(&out)?, (b, h, w, a.heads), terms, scale)?;
-            Ok(out)
-        })())
+        // the projection over the image's rows alone; a padded position's would be the bias
+        let qkv = self.linear(a.qkv, a.x, Act::None, None)?;
+        let (bias, rh, rw) = (bias.contiguous()?, a.rh.contiguous()?, a.rw.contiguous()?);
+        let out = self.uninit(dev, (b, h, w, c))?;
+        let terms = FlashTerms { rh: ptr(&rh)?, rw: ptr(&rw)?, grid: (a.ws, a.ws) };
+        let scale = 1.0 / (SAM_FLASH_HEAD_DIM as f32).sqrt();
+        self.k.sam_flash_windows(ptr(&qkv)?, ptr(&bias)?, ptr(&out)?, (b, h, w, a.heads), terms, scale)?;
+        Ok(out)
     }
 
     fn attend_plain(&self, qkv: &Tensor) -> Result<Tensor> {

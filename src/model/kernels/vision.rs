@@ -274,10 +274,10 @@ impl Kernels {
         scale: f32,
     ) -> Result<()> {
         let (ws, wsw) = terms.grid;
-        let windows = b * h.div_ceil(ws.max(1)) * w.div_ceil(ws.max(1));
         if ws != wsw || ws == 0 || ws % 2 != 0 || ws > 16 {
             candle_core::bail!("sam_flash_windows: windows of {ws}x{wsw} (square, even, at most 16)");
         }
+        let windows = b * h.div_ceil(ws) * w.div_ceil(ws);
         // (the kernel addresses the projection with 32-bit offsets)
         if b == 0 || h == 0 || w == 0 || heads == 0 || windows * heads > 65535 || b * h * w * 3 * heads * SAM_FLASH_HEAD_DIM >= 1 << 31 {
             candle_core::bail!("sam_flash_windows: {b} images of {h}x{w} with {heads} heads ({windows} windows; at most 65535 windows x heads and 2^31 projected elements)");
@@ -429,7 +429,7 @@ mod tests {
     use crate::model::kernels::testutil::*;
     use crate::model::kernels::Kernels;
     use crate::model::vision::sam::get_rel_pos;
-    use crate::model::vision::{Act, GridAttention, Norm, ReferenceOps, VisionOps, WindowAttention};
+    use crate::model::vision::{partitioned_window_heads, Act, GridAttention, Norm, ReferenceOps, VisionOps, WindowAttention};
     use candle_core::{DType, Tensor};
     use std::sync::Arc;
 
@@ -566,24 +566,15 @@ mod tests {
             let rh = get_rel_pos(ws, ws, &r(&[2 * ws - 1, 64], 0.5, 83)).unwrap().contiguous().unwrap();
             let rw = get_rel_pos(ws, ws, &r(&[2 * ws - 1, 64], 0.5, 84)).unwrap().contiguous().unwrap();
             let x = r(&[b, h, w, c], 1.0, 85);
-            let want = {
-                let (win, pad) = ReferenceOps.windows(&x, ws).unwrap();
-                let n = win.dim(0).unwrap();
-                let qkv = ReferenceOps.linear(&lin, &win, Act::None, None).unwrap().reshape((n, ws * ws, 3, heads, 64)).unwrap();
-                let y = ReferenceOps.attend(&GridAttention { qkv: &qkv, rh: &rh, rw: &rw, hw: (ws, ws) }).unwrap();
-                ReferenceOps.unwindow(&y.reshape((n, ws, ws, c)).unwrap(), ws, pad, (h, w)).unwrap()
-            };
+            let want = ReferenceOps.window_heads(&WindowAttention { x: &x, qkv: &lin, heads, ws, rh: &rh, rw: &rw }).unwrap();
             let (xg, rhg, rwg) = (g(&x), g(&rh), g(&rw));
             let a = WindowAttention { x: &xg, qkv: &lin_gpu, heads, ws, rh: &rhg, rw: &rwg };
-            assert!(partition.window_heads(&a).is_none(), "the partition path is the caller's");
-            let got = in_place.window_heads(&a).expect("in-place windows taken").unwrap();
+            let got = in_place.window_heads(&a).unwrap();
             assert_eq!(got.dims(), &[b, h, w, c]);
-            // the partition path, as the block runs it without window_heads
-            let (win, pad) = partition.windows(&xg, ws).unwrap();
-            let n = win.dim(0).unwrap();
-            let qkv = partition.linear(&lin_gpu, &win, Act::None, None).unwrap().reshape((n, ws * ws, 3, heads, 64)).unwrap();
-            let y = partition.attend(&GridAttention { qkv: &qkv, rh: &rhg, rw: &rwg, hw: (ws, ws) }).unwrap();
-            let parted = partition.unwindow(&y.reshape((n, ws, ws, c)).unwrap(), ws, pad, (h, w)).unwrap();
+            // the partition path on the fast ops (`patches`, the projection, `sam_flash_rows16`,
+            // `unpatch`): what the ops with the knob off give
+            let parted = partitioned_window_heads(&partition, &a).unwrap();
+            assert_eq!(max_diff(&partition.window_heads(&a).unwrap(), &parted), 0.0, "the knob off partitions");
             let (d_part, d_ref) = (max_diff(&got, &parted), max_diff(&got, &want));
             eprintln!("windows of {ws} in place, {b} x {h}x{w}: max |diff| {d_part:.3e} against the partition, {d_ref:.3e} against the f32 reference at |out| <= {:.2}", max_abs(&want));
             // the same bf16 products but for the GEMM's rows (another tiling may round a q, k or

@@ -17,7 +17,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
 pub use clip::{ClipConfig, VitModel};
-pub use ops::{Act, GridAttention, Norm, ReferenceOps, VisionOps, WindowAttention};
+pub use ops::{partitioned_window_heads, Act, GridAttention, Norm, ReferenceOps, VisionOps, WindowAttention};
 pub use sam::{ImageEncoderViT, SamConfig};
 
 /// The vision sizes; deepencoder.py hard-codes them, `DeepseekOCRModel.__init__` hard-codes

@@ -114,12 +114,11 @@ pub trait VisionOps: Send + Sync {
     fn unwindow(&self, windows: &Tensor, ws: usize, padded: (usize, usize), hw: (usize, usize)) -> Result<Tensor>;
 
     /// SAM's windowed attention up to `proj`, `window_unpartition(attention(qkv(window_partition(x))))`:
-    /// `(b, h, w, heads * d)`, or `None` where these ops have no path that skips the partition:
-    /// the caller then partitions (the ops above; the reference's way). The fast path reads
-    /// and writes each window where it lies in the image, the padding's keys and values being
-    /// the projection's bias (a zero row's projection).
-    fn window_heads(&self, _a: &WindowAttention<'_>) -> Option<Result<Tensor>> {
-        None
+    /// `(b, h, w, heads * d)`; by default [`partitioned_window_heads`] (the ops above, the
+    /// reference's way). The fast path reads and writes each window where it lies in the image,
+    /// the padding's keys and values being the projection's bias (a zero row's projection).
+    fn window_heads(&self, a: &WindowAttention<'_>) -> Result<Tensor> {
+        partitioned_window_heads(self, a)
     }
 
     /// SAM's neck and downsampling convolutions on the blocks' `(b, h, w, c)`:
@@ -149,6 +148,20 @@ pub trait VisionOps: Send + Sync {
         let m = self.linear(up, &self.layer_norm(norm, x)?, act, None)?;
         self.linear(down, &m, Act::None, Some(x))
     }
+}
+
+/// [`VisionOps::window_heads`] as deepencoder.py computes it, on `ops`: the windows partitioned
+/// (zero-padded), the qkv projection over them, the attention of each window with the window's
+/// tables, the windows put back and the padding cropped.
+pub fn partitioned_window_heads<O: VisionOps + ?Sized>(ops: &O, a: &WindowAttention<'_>) -> Result<Tensor> {
+    let (_, h, w, c) = a.x.dims4()?;
+    let ws = a.ws;
+    let (win, padded) = ops.windows(a.x, ws)?;
+    let n = win.dim(0)?;
+    // qkv = self.qkv(x).reshape(B, H * W, 3, nHead, -1) (the heads split by `attend`)
+    let qkv = ops.linear(a.qkv, &win, Act::None, None)?.reshape((n, ws * ws, 3, a.heads, c / a.heads))?;
+    let y = ops.attend(&GridAttention { qkv: &qkv, rh: a.rh, rw: a.rw, hw: (ws, ws) })?;
+    ops.unwindow(&y.reshape((n, ws, ws, c))?, ws, padded, (h, w))
 }
 
 /// deepencoder.py as written: the full relative-position bias, then [`sdpa`]; candle's linear,
