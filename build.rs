@@ -92,6 +92,8 @@ fn cutlass(nvcc: &std::path::Path, cap: &str, out: &std::path::Path) {
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
         .collect();
     sources.sort();
+    // (and the headers they include: CUTLASS's FMHA collective in kernels/cutlass/fmha/)
+    println!("cargo:rerun-if-changed=kernels/cutlass");
     let mut objects = Vec::new();
     for cu in &sources {
         println!("cargo:rerun-if-changed={}", cu.display());

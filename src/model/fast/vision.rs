@@ -26,6 +26,7 @@ use candle_nn::{Conv2d, Linear};
 use half::bf16;
 
 use crate::model::kernels::vision::{FlashTerms, View, LAYER_NORM_MAX, SAM_FLASH_HEAD_DIM, SAM_HEAD_DIMS};
+use crate::model::kernels::cutlass::SAM_FMHA_WIDTHS;
 use crate::model::kernels::{copy_d2d, cuda_err, tensor_ptr, view_ptr, Buf, Kernels};
 use crate::model::vision::clip::Block;
 use crate::model::vision::sam::{LayerNorm2d, Neck};
@@ -62,6 +63,11 @@ pub struct FastVisionOps {
     /// `sam_flash_rows16` is off): [`partitioned_window_heads`] on these ops then (`patches`,
     /// the projection over the padded windows, `sam_flash_rows16`, `unpatch`).
     in_place_windows: bool,
+    /// SAM's global attention (grids [`SAM_FMHA_WIDTHS`] wide) on wgmma
+    /// ([`Kernels::sam_fmha_qkv`], CUTLASS's Hopper FMHA, the `cutlass` feature; its terms from
+    /// [`Kernels::sam_rel_terms`]), unless `OCR_PATCH_SAM_FMHA=0` (or built without):
+    /// `sam_flash` then.
+    fmha: bool,
     /// CLIP's buffers and graph per list of inputs, each `(views, tokens)`.
     clip_runs: Mutex<HashMap<Vec<(usize, usize)>, ClipRun>>,
 }
@@ -150,6 +156,7 @@ impl FastVisionOps {
             cutlass: cfg!(feature = "cutlass") && on("OCR_PATCH_CUTLASS"),
             graphs: on("OCR_PATCH_VISION_GRAPH"),
             in_place_windows: on("OCR_PATCH_SAM_WINDOWS_IN_PLACE"),
+            fmha: cfg!(feature = "cutlass") && on("OCR_PATCH_SAM_FMHA"),
             conv_weights: Mutex::default(),
             clip_runs: Mutex::default(),
         }
@@ -179,6 +186,13 @@ impl FastVisionOps {
     /// compare them).
     pub fn with_in_place_windows(mut self, in_place: bool) -> Self {
         self.in_place_windows = in_place;
+        self
+    }
+
+    /// The same ops, SAM's global attention by CUTLASS's FMHA or by `sam_flash` (tests compare
+    /// them; without the `cutlass` feature it stays off).
+    pub fn with_fmha(mut self, fmha: bool) -> Self {
+        self.fmha = fmha && cfg!(feature = "cutlass");
         self
     }
 
@@ -420,6 +434,15 @@ impl VisionOps for FastVisionOps {
             // terms made from the tables and the heads merged by the kernel
             let qkv = a.qkv.contiguous()?;
             let terms = FlashTerms { rh: ptr(&rh)?, rw: ptr(&rw)?, grid: (h, w) };
+            if self.fmha && SAM_FMHA_WIDTHS.contains(&w) && h + w <= 1024 {
+                // the terms first (sam_flash's, written out), then the attention on wgmma
+                let Device::Cuda(dev) = qkv.device() else { candle_core::bail!("sam_fmha: not on CUDA") };
+                let rel = self.uninit(dev, (b * nh, t, h + w))?;
+                self.k.sam_rel_terms(ptr(&qkv)?, ptr(&rel)?, terms, (b, t, nh))?;
+                let out = self.uninit(dev, (b, t, nh * d))?;
+                self.k.sam_fmha_qkv(ptr(&qkv)?, ptr(&out)?, ptr(&rel)?, (h, w), (b, t, nh), scale)?;
+                return Ok(out);
+            }
             return self.flash_heads(&qkv, Some(terms), scale);
         }
         // cuBLAS's scores, sam_softmax, cuBLAS's p v, on the heads split

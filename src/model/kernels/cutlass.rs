@@ -6,6 +6,10 @@
 //! GELU is the tanh form), one launch and one pass over the `(rows, 3072)` output instead of
 //! the GEMM then `bias_act`. Reference: the reference path's linear (candle's matmul, the bias
 //! add and `nn.GELU`'s erf form as separate bf16 ops), the test below.
+//! `sam_fmha_qkv`, SAM's global attention on wgmma (CUTLASS example 88's Hopper FMHA, vendored
+//! in `kernels/cutlass/fmha/`), the relative-position terms from [`Kernels::sam_rel_terms`]
+//! added before the softmax. Reference: `sam_flash` (its test compares them on the GPU) and
+//! through it the reference path's attention.
 //!
 //! The CUTLASS kernel is launched through the CUDA runtime on the kernels' stream (the runtime
 //! takes the context current on the thread, the device's primary context that cudarc binds).
@@ -36,7 +40,30 @@ extern "C" {
         workspace: *mut c_void,
         workspace_len: usize,
     ) -> i32;
+    /// `kernels/cutlass/sam_fmha.cu`: 0 on success, else the step that failed (see there).
+    fn ocr_sam_fmha(
+        stream: *mut c_void,
+        q: *const c_void,
+        k: *const c_void,
+        v: *const c_void,
+        out: *mut c_void,
+        terms: *const c_void,
+        b: i32,
+        heads: i32,
+        t: i32,
+        gh: i32,
+        gw: i32,
+        scale: f32,
+        seq_stride: i64,
+        row_stride: i64,
+        out_seq_stride: i64,
+        out_row_stride: i64,
+    ) -> i32;
 }
+
+/// The grid widths [`Kernels::sam_fmha_qkv`] takes (key tiles of two grid rows): SAM's global
+/// blocks, Base's 64 x 64 (and Gundam's global view), Gundam's tiles' 40 x 40.
+pub const SAM_FMHA_WIDTHS: [usize; 2] = [64, 40];
 
 impl Kernels {
     /// Row-major `y (rows, n) = GELU(x (rows, k) . w (n, k)^T + bias (n))`, GELU with erf,
@@ -58,6 +85,65 @@ impl Kernels {
         candle_core::bail!("linear_gelu: built without the `cutlass` feature ({rows} x {k} x {n})");
         #[cfg(feature = "cutlass")]
         self.launch_linear_gelu((x, w, bias, y), rows, k, n)
+    }
+
+    /// SAM's attention over a qkv projection `qkv` `(b, t, 3, heads, 64)` contiguous, into `out`
+    /// `(b, t, heads * 64)` (the heads merged), on Hopper's wgmma (`kernels/cutlass/sam_fmha.cu`):
+    /// `softmax(q k^T * scale + rel_h[y(j)] + rel_w[x(j)]) v` with the terms `terms`
+    /// `(b * heads, t, gh + gw)` of the grid `(gh, gw)` ([`Self::sam_rel_terms`]), or none (0).
+    /// `gw` one of [`SAM_FMHA_WIDTHS`], `gh` even, the addresses 16-byte aligned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sam_fmha_qkv(&self, qkv: u64, out: u64, terms: u64, (gh, gw): (usize, usize), (b, t, heads): (usize, usize, usize), scale: f32) -> Result<()> {
+        if b == 0 || t == 0 || heads == 0 {
+            candle_core::bail!("sam_fmha: {b} x {heads} sequences of {t} positions");
+        }
+        if !SAM_FMHA_WIDTHS.contains(&gw) || gh == 0 || gh % 2 != 0 || gh * gw != t {
+            candle_core::bail!("sam_fmha: a {gh}x{gw} grid for {t} positions (one {SAM_FMHA_WIDTHS:?} wide, an even height)");
+        }
+        if [qkv, out].iter().any(|&a| a == 0 || a % 16 != 0) || terms % 16 != 0 {
+            candle_core::bail!("sam_fmha: qkv, out and the terms must be 16-byte aligned");
+        }
+        let c = heads * super::vision::SAM_FLASH_HEAD_DIM;
+        // (the kernel's strides are 32-bit)
+        if b * t * 3 * c >= 1 << 31 || b > 65535 || heads > 65535 {
+            candle_core::bail!("sam_fmha: {b} x {t} x {heads} heads is past the kernel's 32-bit strides");
+        }
+        let _ = scale;
+        #[cfg(not(feature = "cutlass"))]
+        candle_core::bail!("sam_fmha: built without the `cutlass` feature ({b} x {heads} x {t})");
+        #[cfg(feature = "cutlass")]
+        {
+            self.stream.context().bind_to_thread().map_err(cuda_err)?;
+            let head_bytes = (c * 2) as u64;
+            // SAFETY: the addresses are the caller's device buffers of these shapes (its
+            // contract), the launch on the kernels' stream
+            let rc = unsafe {
+                ocr_sam_fmha(
+                    self.stream.cu_stream() as *mut c_void,
+                    qkv as *const c_void,
+                    (qkv + head_bytes) as *const c_void,
+                    (qkv + 2 * head_bytes) as *const c_void,
+                    out as *mut c_void,
+                    terms as *const c_void,
+                    b as i32,
+                    heads as i32,
+                    t as i32,
+                    gh as i32,
+                    gw as i32,
+                    scale,
+                    (t * 3 * c) as i64,
+                    (3 * c) as i64,
+                    (t * c) as i64,
+                    c as i64,
+                )
+            };
+            match rc {
+                0 => Ok(()),
+                1 => candle_core::bail!("sam_fmha: the kernel cannot take {b} x {heads} x {t} (grid {gh}x{gw})"),
+                2 => candle_core::bail!("sam_fmha: the kernel's shared memory could not be set"),
+                e => candle_core::bail!("sam_fmha: the launch failed (CUDA runtime error {})", e - 4),
+            }
+        }
     }
 
     /// [`Self::linear_gelu`]'s launch, its arguments checked.
@@ -127,6 +213,80 @@ mod tests {
             // not a copy of something else: GELU's negative side is small, its positive side x
             assert!(max_abs(&want) > 1.0);
         }
+    }
+
+    /// SAM's global attention on wgmma (`sam_fmha_qkv` after `sam_rel_terms`, as the fast path
+    /// takes it) against `sam_flash` and the f32 reference: Base's 64x64 grid, Gundam's tiles'
+    /// 40x40 over 2 images, 36x40 (rows of 64 queries straddling images' ends: 1,440
+    /// positions) and 2x64; the terms against the reference's two einsums; the refusals.
+    #[cfg(feature = "cutlass")]
+    #[test]
+    fn sam_fmha_matches_sam_flash() {
+        use super::super::vision::FlashTerms;
+        use crate::model::fast::vision::FastVisionOps;
+        use crate::model::vision::sam::get_rel_pos;
+        use crate::model::vision::GridAttention;
+        use std::sync::Arc;
+        let (dev, cd) = device();
+        let k = Arc::new(Kernels::load(&cd).unwrap());
+        let fmha = FastVisionOps::new(k.clone()).with_flash(true).with_fmha(true);
+        let flash = FastVisionOps::new(k.clone()).with_flash(true).with_fmha(false);
+        let g = |x: &Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+        let f32_of = |x: &Tensor| x.to_dtype(DType::F32).unwrap().to_device(&candle_core::Device::Cpu).unwrap();
+        let p = |t: &Tensor| tensor_ptr::<bf16>(t).unwrap();
+        for (b, heads, gh, gw) in [(1usize, 12usize, 64usize, 64usize), (2, 3, 40, 40), (2, 2, 36, 40), (1, 2, 2, 64)] {
+            let (t, d) = (gh * gw, 64usize);
+            let part = |scale, seed| rand(&[b, t, 1, heads, d], scale, seed);
+            let qkv = Tensor::cat(&[part(1.5, 51), part(1.5, 52), part(1.0, 53)], 2).unwrap();
+            let rh = get_rel_pos(gh, gh, &rand(&[2 * gh - 1, d], 0.5, 54)).unwrap().contiguous().unwrap();
+            let rw = get_rel_pos(gw, gw, &rand(&[2 * gw - 1, d], 0.5, 55)).unwrap().contiguous().unwrap();
+            let want = ReferenceOps.attend(&GridAttention { qkv: &qkv, rh: &rh, rw: &rw, hw: (gh, gw) }).unwrap();
+            let (qg, rhg, rwg) = (g(&qkv), g(&rh), g(&rw));
+            let a = GridAttention { qkv: &qg, rh: &rhg, rw: &rwg, hw: (gh, gw) };
+            let got = fmha.attend(&a).unwrap();
+            assert_eq!(got.dims(), &[b, t, heads * d]);
+            let (d_flash, d_ref) = (max_diff(&got, &flash.attend(&a).unwrap()), max_diff(&got, &want));
+            eprintln!("sam_fmha, {b} x {heads} heads, {gh}x{gw}: max |diff| {d_flash:.3e} against sam_flash, {d_ref:.3e} against the f32 reference at |out| <= {:.2}", max_abs(&want));
+            // the same bf16 terms and probabilities, summed in another order: a bf16 ulp or two
+            assert!(d_flash <= 1.6e-2, "{gh}x{gw}: {d_flash} against sam_flash");
+            assert!(d_ref <= 2.5e-2, "{gh}x{gw}: {d_ref} against the reference");
+            // the terms: rel_h[n, (y, x), ky] = q . rh[y, ky], rel_w[n, (y, x), kx] = q . rw[x, kx]
+            let rel = Tensor::zeros((b * heads, t, gh + gw), DType::BF16, &dev).unwrap();
+            k.sam_rel_terms(p(&qg), p(&rel), FlashTerms { rh: p(&rhg), rw: p(&rwg), grid: (gh, gw) }, (b, t, heads)).unwrap();
+            // from the bf16 inputs, in f32: q (b, gh, gw, heads, d) -> (heads b, gh, gw, d)
+            let q = f32_of(&qg).narrow(2, 0, 1).unwrap().reshape((b, gh, gw, heads, d)).unwrap();
+            let q = q.permute((3, 0, 1, 2, 4)).unwrap().reshape((heads * b, gh, gw, d)).unwrap();
+            // (gh, n gw, d) . (gh, d, gh): y's rows against rh[y]
+            let by_y = q.permute((1, 0, 2, 3)).unwrap().reshape((gh, heads * b * gw, d)).unwrap().contiguous().unwrap();
+            let rel_h = by_y.matmul(&f32_of(&rhg).transpose(1, 2).unwrap().contiguous().unwrap()).unwrap();
+            let rel_h = rel_h.reshape((gh, heads * b, gw, gh)).unwrap().permute((1, 0, 2, 3)).unwrap();
+            let by_x = q.permute((2, 0, 1, 3)).unwrap().reshape((gw, heads * b * gh, d)).unwrap().contiguous().unwrap();
+            let rel_w = by_x.matmul(&f32_of(&rwg).transpose(1, 2).unwrap().contiguous().unwrap()).unwrap();
+            let rel_w = rel_w.reshape((gw, heads * b, gh, gw)).unwrap().permute((1, 2, 0, 3)).unwrap();
+            let want_rel = Tensor::cat(&[rel_h.contiguous().unwrap(), rel_w.contiguous().unwrap()], 3).unwrap();
+            // (heads b) -> (b heads): the kernel's sequence order
+            let want_rel = want_rel.reshape((heads, b, t, gh + gw)).unwrap().transpose(0, 1).unwrap();
+            let want_rel = want_rel.reshape((b * heads, t, gh + gw)).unwrap();
+            let d_rel = max_diff(&f32_of(&rel), &want_rel);
+            let top = max_abs(&want_rel);
+            eprintln!("sam_rel_terms, {gh}x{gw}: max |diff| {d_rel:.3e} at |term| <= {top:.2}");
+            // one bf16 rounding of the f32 sum: half an ulp of the largest (1/256 of it)
+            assert!(d_rel <= top / 128.0 && top > 1.0, "{gh}x{gw}: terms {d_rel} at {top}");
+        }
+        // refused before a launch
+        let t = Tensor::zeros((64, 64), DType::BF16, &dev).unwrap();
+        let a = p(&t);
+        let msg = |r: Result<()>| r.unwrap_err().to_string();
+        assert!(msg(k.sam_fmha_qkv(a, a, 0, (2, 64), (0, 128, 2), 0.125)).contains("sequences"));
+        assert!(msg(k.sam_fmha_qkv(a, a, a, (8, 16), (1, 128, 2), 0.125)).contains("wide"));
+        assert!(msg(k.sam_fmha_qkv(a, a, a, (3, 64), (1, 192, 2), 0.125)).contains("even height"));
+        assert!(msg(k.sam_fmha_qkv(a, a, a, (2, 64), (1, 192, 2), 0.125)).contains("grid"));
+        assert!(msg(k.sam_fmha_qkv(a + 2, a, 0, (2, 64), (1, 128, 2), 0.125)).contains("aligned"));
+        assert!(msg(k.sam_fmha_qkv(a, 0, 0, (2, 64), (1, 128, 2), 0.125)).contains("aligned"));
+        let terms = |grid| FlashTerms { rh: a, rw: a, grid };
+        assert!(msg(k.sam_rel_terms(a, a, terms((7, 8)), (1, 56, 2))).contains("grid"));
+        assert!(msg(k.sam_rel_terms(a, a, terms((8, 8)), (1, 60, 2))).contains("grid"));
+        assert!(msg(k.sam_rel_terms(a, a, terms((8, 8)), (0, 64, 2))).contains("sequences"));
     }
 
     /// The shapes and addresses the kernel cannot take are refused before a launch.

@@ -257,6 +257,35 @@ impl Kernels {
         self.sam_flash((qkv, qkv + head_bytes, qkv + 2 * head_bytes), input, out, output, terms, b * heads, t, scale)
     }
 
+    /// The decomposed relative-position terms of SAM's attention over a qkv projection `qkv`
+    /// `(b, t, 3, heads, 64)` contiguous on the grid `tables.grid = (gh, gw)` (`t = gh * gw`,
+    /// even sides), into `terms` `(b * heads, t, gh + gw)` bf16: row `i` of sequence `(b, head)`
+    /// holds `q_i . rh[y(i)][ky]` for each `ky`, then `q_i . rw[x(i)][kx]` for each `kx`, each
+    /// rounded to bf16 (`sam_rel_terms`: `sam_flash`'s own terms, written out rather than
+    /// attended with; the input of [`Self::sam_fmha_qkv`]).
+    pub fn sam_rel_terms(&self, qkv: u64, terms: u64, tables: FlashTerms, (b, t, heads): (usize, usize, usize)) -> Result<()> {
+        let (gh, gw) = tables.grid;
+        let n = b * heads;
+        if t == 0 || t >= 1 << 16 || n == 0 || n > 65535 {
+            candle_core::bail!("sam_rel_terms: {b} x {heads} sequences of {t} positions (1 to 65535 each)");
+        }
+        if gh % 2 != 0 || gw % 2 != 0 || gh * gw != t || gh + gw > 1024 {
+            candle_core::bail!("sam_rel_terms: a {gh}x{gw} grid for {t} positions (even sides, up to 1024 together)");
+        }
+        if [qkv, tables.rh, tables.rw].iter().any(|p| p % 16 != 0) || terms % 4 != 0 {
+            candle_core::bail!("sam_rel_terms: qkv and the tables must be 16-byte aligned, the terms 4-byte");
+        }
+        let c = heads * SAM_FLASH_HEAD_DIM;
+        launch!(
+            self,
+            self.sam_flash[7],
+            cfg((t.div_ceil(64) as u32, n as u32, 1), 128, sam_flash_smem((gh, gw), 64) as u32),
+            qkv, qkv, qkv, 0u64, tables.rh, tables.rw, n as i32, t as i32, gh as i32, gw as i32, 1f32,
+            heads as i32, (t * 3 * c) as i64, (3 * c) as i64, 0i64, 0i64,
+            terms
+        )
+    }
+
     /// SAM's windowed attention where the windows lie (`sam_flash_win`: no partition): `qkv`
     /// the qkv projection of an image `(b, h, w, 3, heads, 64)` contiguous, `bias` its bias
     /// `(3 * heads * 64)` (the keys and values of the positions a window has past the image,
@@ -452,9 +481,12 @@ mod tests {
         any_grid.flash_rows16 = false;
         any_grid.flash_w40 = false;
         let paths = [
-            ("sam_flash", FastVisionOps::new(k.clone()).with_flash(true)),
-            ("sam_flash, windows by sam_flash_short, 40x40 by sam_flash", FastVisionOps::new(Arc::new(any_grid)).with_flash(true)),
-            ("sam_flash, windows 3 blocks an SM", FastVisionOps::new(Arc::new(three_a_sm)).with_flash(true)),
+            ("sam_flash", FastVisionOps::new(k.clone()).with_flash(true).with_fmha(false)),
+            ("sam_flash, windows by sam_flash_short, 40x40 by sam_flash", FastVisionOps::new(Arc::new(any_grid)).with_flash(true).with_fmha(false)),
+            ("sam_flash, windows 3 blocks an SM", FastVisionOps::new(Arc::new(three_a_sm)).with_flash(true).with_fmha(false)),
+            // (the `cutlass` feature: the global grids of 1,024 positions and more on wgmma;
+            // without it the same as the first)
+            ("sam_fmha", FastVisionOps::new(k.clone()).with_flash(true).with_fmha(true)),
             ("sam_softmax", FastVisionOps::new(k).with_flash(false)),
         ];
         // (b views or windows, heads)
