@@ -170,17 +170,15 @@ __device__ __forceinline__ void load_win16(bf16* dst, const bf16* __restrict__ s
 // tile is 4 grid rows and a thread's columns have the same 4 x in every tile: rel_w's terms in
 // registers, rel_h's 4 per row and tile, the padding's and missing rows' terms -inf; the
 // softmax is over the keys whatever their order); WIN16: ROWS16 over the windows of an image
-// in place (WinGrid above; n = windows * heads, the windows of each batch element row by row);
-// TERMS: no attention, the block's rows of the terms written to `terms` (n, t, gh + gw) bf16
-// (sam_rel_terms, for the CUTLASS kernel kernels/cutlass/sam_fmha.cu).
-enum Bias { NONE, ANY, W64, W40, ROWS16, WIN16, TERMS };
+// in place (WinGrid above; n = windows * heads, the windows of each batch element row by row).
+enum Bias { NONE, ANY, W64, W40, ROWS16, WIN16 };
 
 template <int BIAS>
 __device__ __forceinline__ void flash(
     const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
     bf16* __restrict__ out, const bf16* __restrict__ relh, const bf16* __restrict__ relw, int n,
     int t, int gh, int gw, float scale, int heads, long long seq_stride, long long row_stride,
-    long long out_seq_stride, long long out_row_stride, WinGrid win = {}, bf16* __restrict__ terms = nullptr) {
+    long long out_seq_stride, long long out_row_stride, WinGrid win = {}) {
   extern __shared__ __align__(16) unsigned char smem[];
   // keys a tile (KT / 8 n-tiles, KT / 16 groups of the second product); W64 and W40: a tile is
   // GR whole grid rows of NB n-tiles each
@@ -262,7 +260,7 @@ __device__ __forceinline__ void flash(
   } else {
     load_tile(qs, qn, row_stride, q0, t);
   }
-  if (BIAS != TERMS) load_kv(0, 0);
+  load_kv(0, 0);
   cp_async_commit();
   // the warp's 16 query rows as mma A fragments (read once the query tile is in)
   uint32_t qf[4][4];
@@ -352,16 +350,6 @@ __device__ __forceinline__ void flash(
       }
     }
     __syncthreads();  // the terms are in; the second stage is free for the keys
-    if (BIAS == TERMS) {
-      // the block's rows within t, gh + gw terms each (an even count: pairs)
-      const int ts = gh + gw, rows = min(BQ, t - q0), pairs = ts / 2;
-      uint32_t* dst = reinterpret_cast<uint32_t*>(terms + ((long long)ni * t + q0) * ts);
-      for (int idx = threadIdx.x; idx < rows * pairs; idx += blockDim.x) {
-        const int r = idx / pairs, c = idx - r * pairs;
-        dst[(long long)r * pairs + c] = *reinterpret_cast<const uint32_t*>(rel + r * rs + 2 * c);
-      }
-      return;
-    }
   }
   // this thread's two rows: the warp's g-th and g+8-th
   const int ra = warp * 16 + g, rb = ra + 8;
@@ -586,9 +574,6 @@ extern "C" __global__ void __launch_bounds__(128) sam_flash_w40(FLASH_ARGS) { fl
 extern "C" __global__ void __launch_bounds__(128) sam_flash_plain(FLASH_ARGS) { flash<NONE>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 4) sam_flash_short(FLASH_ARGS) { flash<ANY>(FLASH_PASS); }
 extern "C" __global__ void __launch_bounds__(128, 4) sam_flash_rows16(FLASH_ARGS) { flash<ROWS16>(FLASH_PASS); }
-extern "C" __global__ void __launch_bounds__(128, 3) sam_rel_terms(FLASH_ARGS, bf16* __restrict__ terms) {
-  flash<TERMS>(FLASH_PASS, WinGrid{}, terms);
-}
 extern "C" __global__ void __launch_bounds__(128, 4)
     sam_flash_win(FLASH_ARGS, int img_h, int img_w, const bf16* __restrict__ kb, const bf16* __restrict__ vb) {
   flash<WIN16>(FLASH_PASS, WinGrid{img_h, img_w, kb, vb});

@@ -1,16 +1,16 @@
 // sam_fmha: SAM's global attention (head dim 64, bf16) on Hopper's wgmma, with the decomposed
 // relative-position terms added to the scores before the softmax:
 //   out[n, i] = sum_j softmax_j(q[n, i] . k[n, j] * scale + rel_h[n, i, y(j)] + rel_w[n, i, x(j)]) v[n, j]
-// (y(j) = j / gw, x(j) = j % gw), the terms given, `terms` (n, t, gh + gw) bf16: row i of
-// sequence n is rel_h's gh values, then rel_w's gw (kernels/sam_flash.cu's `sam_rel_terms`
-// makes them, rounded to bf16 as the reference's einsums are). Null terms: plain attention.
+// (y(j) = j / gw, x(j) = j % gw), rel_h[n, i, ky] = q[n, i] . rh[y(i), ky] and rel_w likewise
+// read from the products of q with get_rel_pos's tables (RelPosFusion below). Null products:
+// plain attention.
 //
 // The kernel is CUTLASS example 88's Hopper FMHA forward (`FmhaKernelTma`: one warpgroup, 64
 // queries a block, key tiles loaded by TMA in a 4-stage pipeline, q k^T with both operands in
 // shared memory, p v with p from registers, the softmax interleaved with the second product),
 // vendored in `fmha/` with its licence (BSD-3-Clause; NVIDIA/cutlass 7107b05,
 // examples/88_hopper_fmha). Our changes there are marked `ocr-patch:`: the fusion is an object
-// with arguments (here: the terms' address) and state (the terms it keeps in registers), it
+// with arguments (here: the products' address) and state (the terms it keeps in registers), it
 // runs on every key tile (the example's fusion hook ran on the masked tiles only), 2^x on the
 // SFU alone, the LSE not written without its address, the softmax's scale given.
 // Grids 64 wide (Base's global blocks, Gundam's global view: key tiles of 128) and 40 wide
@@ -37,75 +37,77 @@ using bf = cutlass::bfloat16_t;
 // The relative-position terms as the example's fusion hook, for a grid GW wide in key tiles of
 // two grid rows (N = 2 GW keys: t = gh GW is whole tiles for an even gh, so nothing is masked):
 // `before_softmax` adds them to each tile's scores, in the scores' unscaled units (the softmax
-// multiplies by the scale later). A thread's scores are 2 query rows by N / 4 keys, the first
-// half of its keys in the tile's first grid row and the second half at the same x in the
-// second (wgmma's accumulator layout: key 8 nb + 2 (lane % 4) + e for its (e, nb)), so its
-// rel_w terms are the same in every tile: read once, kept as bf16 pairs in registers (bw);
-// rel_h's are two per row and tile, one 4-byte load (as sam_flash_w64 / _w40 in sam_flash.cu).
+// multiplies by the scale later). They come from the products of q with get_rel_pos's tables
+// (Kernels::sam_rel_products: cuBLAS, rounded to bf16 as the reference's einsums are), row i of
+// sequence (b, head) at products + ((head * B + b) * t + i) * (2 gh + 2 GW):
+//   [q.rh[0][k] for k < gh | q.rh[gh-1][k] for k < gh | q.rw[0][k] for k < GW | q.rw[GW-1][k] ...]
+// The tables are Toeplitz (rh[y][ky] depends on y - ky alone), so rel_h[i][ky] = q_i.rh[y][ky]
+// is the first block's column ky - y where ky >= y, else the second's gh - 1 - y + ky (rel_w
+// likewise with x). A thread's scores are 2 query rows by N / 4 keys, the first half of its keys
+// in the tile's first grid row and the second half at the same x in the second (wgmma's
+// accumulator layout: key 8 nb + 2 (lane % 4) + e for its (e, nb)), so its rel_w terms are the
+// same in every tile: read once, kept in registers (bw, scaled); rel_h's are two per row and
+// tile (as sam_flash_w64 / _w40 in sam_flash.cu).
 template <int GW>
 struct RelPosFusion {
-  static_assert(GW % 8 == 0, "a thread's first-row keys in bf16 pairs");
-  static constexpr int N = 2 * GW, COLS = N / 4, PAIRS = COLS / 4;
+  static_assert(GW % 8 == 0, "whole 8-key groups in a grid row");
+  static constexpr int N = 2 * GW, COLS = N / 4, HALF = COLS / 2;
   struct Params {
-    const bf* terms;  // (n, t, gh + GW), or null
+    const bf* products;  // (heads, b, t, 2 gh + 2 GW), or null
     int gh;
     float inv_scale;
   };
-  const bf* seq;  // this block's sequence's terms (null: none)
-  int gh, ts;
+  const bf* seq;  // this block's sequence's products (null: none)
+  int gh, ps;
   float inv_scale;
   bool first = true;
-  uint32_t bw[2][PAIRS];  // rel_w's terms of the thread's first-row keys, rows r and r + 8
+  float bw[2][HALF];  // rel_w's terms of the thread's first-row keys (scaled), rows r and r + 8
 
   template <class BlkCoord, class ProblemShape>
-  CUTLASS_DEVICE RelPosFusion(Params const& p, BlkCoord const& blk, ProblemShape const& ps)
-      : gh(p.gh), ts(p.gh + GW), inv_scale(p.inv_scale) {
-    const long long n = (long long)get<0>(get<2>(blk)) * get<1>(ps) + get<1>(get<2>(blk));
-    seq = p.terms ? p.terms + n * get<2>(ps) * ts : nullptr;
+  CUTLASS_DEVICE RelPosFusion(Params const& p, BlkCoord const& blk, ProblemShape const& shape)
+      : gh(p.gh), ps(2 * p.gh + 2 * GW), inv_scale(p.inv_scale) {
+    const long long n = (long long)get<1>(get<2>(blk)) * get<0>(shape) + get<0>(get<2>(blk));
+    seq = p.products ? p.products + n * get<2>(shape) * ps : nullptr;
   }
 
   template <class BlkCoord, class TileShape, class ProblemShape>
-  CUTLASS_DEVICE int get_trip_count(BlkCoord const&, TileShape const& tile, ProblemShape const& ps) const {
-    return ceil_div(get<3>(ps), get<1>(tile));
+  CUTLASS_DEVICE int get_trip_count(BlkCoord const&, TileShape const& tile, ProblemShape const& shape) const {
+    return ceil_div(get<3>(shape), get<1>(tile));
   }
   template <class BlkCoord, class TileShape, class ProblemShape>
   CUTLASS_DEVICE int get_masked_trip_count(BlkCoord const&, TileShape const&, ProblemShape const&) const {
     return 0;
   }
   template <class BlkCoord, class TileShape, class ProblemShape>
-  CUTLASS_DEVICE int get_unmasked_trip_count(BlkCoord const& blk, TileShape const& tile, ProblemShape const& ps) const {
-    return get_trip_count(blk, tile, ps);
+  CUTLASS_DEVICE int get_unmasked_trip_count(BlkCoord const& blk, TileShape const& tile, ProblemShape const& shape) const {
+    return get_trip_count(blk, tile, shape);
   }
 
   template <bool kMask, class AccQK, class IndexQK, class ProblemShape, class TiledMma>
-  CUTLASS_DEVICE void before_softmax(AccQK& acc_qk, IndexQK const& index_qk, ProblemShape const& ps, TiledMma const& mma) {
+  CUTLASS_DEVICE void before_softmax(AccQK& acc_qk, IndexQK const& index_qk, ProblemShape const& shape, TiledMma const& mma) {
     if (seq == nullptr) return;
     Tensor acc = make_tensor(acc_qk.data(), cutlass::fmha::collective::layout_acc_mn(mma, acc_qk.layout()));
     Tensor idx = make_tensor(index_qk.data(), cutlass::fmha::collective::layout_acc_mn(mma, index_qk.layout()));
     static_assert(decltype(size<0>(acc))::value == 2 && decltype(size<1>(acc))::value == COLS, "64 x 2GW tiles, one warpgroup");
-    const int t = get<2>(ps);
+    const int t = get<2>(shape);
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < 2; r++) {
       // (queries past t: their rows are not written; the last row's terms)
-      const bf* row = seq + (long long)min((int)get<0>(idx(r, 0)), t - 1) * ts;
+      const int i = min((int)get<0>(idx(r, 0)), t - 1), y = i / GW, x = i - y * GW;
+      const bf* row = seq + (long long)i * ps;
       if (first) {
         CUTLASS_PRAGMA_UNROLL
-        for (int p = 0; p < PAIRS; p++) {
-          const int kx = (int)get<1>(idx(r, 2 * p)) % N;  // < GW: the first grid row
-          bw[r][p] = *reinterpret_cast<const uint32_t*>(row + gh + kx);
+        for (int j = 0; j < HALF; j++) {
+          const int kx = (int)get<1>(idx(r, j)) % N;  // < GW: the first grid row
+          bw[r][j] = float(row[2 * gh + (kx >= x ? kx - x : GW + GW - 1 - x + kx)]) * inv_scale;
         }
       }
-      // the tile's two grid rows' rel_h (2 tile, 2 tile + 1: an even offset)
-      const int ky0 = (int)get<1>(idx(r, 0)) / N * 2;
-      const uint32_t hh = *reinterpret_cast<const uint32_t*>(row + ky0);
-      const float h0 = __uint_as_float(hh << 16), h1 = __uint_as_float(hh & 0xffff0000u);
+      // the tile's two grid rows' rel_h
+      const int ky0 = (int)get<1>(idx(r, 0)) / N * 2, ky1 = ky0 + 1;
+      const float h0 = float(row[ky0 >= y ? ky0 - y : gh + gh - 1 - y + ky0]) * inv_scale;
+      const float h1 = float(row[ky1 >= y ? ky1 - y : gh + gh - 1 - y + ky1]) * inv_scale;
       CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < COLS; j++) {
-        const int jj = j % (COLS / 2);
-        const uint32_t w2 = bw[r][jj / 2];
-        const float w = jj % 2 == 0 ? __uint_as_float(w2 << 16) : __uint_as_float(w2 & 0xffff0000u);
-        acc(r, j) += ((j < COLS / 2 ? h0 : h1) + w) * inv_scale;
-      }
+      for (int j = 0; j < COLS; j++) acc(r, j) += (j < HALF ? h0 : h1) + bw[r][j % HALF];
     }
     first = false;
   }
@@ -118,14 +120,14 @@ struct Fmha {
   using Epilogue = cutlass::fmha::collective::FmhaFwdEpilogue<bf, float, typename Mainloop::TileShapePV>;
   using Kernel = cutlass::fmha::kernel::FmhaKernelTma<Mainloop, Epilogue>;
 
-  static int run(cudaStream_t stream, const bf* q, const bf* k, const bf* v, bf* out, const bf* terms, int b,
+  static int run(cudaStream_t stream, const bf* q, const bf* k, const bf* v, bf* out, const bf* products, int b,
                  int heads, int t, int gh, float scale, int seq_stride, int row_stride, int out_seq_stride,
                  int out_row_stride) {
     using Stride = cute::tuple<int, _1, cute::tuple<int, int>>;  // row, head dim, (batch, head)
     Stride sin = make_stride(row_stride, _1{}, make_stride(seq_stride, 64));
     Stride sout = make_stride(out_row_stride, _1{}, make_stride(out_seq_stride, 64));
     typename Kernel::Arguments args{{b, heads, t, t, 64},
-                                    {q, sin, k, sin, v, sin, {terms, gh, 1.f / scale}, scale},
+                                    {q, sin, k, sin, v, sin, {products, gh, 1.f / scale}, scale},
                                     {out, sout, nullptr, {}},
                                     {}};
     if (!Kernel::can_implement(args)) return 1;
@@ -146,7 +148,7 @@ struct Fmha {
 // height, strides multiples of 8 under 2^31), 2: the shared memory cannot be set, 4 + e: the
 // launch failed with CUDA runtime error e.
 extern "C" int ocr_sam_fmha(void* stream, const void* q, const void* k, const void* v, void* out,
-                            const void* terms, int b, int heads, int t, int gh, int gw, float scale,
+                            const void* products, int b, int heads, int t, int gh, int gw, float scale,
                             long long seq_stride, long long row_stride, long long out_seq_stride,
                             long long out_row_stride) {
   const long long strides[4] = {seq_stride, row_stride, out_seq_stride, out_row_stride};
@@ -156,7 +158,7 @@ extern "C" int ocr_sam_fmha(void* stream, const void* q, const void* k, const vo
   auto go = [&](auto fmha) {
     using F = decltype(fmha);
     return F::run(static_cast<cudaStream_t>(stream), static_cast<const bf*>(q), static_cast<const bf*>(k),
-                  static_cast<const bf*>(v), static_cast<bf*>(out), static_cast<const bf*>(terms), b, heads, t, gh,
+                  static_cast<const bf*>(v), static_cast<bf*>(out), static_cast<const bf*>(products), b, heads, t, gh,
                   scale, (int)seq_stride, (int)row_stride, (int)out_seq_stride, (int)out_row_stride);
   };
   switch (gw) {

@@ -65,7 +65,7 @@ pub struct FastVisionOps {
     in_place_windows: bool,
     /// SAM's global attention (grids [`SAM_FMHA_WIDTHS`] wide) on wgmma
     /// ([`Kernels::sam_fmha_qkv`], CUTLASS's Hopper FMHA, the `cutlass` feature; its terms from
-    /// [`Kernels::sam_rel_terms`]), unless `OCR_PATCH_SAM_FMHA=0` (or built without):
+    /// [`Kernels::sam_rel_products`]), unless `OCR_PATCH_SAM_FMHA=0` (or built without):
     /// `sam_flash` then.
     fmha: bool,
     /// CLIP's buffers and graph per list of inputs, each `(views, tokens)`.
@@ -435,12 +435,14 @@ impl VisionOps for FastVisionOps {
             let qkv = a.qkv.contiguous()?;
             let terms = FlashTerms { rh: ptr(&rh)?, rw: ptr(&rw)?, grid: (h, w) };
             if self.fmha && SAM_FMHA_WIDTHS.contains(&w) && h + w <= 1024 {
-                // the terms first (sam_flash's, written out), then the attention on wgmma
+                // q times the tables' two rows that hold every term (cuBLAS), then the
+                // attention on wgmma with the terms read from them
                 let Device::Cuda(dev) = qkv.device() else { candle_core::bail!("sam_fmha: not on CUDA") };
-                let rel = self.uninit(dev, (b * nh, t, h + w))?;
-                self.k.sam_rel_terms(ptr(&qkv)?, ptr(&rel)?, terms, (b, t, nh))?;
+                let rows = Tensor::cat(&[rh.get(0)?, rh.get(h - 1)?, rw.get(0)?, rw.get(w - 1)?], 0)?;
+                let products = self.uninit(dev, (nh, b * t, 2 * h + 2 * w))?;
+                self.k.sam_rel_products(ptr(&qkv)?, ptr(&rows)?, ptr(&products)?, (h, w), (b, t, nh))?;
                 let out = self.uninit(dev, (b, t, nh * d))?;
-                self.k.sam_fmha_qkv(ptr(&qkv)?, ptr(&out)?, ptr(&rel)?, (h, w), (b, t, nh), scale)?;
+                self.k.sam_fmha_qkv(ptr(&qkv)?, ptr(&out)?, ptr(&products)?, (h, w), (b, t, nh), scale)?;
                 return Ok(out);
             }
             return self.flash_heads(&qkv, Some(terms), scale);

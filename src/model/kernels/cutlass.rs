@@ -7,8 +7,8 @@
 //! the GEMM then `bias_act`. Reference: the reference path's linear (candle's matmul, the bias
 //! add and `nn.GELU`'s erf form as separate bf16 ops), the test below.
 //! `sam_fmha_qkv`, SAM's global attention on wgmma (CUTLASS example 88's Hopper FMHA, vendored
-//! in `kernels/cutlass/fmha/`), the relative-position terms from [`Kernels::sam_rel_terms`]
-//! added before the softmax. Reference: `sam_flash` (its test compares them on the GPU) and
+//! in `kernels/cutlass/fmha/`), the relative-position terms read from
+//! [`Kernels::sam_rel_products`] and added before the softmax. Reference: `sam_flash` (its test compares them on the GPU) and
 //! through it the reference path's attention.
 //!
 //! The CUTLASS kernel is launched through the CUDA runtime on the kernels' stream (the runtime
@@ -47,7 +47,7 @@ extern "C" {
         k: *const c_void,
         v: *const c_void,
         out: *mut c_void,
-        terms: *const c_void,
+        products: *const c_void,
         b: i32,
         heads: i32,
         t: i32,
@@ -89,19 +89,20 @@ impl Kernels {
 
     /// SAM's attention over a qkv projection `qkv` `(b, t, 3, heads, 64)` contiguous, into `out`
     /// `(b, t, heads * 64)` (the heads merged), on Hopper's wgmma (`kernels/cutlass/sam_fmha.cu`):
-    /// `softmax(q k^T * scale + rel_h[y(j)] + rel_w[x(j)]) v` with the terms `terms`
-    /// `(b * heads, t, gh + gw)` of the grid `(gh, gw)` ([`Self::sam_rel_terms`]), or none (0).
+    /// `softmax(q k^T * scale + rel_h[y(j)] + rel_w[x(j)]) v` with the terms read from
+    /// `products` `(heads, b * t, 2 gh + 2 gw)` of the grid `(gh, gw)`
+    /// ([`Self::sam_rel_products`]), or none (0).
     /// `gw` one of [`SAM_FMHA_WIDTHS`], `gh` even, the addresses 16-byte aligned.
     #[allow(clippy::too_many_arguments)]
-    pub fn sam_fmha_qkv(&self, qkv: u64, out: u64, terms: u64, (gh, gw): (usize, usize), (b, t, heads): (usize, usize, usize), scale: f32) -> Result<()> {
+    pub fn sam_fmha_qkv(&self, qkv: u64, out: u64, products: u64, (gh, gw): (usize, usize), (b, t, heads): (usize, usize, usize), scale: f32) -> Result<()> {
         if b == 0 || t == 0 || heads == 0 {
             candle_core::bail!("sam_fmha: {b} x {heads} sequences of {t} positions");
         }
         if !SAM_FMHA_WIDTHS.contains(&gw) || gh == 0 || gh % 2 != 0 || gh * gw != t {
             candle_core::bail!("sam_fmha: a {gh}x{gw} grid for {t} positions (one {SAM_FMHA_WIDTHS:?} wide, an even height)");
         }
-        if [qkv, out].iter().any(|&a| a == 0 || a % 16 != 0) || terms % 16 != 0 {
-            candle_core::bail!("sam_fmha: qkv, out and the terms must be 16-byte aligned");
+        if [qkv, out].iter().any(|&a| a == 0 || a % 16 != 0) || products % 16 != 0 {
+            candle_core::bail!("sam_fmha: qkv, out and the products must be 16-byte aligned");
         }
         let c = heads * super::vision::SAM_FLASH_HEAD_DIM;
         // (the kernel's strides are 32-bit)
@@ -124,7 +125,7 @@ impl Kernels {
                     (qkv + head_bytes) as *const c_void,
                     (qkv + 2 * head_bytes) as *const c_void,
                     out as *mut c_void,
-                    terms as *const c_void,
+                    products as *const c_void,
                     b as i32,
                     heads as i32,
                     t as i32,
@@ -215,14 +216,13 @@ mod tests {
         }
     }
 
-    /// SAM's global attention on wgmma (`sam_fmha_qkv` after `sam_rel_terms`, as the fast path
-    /// takes it) against `sam_flash` and the f32 reference: Base's 64x64 grid, Gundam's tiles'
-    /// 40x40 over 2 images, 36x40 (rows of 64 queries straddling images' ends: 1,440
-    /// positions) and 2x64; the terms against the reference's two einsums; the refusals.
+    /// SAM's global attention on wgmma (`sam_fmha_qkv` after `sam_rel_products`, as the fast
+    /// path takes it) against `sam_flash` and the f32 reference: Base's 64x64 grid, Gundam's
+    /// tiles' 40x40 over 2 images, 36x40 (rows of 64 queries straddling images' ends: 1,440
+    /// positions) and 2x64; the products against the reference's; the refusals.
     #[cfg(feature = "cutlass")]
     #[test]
     fn sam_fmha_matches_sam_flash() {
-        use super::super::vision::FlashTerms;
         use crate::model::fast::vision::FastVisionOps;
         use crate::model::vision::sam::get_rel_pos;
         use crate::model::vision::GridAttention;
@@ -250,28 +250,22 @@ mod tests {
             // the same bf16 terms and probabilities, summed in another order: a bf16 ulp or two
             assert!(d_flash <= 1.6e-2, "{gh}x{gw}: {d_flash} against sam_flash");
             assert!(d_ref <= 2.5e-2, "{gh}x{gw}: {d_ref} against the reference");
-            // the terms: rel_h[n, (y, x), ky] = q . rh[y, ky], rel_w[n, (y, x), kx] = q . rw[x, kx]
-            let rel = Tensor::zeros((b * heads, t, gh + gw), DType::BF16, &dev).unwrap();
-            k.sam_rel_terms(p(&qg), p(&rel), FlashTerms { rh: p(&rhg), rw: p(&rwg), grid: (gh, gw) }, (b, t, heads)).unwrap();
-            // from the bf16 inputs, in f32: q (b, gh, gw, heads, d) -> (heads b, gh, gw, d)
-            let q = f32_of(&qg).narrow(2, 0, 1).unwrap().reshape((b, gh, gw, heads, d)).unwrap();
-            let q = q.permute((3, 0, 1, 2, 4)).unwrap().reshape((heads * b, gh, gw, d)).unwrap();
-            // (gh, n gw, d) . (gh, d, gh): y's rows against rh[y]
-            let by_y = q.permute((1, 0, 2, 3)).unwrap().reshape((gh, heads * b * gw, d)).unwrap().contiguous().unwrap();
-            let rel_h = by_y.matmul(&f32_of(&rhg).transpose(1, 2).unwrap().contiguous().unwrap()).unwrap();
-            let rel_h = rel_h.reshape((gh, heads * b, gw, gh)).unwrap().permute((1, 0, 2, 3)).unwrap();
-            let by_x = q.permute((2, 0, 1, 3)).unwrap().reshape((gw, heads * b * gh, d)).unwrap().contiguous().unwrap();
-            let rel_w = by_x.matmul(&f32_of(&rwg).transpose(1, 2).unwrap().contiguous().unwrap()).unwrap();
-            let rel_w = rel_w.reshape((gw, heads * b, gh, gw)).unwrap().permute((1, 2, 0, 3)).unwrap();
-            let want_rel = Tensor::cat(&[rel_h.contiguous().unwrap(), rel_w.contiguous().unwrap()], 3).unwrap();
-            // (heads b) -> (b heads): the kernel's sequence order
-            let want_rel = want_rel.reshape((heads, b, t, gh + gw)).unwrap().transpose(0, 1).unwrap();
-            let want_rel = want_rel.reshape((b * heads, t, gh + gw)).unwrap();
-            let d_rel = max_diff(&f32_of(&rel), &want_rel);
-            let top = max_abs(&want_rel);
-            eprintln!("sam_rel_terms, {gh}x{gw}: max |diff| {d_rel:.3e} at |term| <= {top:.2}");
+            // the products: q (heads, b t, d) times rh[0], rh[gh - 1], rw[0], rw[gw - 1]
+            let ps = 2 * gh + 2 * gw;
+            let products = Tensor::zeros((heads, b * t, ps), DType::BF16, &dev).unwrap();
+            let rows = Tensor::cat(&[rhg.get(0).unwrap(), rhg.get(gh - 1).unwrap(), rwg.get(0).unwrap(), rwg.get(gw - 1).unwrap()], 0).unwrap();
+            k.sam_rel_products(p(&qg), p(&rows), p(&products), (gh, gw), (b, t, heads)).unwrap();
+            // from the bf16 inputs, in f32
+            let q = f32_of(&qg).narrow(2, 0, 1).unwrap().reshape((b * t, heads, d)).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
+            let (rh32, rw32) = (f32_of(&rhg), f32_of(&rwg));
+            let row = |tab: &Tensor, i: usize| tab.get(i).unwrap().t().unwrap().contiguous().unwrap();
+            let parts = [row(&rh32, 0), row(&rh32, gh - 1), row(&rw32, 0), row(&rw32, gw - 1)];
+            let parts: Vec<Tensor> = parts.iter().map(|m| q.broadcast_matmul(m).unwrap()).collect();
+            let want_p = Tensor::cat(&parts, 2).unwrap();
+            let (d_p, top) = (max_diff(&f32_of(&products), &want_p), max_abs(&want_p));
+            eprintln!("sam_rel_products, {gh}x{gw}: max |diff| {d_p:.3e} at |product| <= {top:.2}");
             // one bf16 rounding of the f32 sum: half an ulp of the largest (1/256 of it)
-            assert!(d_rel <= top / 128.0 && top > 1.0, "{gh}x{gw}: terms {d_rel} at {top}");
+            assert!(d_p <= top / 128.0 && top > 1.0, "{gh}x{gw}: products {d_p} at {top}");
         }
         // refused before a launch
         let t = Tensor::zeros((64, 64), DType::BF16, &dev).unwrap();
@@ -283,10 +277,10 @@ mod tests {
         assert!(msg(k.sam_fmha_qkv(a, a, a, (2, 64), (1, 192, 2), 0.125)).contains("grid"));
         assert!(msg(k.sam_fmha_qkv(a + 2, a, 0, (2, 64), (1, 128, 2), 0.125)).contains("aligned"));
         assert!(msg(k.sam_fmha_qkv(a, 0, 0, (2, 64), (1, 128, 2), 0.125)).contains("aligned"));
-        let terms = |grid| FlashTerms { rh: a, rw: a, grid };
-        assert!(msg(k.sam_rel_terms(a, a, terms((7, 8)), (1, 56, 2))).contains("grid"));
-        assert!(msg(k.sam_rel_terms(a, a, terms((8, 8)), (1, 60, 2))).contains("grid"));
-        assert!(msg(k.sam_rel_terms(a, a, terms((8, 8)), (0, 64, 2))).contains("sequences"));
+        assert!(msg(k.sam_rel_products(a, a, a, (8, 8), (1, 60, 2))).contains("grid"));
+        assert!(msg(k.sam_rel_products(a, a, a, (8, 8), (0, 64, 2))).contains("sequences"));
+        assert!(msg(k.sam_rel_products(a, a, a + 8, (8, 8), (1, 64, 2))).contains("aligned"));
+        assert!(msg(k.sam_rel_products(a, 0, a, (8, 8), (1, 64, 2))).contains("aligned"));
     }
 
     /// The shapes and addresses the kernel cannot take are refused before a launch.

@@ -188,9 +188,8 @@ pub struct Kernels {
     /// Any grid, a grid 64 wide, no bias; any grid of few positions (4 blocks an SM); the same
     /// for grids at most 16 wide, the keys in grid rows of 16 (`sam_flash_rows16`); a grid 40
     /// wide, key tiles of two grid rows (`sam_flash_w40`); SAM's windows where they lie in the
-    /// image (`sam_flash_win`, [`Kernels::sam_flash_windows`]); the terms alone
-    /// (`sam_rel_terms`, [`Kernels::sam_rel_terms`]).
-    sam_flash: [CudaFunction; 8],
+    /// image (`sam_flash_win`, [`Kernels::sam_flash_windows`]).
+    sam_flash: [CudaFunction; 7],
     /// SAM's windows (up to 256 positions) by `sam_flash_short`, 4 blocks an SM, unless
     /// `OCR_PATCH_SAM_FLASH_SHORT=0` (to compare): `sam_flash`'s 3 then.
     pub(crate) flash_short: bool,
@@ -297,7 +296,6 @@ impl Kernels {
                     load("sam_flash_rows16")?,
                     load("sam_flash_w40")?,
                     load("sam_flash_win")?,
-                    load("sam_rel_terms")?,
                 ]
             },
             flash_short: !std::env::var("OCR_PATCH_SAM_FLASH_SHORT").is_ok_and(|v| v == "0"),

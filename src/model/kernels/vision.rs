@@ -13,7 +13,7 @@
 use candle_core::cuda_backend::cudarc;
 use candle_core::Result;
 
-use super::{cfg, launch, Kernels};
+use super::{cfg, cuda_err, launch, Kernels};
 use crate::model::vision::Act;
 
 /// Scores per row one thread of `sam_softmax` keeps in registers (`SAM_MAXV` in the kernel).
@@ -257,33 +257,60 @@ impl Kernels {
         self.sam_flash((qkv, qkv + head_bytes, qkv + 2 * head_bytes), input, out, output, terms, b * heads, t, scale)
     }
 
-    /// The decomposed relative-position terms of SAM's attention over a qkv projection `qkv`
-    /// `(b, t, 3, heads, 64)` contiguous on the grid `tables.grid = (gh, gw)` (`t = gh * gw`,
-    /// even sides), into `terms` `(b * heads, t, gh + gw)` bf16: row `i` of sequence `(b, head)`
-    /// holds `q_i . rh[y(i)][ky]` for each `ky`, then `q_i . rw[x(i)][kx]` for each `kx`, each
-    /// rounded to bf16 (`sam_rel_terms`: `sam_flash`'s own terms, written out rather than
-    /// attended with; the input of [`Self::sam_fmha_qkv`]).
-    pub fn sam_rel_terms(&self, qkv: u64, terms: u64, tables: FlashTerms, (b, t, heads): (usize, usize, usize)) -> Result<()> {
-        let (gh, gw) = tables.grid;
-        let n = b * heads;
-        if t == 0 || t >= 1 << 16 || n == 0 || n > 65535 {
-            candle_core::bail!("sam_rel_terms: {b} x {heads} sequences of {t} positions (1 to 65535 each)");
+    /// The products of SAM's queries with `get_rel_pos`'s tables that
+    /// [`Self::sam_fmha_qkv`] takes its relative-position terms from: over a qkv projection
+    /// `qkv` `(b, t, 3, heads, 64)` contiguous on the grid `(gh, gw)` (`t = gh * gw`), with
+    /// `rows` `(2 gh + 2 gw, 64)` bf16 contiguous, the tables' rows `rh[0]`, `rh[gh - 1]`,
+    /// `rw[0]`, `rw[gw - 1]` one after another, into `products` `(heads, b * t, 2 gh + 2 gw)`
+    /// bf16: row `i` holds `q_i` dotted with each of them, rounded to bf16 as the reference's
+    /// einsums round theirs. The tables are Toeplitz (`rh[y][ky]` depends on `y - ky` alone),
+    /// so these two rows of each hold every term (`kernels/cutlass/sam_fmha.cu` reads them).
+    /// One strided-batched cuBLAS GEMM, a batch per head.
+    pub fn sam_rel_products(&self, qkv: u64, rows: u64, products: u64, (gh, gw): (usize, usize), (b, t, heads): (usize, usize, usize)) -> Result<()> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+        let d = SAM_FLASH_HEAD_DIM;
+        if b == 0 || t == 0 || heads == 0 || b * t * 3 * heads * d >= 1 << 31 {
+            candle_core::bail!("sam_rel_products: {b} x {heads} sequences of {t} positions (fewer than 2^31 projected elements)");
         }
-        if gh % 2 != 0 || gw % 2 != 0 || gh * gw != t || gh + gw > 1024 {
-            candle_core::bail!("sam_rel_terms: a {gh}x{gw} grid for {t} positions (even sides, up to 1024 together)");
+        if gh == 0 || gw == 0 || gh * gw != t {
+            candle_core::bail!("sam_rel_products: a {gh}x{gw} grid for {t} positions");
         }
-        if [qkv, tables.rh, tables.rw].iter().any(|p| p % 16 != 0) || terms % 4 != 0 {
-            candle_core::bail!("sam_rel_terms: qkv and the tables must be 16-byte aligned, the terms 4-byte");
+        if [qkv, rows, products].iter().any(|&p| p == 0 || p % 16 != 0) {
+            candle_core::bail!("sam_rel_products: qkv, the table rows and the products must be set and 16-byte aligned");
         }
-        let c = heads * SAM_FLASH_HEAD_DIM;
-        launch!(
-            self,
-            self.sam_flash[7],
-            cfg((t.div_ceil(64) as u32, n as u32, 1), 128, sam_flash_smem((gh, gw), 64) as u32),
-            qkv, qkv, qkv, 0u64, tables.rh, tables.rw, n as i32, t as i32, gh as i32, gw as i32, 1f32,
-            heads as i32, (t * 3 * c) as i64, (3 * c) as i64, 0i64, 0i64,
-            terms
-        )
+        let ps = 2 * gh + 2 * gw;
+        let (alpha, beta) = (1f32, 0f32);
+        // column-major: products^T (ps x b t) = rows (ps x 64, row-major) . q^T, a head a batch
+        // SAFETY: the addresses are the caller's buffers of these shapes (its contract), the
+        // handle is the kernels' stream's
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                ps as i32,
+                (b * t) as i32,
+                d as i32,
+                (&alpha) as *const f32 as *const _,
+                rows as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                d as i32,
+                0,
+                qkv as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                (3 * heads * d) as i32,
+                d as i64,
+                (&beta) as *const f32 as *const _,
+                products as *mut _,
+                cudaDataType_t::CUDA_R_16BF,
+                ps as i32,
+                (b * t * ps) as i64,
+                heads as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .map_err(cuda_err)
+        }
     }
 
     /// SAM's windowed attention where the windows lie (`sam_flash_win`: no partition): `qkv`
