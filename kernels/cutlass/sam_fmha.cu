@@ -2,8 +2,7 @@
 // relative-position terms added to the scores before the softmax:
 //   out[n, i] = sum_j softmax_j(q[n, i] . k[n, j] * scale + rel_h[n, i, y(j)] + rel_w[n, i, x(j)]) v[n, j]
 // (y(j) = j / gw, x(j) = j % gw), rel_h[n, i, ky] = q[n, i] . rh[y(i), ky] and rel_w likewise
-// read from the products of q with get_rel_pos's tables (RelPosFusion below). Null products:
-// plain attention.
+// read from the products of q with get_rel_pos's tables (RelPosFusion below).
 //
 // The kernel is CUTLASS example 88's Hopper FMHA forward (`FmhaKernelTma`: one warpgroup, 64
 // queries a block, key tiles loaded by TMA in a 4-stage pipeline, q k^T with both operands in
@@ -53,11 +52,11 @@ struct RelPosFusion {
   static_assert(GW % 8 == 0, "whole 8-key groups in a grid row");
   static constexpr int N = 2 * GW, COLS = N / 4, HALF = COLS / 2;
   struct Params {
-    const bf* products;  // (heads, b, t, 2 gh + 2 GW), or null
+    const bf* products;  // (heads, b, t, 2 gh + 2 GW)
     int gh;
     float inv_scale;
   };
-  const bf* seq;  // this block's sequence's products (null: none)
+  const bf* seq;  // this block's sequence's products
   int gh, ps;
   float inv_scale;
   bool first = true;
@@ -67,7 +66,7 @@ struct RelPosFusion {
   CUTLASS_DEVICE RelPosFusion(Params const& p, BlkCoord const& blk, ProblemShape const& shape)
       : gh(p.gh), ps(2 * p.gh + 2 * GW), inv_scale(p.inv_scale) {
     const long long n = (long long)get<1>(get<2>(blk)) * get<0>(shape) + get<0>(get<2>(blk));
-    seq = p.products ? p.products + n * get<2>(shape) * ps : nullptr;
+    seq = p.products + n * get<2>(shape) * ps;
   }
 
   template <class BlkCoord, class TileShape, class ProblemShape>
@@ -85,7 +84,6 @@ struct RelPosFusion {
 
   template <bool kMask, class AccQK, class IndexQK, class ProblemShape, class TiledMma>
   CUTLASS_DEVICE void before_softmax(AccQK& acc_qk, IndexQK const& index_qk, ProblemShape const& shape, TiledMma const& mma) {
-    if (seq == nullptr) return;
     Tensor acc = make_tensor(acc_qk.data(), cutlass::fmha::collective::layout_acc_mn(mma, acc_qk.layout()));
     Tensor idx = make_tensor(index_qk.data(), cutlass::fmha::collective::layout_acc_mn(mma, index_qk.layout()));
     static_assert(decltype(size<0>(acc))::value == 2 && decltype(size<1>(acc))::value == COLS, "64 x 2GW tiles, one warpgroup");

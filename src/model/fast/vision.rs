@@ -26,7 +26,7 @@ use candle_nn::{Conv2d, Linear};
 use half::bf16;
 
 use crate::model::kernels::vision::{FlashTerms, View, LAYER_NORM_MAX, SAM_FLASH_HEAD_DIM, SAM_HEAD_DIMS};
-use crate::model::kernels::cutlass::SAM_FMHA_WIDTHS;
+use crate::model::kernels::cutlass::sam_fmha_refusal;
 use crate::model::kernels::{copy_d2d, cuda_err, tensor_ptr, view_ptr, Buf, Kernels};
 use crate::model::vision::clip::Block;
 use crate::model::vision::sam::{LayerNorm2d, Neck};
@@ -63,7 +63,7 @@ pub struct FastVisionOps {
     /// `sam_flash_rows16` is off): [`partitioned_window_heads`] on these ops then (`patches`,
     /// the projection over the padded windows, `sam_flash_rows16`, `unpatch`).
     in_place_windows: bool,
-    /// SAM's global attention (grids [`SAM_FMHA_WIDTHS`] wide) on wgmma
+    /// SAM's global attention (the grids [`sam_fmha_refusal`] lets through: 64 and 40 wide) on wgmma
     /// ([`Kernels::sam_fmha_qkv`], CUTLASS's Hopper FMHA, the `cutlass` feature; its terms from
     /// [`Kernels::sam_rel_products`]), unless `OCR_PATCH_SAM_FMHA=0` (or built without):
     /// `sam_flash` then.
@@ -433,8 +433,7 @@ impl VisionOps for FastVisionOps {
             // one pass on the tensor cores, q, k and v read in place, the relative-position
             // terms made from the tables and the heads merged by the kernel
             let qkv = a.qkv.contiguous()?;
-            let terms = FlashTerms { rh: ptr(&rh)?, rw: ptr(&rw)?, grid: (h, w) };
-            if self.fmha && SAM_FMHA_WIDTHS.contains(&w) && h + w <= 1024 {
+            if self.fmha && sam_fmha_refusal((h, w), (b, t, nh)).is_none() {
                 // q times the tables' two rows that hold every term (cuBLAS), then the
                 // attention on wgmma with the terms read from them
                 let Device::Cuda(dev) = qkv.device() else { candle_core::bail!("sam_fmha: not on CUDA") };
@@ -445,6 +444,7 @@ impl VisionOps for FastVisionOps {
                 self.k.sam_fmha_qkv(ptr(&qkv)?, ptr(&out)?, ptr(&products)?, (h, w), (b, t, nh), scale)?;
                 return Ok(out);
             }
+            let terms = FlashTerms { rh: ptr(&rh)?, rw: ptr(&rw)?, grid: (h, w) };
             return self.flash_heads(&qkv, Some(terms), scale);
         }
         // cuBLAS's scores, sam_softmax, cuBLAS's p v, on the heads split

@@ -65,6 +65,23 @@ extern "C" {
 /// blocks, Base's 64 x 64 (and Gundam's global view), Gundam's tiles' 40 x 40.
 pub const SAM_FMHA_WIDTHS: [usize; 2] = [64, 40];
 
+/// Why [`Kernels::sam_fmha_qkv`] cannot take `b` images of the grid `(gh, gw)` (`t`
+/// positions) with `heads` heads, or `None` where it can: the launcher's refusal and the fast
+/// path's choice (`sam_flash` where it cannot) in one place.
+pub fn sam_fmha_refusal((gh, gw): (usize, usize), (b, t, heads): (usize, usize, usize)) -> Option<String> {
+    if b == 0 || t == 0 || heads == 0 {
+        return Some(format!("{b} x {heads} sequences of {t} positions"));
+    }
+    if !SAM_FMHA_WIDTHS.contains(&gw) || gh == 0 || gh % 2 != 0 || gh * gw != t {
+        return Some(format!("a {gh}x{gw} grid for {t} positions (one {SAM_FMHA_WIDTHS:?} wide, an even height)"));
+    }
+    // (the kernel's strides are 32-bit; its grid's y and z are the images and heads)
+    if b * t * 3 * heads * super::vision::SAM_FLASH_HEAD_DIM >= 1 << 31 || b > 65535 || heads > 65535 {
+        return Some(format!("{b} x {t} x {heads} heads is past the kernel's 32-bit strides"));
+    }
+    None
+}
+
 impl Kernels {
     /// Row-major `y (rows, n) = GELU(x (rows, k) . w (n, k)^T + bias (n))`, GELU with erf,
     /// bf16 in and out, f32 until one rounding (the reference rounds the product and the sum
@@ -91,59 +108,55 @@ impl Kernels {
     /// `(b, t, heads * 64)` (the heads merged), on Hopper's wgmma (`kernels/cutlass/sam_fmha.cu`):
     /// `softmax(q k^T * scale + rel_h[y(j)] + rel_w[x(j)]) v` with the terms read from
     /// `products` `(heads, b * t, 2 gh + 2 gw)` of the grid `(gh, gw)`
-    /// ([`Self::sam_rel_products`]), or none (0).
-    /// `gw` one of [`SAM_FMHA_WIDTHS`], `gh` even, the addresses 16-byte aligned.
+    /// ([`Self::sam_rel_products`]). What [`sam_fmha_refusal`] refuses is refused; the
+    /// addresses 16-byte aligned.
     #[allow(clippy::too_many_arguments)]
     pub fn sam_fmha_qkv(&self, qkv: u64, out: u64, products: u64, (gh, gw): (usize, usize), (b, t, heads): (usize, usize, usize), scale: f32) -> Result<()> {
-        if b == 0 || t == 0 || heads == 0 {
-            candle_core::bail!("sam_fmha: {b} x {heads} sequences of {t} positions");
+        if let Some(why) = sam_fmha_refusal((gh, gw), (b, t, heads)) {
+            candle_core::bail!("sam_fmha: {why}");
         }
-        if !SAM_FMHA_WIDTHS.contains(&gw) || gh == 0 || gh % 2 != 0 || gh * gw != t {
-            candle_core::bail!("sam_fmha: a {gh}x{gw} grid for {t} positions (one {SAM_FMHA_WIDTHS:?} wide, an even height)");
+        if [qkv, out, products].iter().any(|&a| a == 0 || a % 16 != 0) {
+            candle_core::bail!("sam_fmha: qkv, out and the products must be set and 16-byte aligned");
         }
-        if [qkv, out].iter().any(|&a| a == 0 || a % 16 != 0) || products % 16 != 0 {
-            candle_core::bail!("sam_fmha: qkv, out and the products must be 16-byte aligned");
-        }
-        let c = heads * super::vision::SAM_FLASH_HEAD_DIM;
-        // (the kernel's strides are 32-bit)
-        if b * t * 3 * c >= 1 << 31 || b > 65535 || heads > 65535 {
-            candle_core::bail!("sam_fmha: {b} x {t} x {heads} heads is past the kernel's 32-bit strides");
-        }
-        let _ = scale;
         #[cfg(not(feature = "cutlass"))]
-        candle_core::bail!("sam_fmha: built without the `cutlass` feature ({b} x {heads} x {t})");
+        candle_core::bail!("sam_fmha: built without the `cutlass` feature ({b} x {heads} x {t}, scale {scale})");
         #[cfg(feature = "cutlass")]
-        {
-            self.stream.context().bind_to_thread().map_err(cuda_err)?;
-            let head_bytes = (c * 2) as u64;
-            // SAFETY: the addresses are the caller's device buffers of these shapes (its
-            // contract), the launch on the kernels' stream
-            let rc = unsafe {
-                ocr_sam_fmha(
-                    self.stream.cu_stream() as *mut c_void,
-                    qkv as *const c_void,
-                    (qkv + head_bytes) as *const c_void,
-                    (qkv + 2 * head_bytes) as *const c_void,
-                    out as *mut c_void,
-                    products as *const c_void,
-                    b as i32,
-                    heads as i32,
-                    t as i32,
-                    gh as i32,
-                    gw as i32,
-                    scale,
-                    (t * 3 * c) as i64,
-                    (3 * c) as i64,
-                    (t * c) as i64,
-                    c as i64,
-                )
-            };
-            match rc {
-                0 => Ok(()),
-                1 => candle_core::bail!("sam_fmha: the kernel cannot take {b} x {heads} x {t} (grid {gh}x{gw})"),
-                2 => candle_core::bail!("sam_fmha: the kernel's shared memory could not be set"),
-                e => candle_core::bail!("sam_fmha: the launch failed (CUDA runtime error {})", e - 4),
-            }
+        self.launch_sam_fmha((qkv, out, products), (gh, gw), (b, t, heads), scale)
+    }
+
+    /// [`Self::sam_fmha_qkv`]'s launch, its arguments checked.
+    #[cfg(feature = "cutlass")]
+    fn launch_sam_fmha(&self, (qkv, out, products): (u64, u64, u64), (gh, gw): (usize, usize), (b, t, heads): (usize, usize, usize), scale: f32) -> Result<()> {
+        let c = heads * super::vision::SAM_FLASH_HEAD_DIM;
+        self.stream.context().bind_to_thread().map_err(cuda_err)?;
+        let head_bytes = (c * 2) as u64;
+        // SAFETY: the addresses are the caller's device buffers of these shapes (its
+        // contract), the launch on the kernels' stream
+        let rc = unsafe {
+            ocr_sam_fmha(
+                self.stream.cu_stream() as *mut c_void,
+                qkv as *const c_void,
+                (qkv + head_bytes) as *const c_void,
+                (qkv + 2 * head_bytes) as *const c_void,
+                out as *mut c_void,
+                products as *const c_void,
+                b as i32,
+                heads as i32,
+                t as i32,
+                gh as i32,
+                gw as i32,
+                scale,
+                (t * 3 * c) as i64,
+                (3 * c) as i64,
+                (t * c) as i64,
+                c as i64,
+            )
+        };
+        match rc {
+            0 => Ok(()),
+            1 => candle_core::bail!("sam_fmha: the kernel cannot take {b} x {heads} x {t} (grid {gh}x{gw})"),
+            2 => candle_core::bail!("sam_fmha: the kernel's shared memory could not be set"),
+            e => candle_core::bail!("sam_fmha: the launch failed (CUDA runtime error {})", e - 4),
         }
     }
 
@@ -277,10 +290,26 @@ mod tests {
         assert!(msg(k.sam_fmha_qkv(a, a, a, (2, 64), (1, 192, 2), 0.125)).contains("grid"));
         assert!(msg(k.sam_fmha_qkv(a + 2, a, 0, (2, 64), (1, 128, 2), 0.125)).contains("aligned"));
         assert!(msg(k.sam_fmha_qkv(a, 0, 0, (2, 64), (1, 128, 2), 0.125)).contains("aligned"));
+        assert!(msg(k.sam_fmha_qkv(a, a, 0, (2, 64), (1, 128, 2), 0.125)).contains("aligned"));
         assert!(msg(k.sam_rel_products(a, a, a, (8, 8), (1, 60, 2))).contains("grid"));
         assert!(msg(k.sam_rel_products(a, a, a, (8, 8), (0, 64, 2))).contains("sequences"));
         assert!(msg(k.sam_rel_products(a, a, a + 8, (8, 8), (1, 64, 2))).contains("aligned"));
         assert!(msg(k.sam_rel_products(a, 0, a, (8, 8), (1, 64, 2))).contains("aligned"));
+    }
+
+    /// What `sam_fmha` takes, as the fast path asks before choosing it (no device): SAM's
+    /// global grids (Base's 64x64, Gundam's tiles' 40x40 over 6 images), not its windows, odd
+    /// heights, or a batch past the 32-bit strides.
+    #[test]
+    fn sam_fmha_refusal_says_why() {
+        assert_eq!(sam_fmha_refusal((64, 64), (1, 4096, 12)), None);
+        assert_eq!(sam_fmha_refusal((40, 40), (6, 1600, 12)), None);
+        let why = |grid, batch| sam_fmha_refusal(grid, batch).unwrap_or_default();
+        assert!(why((14, 14), (1, 196, 12)).contains("wide"));
+        assert!(why((3, 64), (1, 192, 12)).contains("even height"));
+        assert!(why((64, 64), (1, 4000, 12)).contains("grid"));
+        assert!(why((64, 64), (0, 4096, 12)).contains("sequences"));
+        assert!(why((64, 64), (300, 4096, 12)).contains("32-bit"));
     }
 
     /// The shapes and addresses the kernel cannot take are refused before a launch.

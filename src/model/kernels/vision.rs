@@ -511,8 +511,8 @@ mod tests {
             ("sam_flash", FastVisionOps::new(k.clone()).with_flash(true).with_fmha(false)),
             ("sam_flash, windows by sam_flash_short, 40x40 by sam_flash", FastVisionOps::new(Arc::new(any_grid)).with_flash(true).with_fmha(false)),
             ("sam_flash, windows 3 blocks an SM", FastVisionOps::new(Arc::new(three_a_sm)).with_flash(true).with_fmha(false)),
-            // (the `cutlass` feature: the global grids of 1,024 positions and more on wgmma;
-            // without it the same as the first)
+            // (the `cutlass` feature: the global grids 64 and 40 wide on wgmma; without it the
+            // same as the first)
             ("sam_fmha", FastVisionOps::new(k.clone()).with_flash(true).with_fmha(true)),
             ("sam_softmax", FastVisionOps::new(k).with_flash(false)),
         ];
